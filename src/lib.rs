@@ -1,0 +1,2 @@
+//! vsock-guest: a `no_std` driver for the virtio socket device.
+#![no_std]

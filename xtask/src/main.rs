@@ -1,0 +1,6 @@
+//! Host-side tooling for vsock-guest: `cargo xtask <command>`.
+
+fn main() {
+    eprintln!("xtask: not yet implemented");
+    std::process::exit(2);
+}
