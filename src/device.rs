@@ -1,0 +1,370 @@
+//! Bring-up and ownership of the virtio socket device: feature negotiation, the rx, tx and
+//! event queues, the guest CID, packet transmission and reception.
+
+use crate::addr::is_valid_guest_cid;
+use crate::error::Error;
+use crate::queue::{BadUsed, Direction, Used, Virtqueue, MAX_QUEUE_SIZE};
+use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD};
+use bitflags::bitflags;
+use virtio_drivers::transport::{DeviceType, Transport};
+use virtio_drivers::Hal;
+
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+const EVENT_QUEUE: u16 = 2;
+/// Event buffers posted (B3: at least 4).
+const EVENT_BUFFERS: u16 = 4;
+/// `struct virtio_vsock_event` is one le32 (B39).
+const EVENT_LEN: usize = 4;
+
+bitflags! {
+    /// Feature bits this driver understands (B1, B8).
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct Features: u64 {
+        /// `VIRTIO_VSOCK_F_STREAM`.
+        const STREAM = 1 << 0;
+        /// `VIRTIO_VSOCK_F_SEQPACKET` (never negotiated yet).
+        const SEQPACKET = 1 << 1;
+        /// `VIRTIO_VSOCK_F_NO_IMPLIED_STREAM`.
+        const NO_IMPLIED_STREAM = 1 << 2;
+        /// `VIRTIO_F_RING_EVENT_IDX`.
+        const RING_EVENT_IDX = 1 << 29;
+        /// `VIRTIO_F_VERSION_1`.
+        const VERSION_1 = 1 << 32;
+    }
+}
+
+/// Queue and buffer sizes of the device; see [`crate::Config`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueConfig {
+    /// Descriptors per queue (rounded down to a power of two, capped by the device and by
+    /// 256).
+    pub queue_size: u16,
+    /// Bytes per receive buffer, header included.
+    pub rx_buffer_size: usize,
+    /// Bytes per transmit buffer, header included.
+    pub tx_buffer_size: usize,
+}
+
+/// Counters of device activity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Notifications (kicks) sent on the rx queue.
+    pub rx_kicks: u64,
+    /// Notifications (kicks) sent on the tx queue.
+    pub tx_kicks: u64,
+    /// Packets received and parsed.
+    pub rx_packets: u64,
+    /// Packets sent.
+    pub tx_packets: u64,
+    /// Received packets dropped as malformed.
+    pub rx_dropped: u64,
+    /// Used-ring entries rejected (unknown id or bad length).
+    pub bad_used_entries: u64,
+}
+
+/// The virtio side of the driver.
+pub struct VirtioVsock<H: Hal, T: Transport> {
+    transport: T,
+    rx: Virtqueue<H>,
+    tx: Virtqueue<H>,
+    events: Virtqueue<H>,
+    guest_cid: u32,
+    features: Features,
+    stats: Stats,
+}
+
+fn largest_power_of_two_at_most(n: u32) -> u16 {
+    let capped = n.min(MAX_QUEUE_SIZE as u32);
+    if capped == 0 {
+        return 0;
+    }
+    1 << (31 - capped.leading_zeros())
+}
+
+/// Reads the guest CID consistently (B2): both 32-bit halves under one config generation.
+fn read_guest_cid<T: Transport>(transport: &T) -> Result<u32, Error> {
+    let cid = transport
+        .read_consistent(|| {
+            let low: u32 = transport.read_config_space(0)?;
+            let high: u32 = transport.read_config_space(4)?;
+            Ok(u64::from(low) | (u64::from(high) << 32))
+        })
+        .map_err(|_| Error::DeviceError)?;
+    if !is_valid_guest_cid(cid) {
+        log::warn!("vsock: device reports reserved guest CID {cid:#x}");
+        return Err(Error::DeviceError);
+    }
+    // is_valid_guest_cid guarantees it fits.
+    u32::try_from(cid).map_err(|_| Error::DeviceError)
+}
+
+impl<H: Hal, T: Transport> VirtioVsock<H, T> {
+    /// Brings the device up (B1, B3): negotiates features, reads the CID, sets up the three
+    /// queues, posts event and receive buffers, then sets DRIVER_OK.
+    pub fn new(mut transport: T, config: QueueConfig) -> Result<Self, Error> {
+        if transport.device_type() != DeviceType::Socket {
+            return Err(Error::NoDevice);
+        }
+        if config.rx_buffer_size <= HEADER_LEN || config.tx_buffer_size <= HEADER_LEN {
+            return Err(Error::InvalidArgument);
+        }
+        let wanted = Features::VERSION_1
+            | Features::STREAM
+            | Features::NO_IMPLIED_STREAM
+            | Features::RING_EVENT_IDX;
+        let features = transport.begin_init(wanted);
+        let offered = Features::from_bits_truncate(transport.read_device_features());
+        if offered.contains(Features::NO_IMPLIED_STREAM) && !offered.contains(Features::STREAM) {
+            log::warn!("vsock: device offers no stream sockets");
+            transport.set_status(virtio_drivers::transport::DeviceStatus::FAILED);
+            return Err(Error::NoDevice);
+        }
+        let event_idx = features.contains(Features::RING_EVENT_IDX);
+        let guest_cid = match read_guest_cid(&transport) {
+            Ok(cid) => cid,
+            Err(e) => {
+                transport.set_status(virtio_drivers::transport::DeviceStatus::FAILED);
+                return Err(e);
+            }
+        };
+        let size_for = |transport: &mut T, queue: u16| {
+            let max = transport.max_queue_size(queue);
+            largest_power_of_two_at_most(max.min(u32::from(config.queue_size)))
+        };
+        let rx_size = size_for(&mut transport, RX_QUEUE);
+        let tx_size = size_for(&mut transport, TX_QUEUE);
+        let event_size = size_for(&mut transport, EVENT_QUEUE).min(EVENT_BUFFERS);
+        let queues = (|| {
+            let rx = Virtqueue::new(
+                &mut transport,
+                RX_QUEUE,
+                rx_size,
+                config.rx_buffer_size,
+                Direction::DeviceWrites,
+                event_idx,
+            )?;
+            let tx = Virtqueue::new(
+                &mut transport,
+                TX_QUEUE,
+                tx_size,
+                config.tx_buffer_size,
+                Direction::DriverWrites,
+                event_idx,
+            )?;
+            let events = Virtqueue::new(
+                &mut transport,
+                EVENT_QUEUE,
+                event_size,
+                EVENT_LEN,
+                Direction::DeviceWrites,
+                event_idx,
+            )?;
+            Ok((rx, tx, events))
+        })();
+        let (mut rx, tx, mut events) = match queues {
+            Ok(queues) => queues,
+            Err(e) => {
+                transport.set_status(virtio_drivers::transport::DeviceStatus::FAILED);
+                return Err(e);
+            }
+        };
+        events.post_all();
+        rx.post_all();
+        transport.finish_init();
+        let mut device = VirtioVsock {
+            transport,
+            rx,
+            tx,
+            events,
+            guest_cid,
+            features,
+            stats: Stats::default(),
+        };
+        device.flush();
+        let _ = device.events.notify_if_needed(&mut device.transport);
+        Ok(device)
+    }
+
+    /// Our CID, as the device assigned it.
+    pub fn guest_cid(&self) -> u32 {
+        self.guest_cid
+    }
+
+    /// Re-reads the CID after a transport reset (B40). Keeps the old one if the device
+    /// now reports a reserved value.
+    pub fn reread_guest_cid(&mut self) {
+        match read_guest_cid(&self.transport) {
+            Ok(cid) => self.guest_cid = cid,
+            Err(_) => log::warn!("vsock: keeping CID {} after reset", self.guest_cid),
+        }
+    }
+
+    /// The negotiated features.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        Stats {
+            rx_kicks: self.rx.kicks(),
+            tx_kicks: self.tx.kicks(),
+            ..self.stats
+        }
+    }
+
+    /// Largest payload one transmitted packet can carry.
+    pub fn max_tx_payload(&self) -> usize {
+        (self.tx.buffer_size() - HEADER_LEN).min(MAX_PAYLOAD)
+    }
+
+    /// Whether a packet can be sent now.
+    pub fn can_send(&self) -> bool {
+        self.tx.free_count() > 0
+    }
+
+    /// Returns sent buffers to the free list.
+    pub fn reclaim_tx(&mut self) {
+        while let Some(entry) = self.tx.pop_used() {
+            if let Err(bad) = entry {
+                self.stats.bad_used_entries += 1;
+                log::warn!("vsock: tx used entry rejected: {bad:?}");
+            }
+        }
+    }
+
+    /// Sends one packet: the header (its `len` set from `payload`) and the payload, in one
+    /// buffer (B4). Errors with `WouldBlock` when no buffer is free. The device is notified
+    /// by [`VirtioVsock::flush`].
+    pub fn send(&mut self, header: &Header, payload: &[u8]) -> Result<(), Error> {
+        if payload.len() > self.max_tx_payload() {
+            return Err(Error::InvalidArgument);
+        }
+        let Some(id) = self.tx.alloc() else {
+            return Err(Error::WouldBlock);
+        };
+        let buffer = self.tx.buffer_mut(id);
+        let header = Header {
+            len: payload.len() as u32,
+            ..*header
+        };
+        let total = HEADER_LEN + payload.len();
+        let written = match buffer.get_mut(..total) {
+            Some(out) => {
+                let (head, body) = out.split_at_mut(HEADER_LEN);
+                body.copy_from_slice(payload);
+                header.emit(head).is_ok()
+            }
+            None => false,
+        };
+        if !written {
+            self.tx.release(id);
+            return Err(Error::InvalidArgument);
+        }
+        self.tx.submit(id, total);
+        self.stats.tx_packets += 1;
+        Ok(())
+    }
+
+    /// Notifies the device of new tx and rx buffers, where it wants to know (B8).
+    pub fn flush(&mut self) {
+        self.tx.notify_if_needed(&mut self.transport);
+        self.rx.notify_if_needed(&mut self.transport);
+        self.events.notify_if_needed(&mut self.transport);
+    }
+
+    /// Takes the next received packet, hands its header and payload to `handle`, and
+    /// reposts the buffer at once (B31). Malformed packets are dropped with a warning
+    /// (B6, B10). Returns `false` when there was nothing to take.
+    pub fn receive(&mut self, handle: impl FnOnce(&Header, &[u8])) -> bool {
+        let Some(entry) = self.rx.pop_used() else {
+            return false;
+        };
+        match entry {
+            Ok(Used { id, len }) => {
+                match Header::parse_packet(self.rx.buffer(id), len) {
+                    Ok((header, payload)) => {
+                        self.stats.rx_packets += 1;
+                        handle(&header, payload);
+                    }
+                    Err(
+                        WireError::Truncated
+                        | WireError::LengthMismatch
+                        | WireError::BufferTooSmall,
+                    ) => {
+                        self.stats.rx_dropped += 1;
+                        log::warn!("vsock: dropping malformed rx packet ({len} bytes written)");
+                    }
+                }
+                self.rx.repost(id);
+            }
+            Err(bad) => {
+                self.stats.bad_used_entries += 1;
+                log::warn!("vsock: rx used entry rejected: {bad:?}");
+                if let BadUsed::TooLong { id, .. } = bad {
+                    self.rx.repost(id);
+                }
+            }
+        }
+        true
+    }
+
+    /// Takes the next device event id (B39): only 4-byte events count; the buffer is
+    /// reposted. Returns `None` when there was no event to take, `Some(None)` for a bad one.
+    pub fn next_event(&mut self) -> Option<Option<u32>> {
+        let entry = self.events.pop_used()?;
+        match entry {
+            Ok(Used { id, len }) => {
+                let event = match self.events.buffer(id).first_chunk::<EVENT_LEN>() {
+                    Some(raw) if len == EVENT_LEN => Some(u32::from_le_bytes(*raw)),
+                    _ => {
+                        log::warn!("vsock: ignoring event of {len} bytes");
+                        None
+                    }
+                };
+                self.events.repost(id);
+                Some(event)
+            }
+            Err(bad) => {
+                self.stats.bad_used_entries += 1;
+                log::warn!("vsock: event used entry rejected: {bad:?}");
+                if let BadUsed::TooLong { id, .. } = bad {
+                    self.events.repost(id);
+                }
+                Some(None)
+            }
+        }
+    }
+
+    /// Acknowledges a pending interrupt, for users who take them.
+    pub fn ack_interrupt(&mut self) {
+        let _ = self.transport.ack_interrupt();
+    }
+}
+
+impl<H: Hal, T: Transport> Drop for VirtioVsock<H, T> {
+    fn drop(&mut self) {
+        // Reset the device before the queue memory goes back to the allocator.
+        self.transport
+            .set_status(virtio_drivers::transport::DeviceStatus::empty());
+        for queue in [RX_QUEUE, TX_QUEUE, EVENT_QUEUE] {
+            self.transport.queue_unset(queue);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::largest_power_of_two_at_most;
+
+    #[test]
+    fn queue_sizes_are_powers_of_two_capped_at_256() {
+        assert_eq!(largest_power_of_two_at_most(0), 0);
+        assert_eq!(largest_power_of_two_at_most(1), 1);
+        assert_eq!(largest_power_of_two_at_most(100), 64);
+        assert_eq!(largest_power_of_two_at_most(128), 128);
+        assert_eq!(largest_power_of_two_at_most(1024), 256);
+        assert_eq!(largest_power_of_two_at_most(u32::MAX), 256);
+    }
+}

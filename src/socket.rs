@@ -1,0 +1,1086 @@
+//! The socket table and the public API: [`VsockDevice`] owns the device and a fixed table
+//! of sockets addressed by [`SocketHandle`]s; all progress happens in [`VsockDevice::poll`].
+
+use crate::addr::{VsockAddr, VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_LOCAL, VMADDR_PORT_ANY};
+use crate::conn::{Connection, Reply, State};
+use crate::device::{QueueConfig, Stats, VirtioVsock};
+use crate::error::{Error, Result};
+use crate::time::Instant;
+use crate::wire::{Header, Op, ShutdownFlags, SocketType, EVENT_TRANSPORT_RESET};
+use bitflags::bitflags;
+use core::time::Duration;
+use virtio_drivers::transport::Transport;
+use virtio_drivers::Hal;
+
+/// First port handed out by `bind(VMADDR_PORT_ANY)` and implicit binds (B21).
+const EPHEMERAL_FIRST: u32 = 49152;
+/// Last ephemeral port (B21).
+const EPHEMERAL_LAST: u32 = 0xFFFF_FFFE;
+/// Control packets that can wait for tx space (B7).
+const PENDING_CAPACITY: usize = 64;
+
+/// Settings fixed at construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Descriptors per virtqueue (a power of two; capped by the device and by 256).
+    pub queue_size: u16,
+    /// Bytes per receive DMA buffer, including the 44-byte header (B4).
+    pub rx_buffer_size: usize,
+    /// Bytes per transmit DMA buffer, including the 44-byte header.
+    pub tx_buffer_size: usize,
+    /// How long a `connect` waits for the peer (B19).
+    pub connect_timeout: Duration,
+    /// How long a graceful `close` waits for the peer's RST (B36).
+    pub close_timeout: Duration,
+    /// Whether `bind` may take ports below 1024 (B22).
+    pub allow_privileged_ports: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            queue_size: 128,
+            rx_buffer_size: 4096,
+            tx_buffer_size: 4096 + 44,
+            connect_timeout: Duration::from_secs(2),
+            close_timeout: Duration::from_secs(8),
+            allow_privileged_ports: false,
+        }
+    }
+}
+
+/// A copyable name for a socket in a [`VsockDevice`]. A handle used after `close` gets
+/// [`Error::InvalidHandle`], never another socket that reused the slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SocketHandle {
+    index: u16,
+    generation: u16,
+}
+
+bitflags! {
+    /// What a socket is ready for, as `poll(2)` would report it.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+    pub struct Readiness: u8 {
+        /// `recv` (or `accept`) would not return `WouldBlock`.
+        const READABLE = 1;
+        /// `send` would not return `WouldBlock`, or a connect finished.
+        const WRITABLE = 2;
+        /// The peer will send no more, or the connection is over.
+        const HANG_UP = 4;
+        /// A pending error waits for `take_error`.
+        const ERROR = 8;
+    }
+}
+
+/// How to shut a connection down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Shutdown {
+    /// No more receiving (`SHUT_RD`).
+    Read,
+    /// No more sending (`SHUT_WR`).
+    Write,
+    /// Both (`SHUT_RDWR`).
+    Both,
+}
+
+/// Storage for one socket. Hand the driver a slice of these (`[SocketSlot::EMPTY; N]`);
+/// each is about a hundred bytes.
+#[derive(Debug)]
+pub struct SocketSlot {
+    generation: u16,
+    socket: Option<Socket>,
+}
+
+impl SocketSlot {
+    /// An unused slot.
+    pub const EMPTY: SocketSlot = SocketSlot {
+        generation: 0,
+        socket: None,
+    };
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Created, maybe bound; neither listening nor connected.
+    Unconnected,
+    /// Listening with a backlog.
+    Listening { backlog: usize },
+    /// A connection. `accept_order` is `Some` while it waits in its listener's queue.
+    Stream {
+        conn: Connection,
+        listener: Option<u16>,
+        accept_order: u64,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Socket {
+    local_port: Option<u32>,
+    role: Role,
+    /// Closed by the user: the handle is gone, the slot finishes the close alone.
+    orphaned: bool,
+    /// Start of unread data in this slot's receive ring.
+    rx_head: usize,
+    /// Bytes of unread data.
+    rx_len: usize,
+}
+
+impl Socket {
+    const fn new() -> Self {
+        Socket {
+            local_port: None,
+            role: Role::Unconnected,
+            orphaned: false,
+            rx_head: 0,
+            rx_len: 0,
+        }
+    }
+
+    fn conn(&self) -> Option<&Connection> {
+        match &self.role {
+            Role::Stream { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    fn conn_mut(&mut self) -> Option<&mut Connection> {
+        match &mut self.role {
+            Role::Stream { conn, .. } => Some(conn),
+            _ => None,
+        }
+    }
+
+    /// Whether this socket owns packets of the tuple (peer, local port).
+    fn matches(&self, peer_cid: u64, peer_port: u32, local_port: u32) -> bool {
+        self.conn().is_some_and(|conn| {
+            conn.is_live()
+                && conn.local_port == local_port
+                && conn.peer.port == peer_port
+                && u64::from(conn.peer.cid) == peer_cid
+        })
+    }
+}
+
+/// Appends `data` to the ring `ring[head..head+len]` (wrapping). Bytes beyond the free
+/// space are not stored; callers check credit first, so none are.
+fn ring_push(ring: &mut [u8], head: usize, len: &mut usize, data: &[u8]) {
+    let capacity = ring.len();
+    if capacity == 0 {
+        return;
+    }
+    let n = data.len().min(capacity - *len);
+    let tail = (head + *len) % capacity;
+    let first = n.min(capacity - tail);
+    ring[tail..tail + first].copy_from_slice(&data[..first]);
+    ring[..n - first].copy_from_slice(&data[first..n]);
+    *len += n;
+}
+
+/// Copies up to `out.len()` bytes from the front of the ring into `out`, consuming them if
+/// `consume`. Returns the number copied.
+fn ring_pop(
+    ring: &[u8],
+    head: &mut usize,
+    len: &mut usize,
+    out: &mut [u8],
+    consume: bool,
+) -> usize {
+    let capacity = ring.len();
+    let n = out.len().min(*len);
+    let first = n.min(capacity - *head);
+    out[..first].copy_from_slice(&ring[*head..*head + first]);
+    out[first..n].copy_from_slice(&ring[..n - first]);
+    if consume {
+        *head = (*head + n) % capacity.max(1);
+        *len -= n;
+        if *len == 0 {
+            *head = 0;
+        }
+    }
+    n
+}
+
+/// The socket table and everything that is not the device.
+struct Sockets<'a> {
+    slots: &'a mut [SocketSlot],
+    rx_memory: &'a mut [u8],
+    rx_per_socket: usize,
+    /// Control packets waiting for tx space (B7).
+    pending: heapless::Deque<Header, PENDING_CAPACITY>,
+    next_ephemeral: u32,
+    next_accept_order: u64,
+    config: Config,
+    guest_cid: u32,
+}
+
+/// A vsock device with its sockets: the one owner of the queues (see the crate docs).
+pub struct VsockDevice<'a, H: Hal, T: Transport> {
+    device: VirtioVsock<H, T>,
+    sockets: Sockets<'a>,
+    now: Instant,
+}
+
+impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
+    /// Brings up the device behind `transport` and gives it `slots` (one per socket) and
+    /// `rx_memory`, split evenly into one receive ring per slot: each connection advertises
+    /// `rx_memory.len() / slots.len()` bytes of receive buffer (`buf_alloc`).
+    ///
+    /// Errors: [`Error::NoDevice`] when the transport is not a socket device,
+    /// [`Error::InvalidArgument`] for empty storage or bad sizes, [`Error::NoBufferSpace`]
+    /// when DMA memory runs out, [`Error::DeviceError`] for a device reporting a reserved CID.
+    pub fn new(
+        transport: T,
+        config: Config,
+        slots: &'a mut [SocketSlot],
+        rx_memory: &'a mut [u8],
+    ) -> Result<Self> {
+        if slots.is_empty() || slots.len() > usize::from(u16::MAX) {
+            return Err(Error::InvalidArgument);
+        }
+        let rx_per_socket = (rx_memory.len() / slots.len()).min(u32::MAX as usize);
+        if rx_per_socket == 0 {
+            return Err(Error::InvalidArgument);
+        }
+        let device = VirtioVsock::new(
+            transport,
+            QueueConfig {
+                queue_size: config.queue_size,
+                rx_buffer_size: config.rx_buffer_size,
+                tx_buffer_size: config.tx_buffer_size,
+            },
+        )?;
+        for slot in slots.iter_mut() {
+            slot.socket = None;
+        }
+        let guest_cid = device.guest_cid();
+        Ok(VsockDevice {
+            device,
+            sockets: Sockets {
+                slots,
+                rx_memory,
+                rx_per_socket,
+                pending: heapless::Deque::new(),
+                next_ephemeral: EPHEMERAL_FIRST,
+                next_accept_order: 0,
+                config,
+                guest_cid,
+            },
+            now: Instant::ZERO,
+        })
+    }
+
+    /// Our CID (`IOCTL_VM_SOCKETS_GET_LOCAL_CID`).
+    pub fn local_cid(&self) -> u32 {
+        self.device.guest_cid()
+    }
+
+    /// Device counters, kicks included.
+    pub fn stats(&self) -> Stats {
+        self.device.stats()
+    }
+
+    /// Bytes of receive buffer each connection advertises (`buf_alloc`).
+    pub fn rx_buffer_per_socket(&self) -> usize {
+        self.sockets.rx_per_socket
+    }
+
+    /// Does all the work: reclaims sent buffers, takes received packets and device events,
+    /// sends replies, fires timeouts, and notifies the device once per queue. Call it often;
+    /// `now` must not go backwards.
+    pub fn poll(&mut self, now: Instant) {
+        self.now = now;
+        self.device.reclaim_tx();
+        self.sockets.drain_pending(&mut self.device);
+        // B7: keep taking rx while replies can be queued.
+        while !self.sockets.pending.is_full() {
+            let sockets = &mut self.sockets;
+            let took = self
+                .device
+                .receive(|header, payload| sockets.on_packet(header, payload, now));
+            if !took {
+                break;
+            }
+            self.sockets.drain_pending(&mut self.device);
+        }
+        while let Some(event) = self.device.next_event() {
+            match event {
+                Some(EVENT_TRANSPORT_RESET) => {
+                    self.device.reread_guest_cid();
+                    self.sockets.on_transport_reset(self.device.guest_cid());
+                }
+                Some(other) => log::debug!("vsock: ignoring event {other}"),
+                None => {}
+            }
+        }
+        self.sockets.fire_timers(now);
+        self.sockets.drain_pending(&mut self.device);
+        self.device.flush();
+    }
+
+    /// Creates a stream socket (`socket(AF_VSOCK, SOCK_STREAM, 0)`).
+    pub fn stream_socket(&mut self) -> Result<SocketHandle> {
+        let sockets = &mut self.sockets;
+        let index = sockets.free_slot().ok_or(Error::TooManySockets)?;
+        let slot = &mut sockets.slots[index];
+        slot.socket = Some(Socket::new());
+        Ok(SocketHandle {
+            index: index as u16,
+            generation: slot.generation,
+        })
+    }
+
+    /// Binds to `addr` (B22): `VMADDR_PORT_ANY` picks an ephemeral port; the CID must be
+    /// `VMADDR_CID_ANY` or ours.
+    pub fn bind(&mut self, handle: SocketHandle, addr: VsockAddr) -> Result<()> {
+        let sockets = &mut self.sockets;
+        let socket = sockets.get(handle)?;
+        if socket.local_port.is_some() {
+            return Err(Error::InvalidArgument);
+        }
+        if addr.cid != VMADDR_CID_ANY && addr.cid != sockets.guest_cid {
+            return Err(Error::AddrNotAvailable);
+        }
+        let port = if addr.port == VMADDR_PORT_ANY {
+            sockets.ephemeral_port()?
+        } else {
+            if addr.port < 1024 && !sockets.config.allow_privileged_ports {
+                return Err(Error::AccessDenied);
+            }
+            if sockets.port_in_use(addr.port) {
+                return Err(Error::AddrInUse);
+            }
+            addr.port
+        };
+        sockets.get_mut(handle)?.local_port = Some(port);
+        Ok(())
+    }
+
+    /// Listens for connections, keeping up to `backlog` of them waiting for `accept` (B15).
+    pub fn listen(&mut self, handle: SocketHandle, backlog: usize) -> Result<()> {
+        let socket = self.sockets.get_mut(handle)?;
+        match socket.role {
+            Role::Unconnected if socket.local_port.is_some() => {
+                socket.role = Role::Listening {
+                    backlog: backlog.max(1),
+                };
+                Ok(())
+            }
+            Role::Listening { .. } => {
+                socket.role = Role::Listening {
+                    backlog: backlog.max(1),
+                };
+                Ok(())
+            }
+            Role::Unconnected => Err(Error::InvalidArgument),
+            Role::Stream { .. } => Err(Error::IsConnected),
+        }
+    }
+
+    /// Takes the oldest waiting connection of a listening socket: its handle and the
+    /// peer's address. `WouldBlock` when none waits (B22).
+    pub fn accept(&mut self, handle: SocketHandle) -> Result<(SocketHandle, VsockAddr)> {
+        let sockets = &mut self.sockets;
+        if !matches!(sockets.get(handle)?.role, Role::Listening { .. }) {
+            return Err(Error::InvalidArgument);
+        }
+        let index = sockets
+            .oldest_waiting(handle.index)
+            .ok_or(Error::WouldBlock)?;
+        let slot = &mut sockets.slots[index];
+        let Some(Socket {
+            role: Role::Stream { conn, listener, .. },
+            ..
+        }) = &mut slot.socket
+        else {
+            return Err(Error::WouldBlock);
+        };
+        *listener = None;
+        let peer = conn.peer;
+        Ok((
+            SocketHandle {
+                index: index as u16,
+                generation: slot.generation,
+            },
+            peer,
+        ))
+    }
+
+    /// Starts connecting to `peer` (B19, B20): returns `InProgress`; completion makes the
+    /// socket writable, failure makes it errored (see [`VsockDevice::take_error`]).
+    pub fn connect(&mut self, handle: SocketHandle, peer: VsockAddr) -> Result<()> {
+        let guest_cid = self.sockets.guest_cid;
+        let socket = self.sockets.get(handle)?;
+        match socket.role {
+            Role::Listening { .. } => return Err(Error::InvalidArgument),
+            Role::Stream { conn, .. } => {
+                return Err(match conn.state {
+                    State::Connecting { .. } => Error::Already,
+                    _ => Error::IsConnected,
+                })
+            }
+            Role::Unconnected => {}
+        }
+        let cid = match peer.cid {
+            VMADDR_CID_ANY => VMADDR_CID_HOST,
+            VMADDR_CID_LOCAL => return Err(Error::InvalidCid),
+            cid if cid == guest_cid => return Err(Error::InvalidCid),
+            cid => cid,
+        };
+        if peer.port == VMADDR_PORT_ANY {
+            return Err(Error::InvalidArgument);
+        }
+        let local_port = match socket.local_port {
+            Some(port) => port,
+            None => self.sockets.ephemeral_port()?,
+        };
+        let deadline = self.now + self.sockets.config.connect_timeout;
+        let buf_alloc = self.sockets.rx_per_socket as u32;
+        let socket = self.sockets.get_mut(handle)?;
+        socket.local_port = Some(local_port);
+        socket.role = Role::Stream {
+            conn: Connection::new(
+                local_port,
+                VsockAddr::new(cid, peer.port),
+                State::Connecting { deadline },
+                buf_alloc,
+            ),
+            listener: None,
+            accept_order: 0,
+        };
+        self.sockets
+            .queue_control(handle.index as usize, Op::Request, 0);
+        self.sockets.drain_pending(&mut self.device);
+        self.device.flush();
+        Err(Error::InProgress)
+    }
+
+    /// Sends as much of `data` as credit and queue space allow (B25); returns the number of
+    /// bytes taken. `WouldBlock` when none could be.
+    pub fn send(&mut self, handle: SocketHandle, data: &[u8]) -> Result<usize> {
+        let guest_cid = self.sockets.guest_cid;
+        let conn = self.sockets.conn_mut(handle)?;
+        match conn.state {
+            State::Connected => {}
+            State::Connecting { .. } => return Err(Error::WouldBlock),
+            State::Closing { .. } => return Err(Error::BrokenPipe),
+            State::Closed if conn.reset => {
+                return Err(conn.pending_error.take().unwrap_or(Error::ConnectionReset))
+            }
+            State::Closed => return Err(Error::BrokenPipe),
+        }
+        if conn.local_shutdown.contains(ShutdownFlags::SEND)
+            || conn.peer_shutdown.contains(ShutdownFlags::RECEIVE)
+        {
+            return Err(Error::BrokenPipe);
+        }
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let max_payload = self.device.max_tx_payload();
+        let mut sent = 0;
+        while sent < data.len() {
+            let credit = conn.credit.peer_free() as usize;
+            let n = (data.len() - sent).min(credit).min(max_payload);
+            if n == 0 {
+                break;
+            }
+            let (buf_alloc, fwd_cnt) = conn.credit.stamp();
+            let header = data_header(guest_cid, conn, Op::Rw, buf_alloc, fwd_cnt);
+            if self.device.send(&header, &data[sent..sent + n]).is_err() {
+                break;
+            }
+            conn.credit.on_sent(n as u32);
+            sent += n;
+        }
+        if sent == 0 && conn.credit.take_credit_request() {
+            // B29: out of credit; ask once.
+            self.sockets
+                .queue_control(handle.index as usize, Op::CreditRequest, 0);
+            self.sockets.drain_pending(&mut self.device);
+        }
+        self.device.flush();
+        if sent == 0 {
+            Err(Error::WouldBlock)
+        } else {
+            Ok(sent)
+        }
+    }
+
+    /// Receives into `buf`; `Ok(0)` at end of stream (B33), `WouldBlock` when no data waits.
+    pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
+        let n = self.sockets.read(handle, buf, true)?;
+        if n > 0 && self.sockets.credit_update_due(handle.index as usize) {
+            // B28: tell the peer about the space we made, when its view ran low.
+            self.sockets
+                .queue_control(handle.index as usize, Op::CreditUpdate, 0);
+            self.sockets.drain_pending(&mut self.device);
+            self.device.flush();
+        }
+        Ok(n)
+    }
+
+    /// Copies waiting data into `buf` without consuming it.
+    pub fn peek(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
+        self.sockets.read(handle, buf, false)
+    }
+
+    /// Bytes waiting to be received.
+    pub fn recv_queue(&self, handle: SocketHandle) -> Result<usize> {
+        Ok(self.sockets.get(handle)?.rx_len)
+    }
+
+    /// Shuts down one or both directions (B35): sends SHUTDOWN with the matching flags.
+    pub fn shutdown(&mut self, handle: SocketHandle, how: Shutdown) -> Result<()> {
+        let conn = self.sockets.conn_mut(handle)?;
+        if conn.state != State::Connected {
+            return Err(Error::NotConnected);
+        }
+        let flags = match how {
+            Shutdown::Read => ShutdownFlags::RECEIVE,
+            Shutdown::Write => ShutdownFlags::SEND,
+            Shutdown::Both => ShutdownFlags::all(),
+        };
+        conn.local_shutdown |= flags;
+        let all = conn.local_shutdown.bits();
+        self.sockets
+            .queue_control(handle.index as usize, Op::Shutdown, all);
+        self.sockets.drain_pending(&mut self.device);
+        self.device.flush();
+        Ok(())
+    }
+
+    /// Closes the socket (B36). The handle is invalid at once; a connection is shut down
+    /// gracefully in the background (SHUTDOWN, then the peer's RST or a timeout).
+    pub fn close(&mut self, handle: SocketHandle) -> Result<()> {
+        self.sockets.get(handle)?;
+        let index = handle.index as usize;
+        let close_deadline = self.now + self.sockets.config.close_timeout;
+        let sockets = &mut self.sockets;
+        let slot = &mut sockets.slots[index];
+        slot.generation = slot.generation.wrapping_add(1);
+        let Some(socket) = slot.socket.as_mut() else {
+            return Ok(());
+        };
+        socket.orphaned = true;
+        match &mut socket.role {
+            Role::Stream { conn, .. } => match conn.state {
+                State::Connected => {
+                    conn.state = State::Closing {
+                        deadline: close_deadline,
+                    };
+                    conn.local_shutdown = ShutdownFlags::all();
+                    sockets.queue_control(index, Op::Shutdown, ShutdownFlags::all().bits());
+                }
+                State::Connecting { .. } => {
+                    conn.state = State::Closed;
+                    sockets.queue_control(index, Op::Rst, 0);
+                    sockets.free(index);
+                }
+                State::Closing { .. } => {}
+                State::Closed => sockets.free(index),
+            },
+            Role::Listening { .. } => {
+                sockets.reset_waiting(index as u16);
+                sockets.free(index);
+            }
+            Role::Unconnected => sockets.free(index),
+        }
+        self.sockets.drain_pending(&mut self.device);
+        self.device.flush();
+        Ok(())
+    }
+
+    /// Resets the connection now (RST) and frees the socket (B36).
+    pub fn abort(&mut self, handle: SocketHandle) -> Result<()> {
+        let socket = self.sockets.get(handle)?;
+        let index = handle.index as usize;
+        let live = socket.conn().is_some_and(Connection::is_live);
+        let listening = matches!(socket.role, Role::Listening { .. });
+        if live {
+            self.sockets.queue_control(index, Op::Rst, 0);
+        }
+        if listening {
+            self.sockets.reset_waiting(handle.index);
+        }
+        let slot = &mut self.sockets.slots[index];
+        slot.generation = slot.generation.wrapping_add(1);
+        self.sockets.free(index);
+        self.sockets.drain_pending(&mut self.device);
+        self.device.flush();
+        Ok(())
+    }
+
+    /// What the socket is ready for.
+    pub fn readiness(&self, handle: SocketHandle) -> Result<Readiness> {
+        let sockets = &self.sockets;
+        let socket = sockets.get(handle)?;
+        let mut ready = Readiness::empty();
+        match &socket.role {
+            Role::Unconnected => {}
+            Role::Listening { .. } => {
+                if sockets.oldest_waiting(handle.index).is_some() {
+                    ready |= Readiness::READABLE;
+                }
+            }
+            Role::Stream { conn, .. } => {
+                if conn.pending_error.is_some() {
+                    ready |= Readiness::ERROR | Readiness::READABLE | Readiness::WRITABLE;
+                }
+                let ended =
+                    conn.state == State::Closed || conn.peer_shutdown.contains(ShutdownFlags::SEND);
+                if socket.rx_len > 0 || ended {
+                    ready |= Readiness::READABLE;
+                }
+                if ended {
+                    ready |= Readiness::HANG_UP;
+                }
+                if conn.state == State::Connected
+                    && conn.credit.peer_free() > 0
+                    && self.device.can_send()
+                {
+                    ready |= Readiness::WRITABLE;
+                }
+            }
+        }
+        Ok(ready)
+    }
+
+    /// Takes the pending error, once (`SO_ERROR`).
+    pub fn take_error(&mut self, handle: SocketHandle) -> Result<Option<Error>> {
+        let socket = self.sockets.get_mut(handle)?;
+        Ok(socket.conn_mut().and_then(|conn| conn.pending_error.take()))
+    }
+
+    /// The address the socket is bound to.
+    pub fn local_addr(&self, handle: SocketHandle) -> Result<VsockAddr> {
+        let socket = self.sockets.get(handle)?;
+        let port = socket.local_port.ok_or(Error::InvalidArgument)?;
+        Ok(VsockAddr::new(self.sockets.guest_cid, port))
+    }
+
+    /// The address of the connected peer.
+    pub fn peer_addr(&self, handle: SocketHandle) -> Result<VsockAddr> {
+        let socket = self.sockets.get(handle)?;
+        socket.conn().map(|c| c.peer).ok_or(Error::NotConnected)
+    }
+}
+
+fn data_header(guest_cid: u32, conn: &Connection, op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
+    Header {
+        src_cid: u64::from(guest_cid),
+        dst_cid: u64::from(conn.peer.cid),
+        src_port: conn.local_port,
+        dst_port: conn.peer.port,
+        len: 0,
+        socket_type: SocketType::Stream as u16,
+        op: op as u16,
+        flags: 0,
+        buf_alloc,
+        fwd_cnt,
+    }
+}
+
+impl Sockets<'_> {
+    fn get(&self, handle: SocketHandle) -> Result<&Socket> {
+        let slot = self
+            .slots
+            .get(usize::from(handle.index))
+            .ok_or(Error::InvalidHandle)?;
+        match &slot.socket {
+            Some(socket) if slot.generation == handle.generation && !socket.orphaned => Ok(socket),
+            _ => Err(Error::InvalidHandle),
+        }
+    }
+
+    fn get_mut(&mut self, handle: SocketHandle) -> Result<&mut Socket> {
+        let slot = self
+            .slots
+            .get_mut(usize::from(handle.index))
+            .ok_or(Error::InvalidHandle)?;
+        match &mut slot.socket {
+            Some(socket) if slot.generation == handle.generation && !socket.orphaned => Ok(socket),
+            _ => Err(Error::InvalidHandle),
+        }
+    }
+
+    fn conn_mut(&mut self, handle: SocketHandle) -> Result<&mut Connection> {
+        self.get_mut(handle)?.conn_mut().ok_or(Error::NotConnected)
+    }
+
+    fn free_slot(&self) -> Option<usize> {
+        self.slots.iter().position(|slot| slot.socket.is_none())
+    }
+
+    fn free(&mut self, index: usize) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.socket = None;
+        }
+    }
+
+    fn port_in_use(&self, port: u32) -> bool {
+        self.slots
+            .iter()
+            .filter_map(|slot| slot.socket.as_ref())
+            .any(|socket| {
+                socket.local_port == Some(port) && socket.conn().is_none_or(|c| c.is_live())
+            })
+    }
+
+    fn ephemeral_port(&mut self) -> Result<u32> {
+        // Tries as many candidates as there are sockets plus one: one of them must be free.
+        for _ in 0..=self.slots.len() {
+            let port = self.next_ephemeral;
+            self.next_ephemeral = if port >= EPHEMERAL_LAST {
+                EPHEMERAL_FIRST
+            } else {
+                port + 1
+            };
+            if !self.port_in_use(port) {
+                return Ok(port);
+            }
+        }
+        Err(Error::AddrNotAvailable)
+    }
+
+    fn read(&mut self, handle: SocketHandle, buf: &mut [u8], consume: bool) -> Result<usize> {
+        let index = usize::from(handle.index);
+        let per = self.rx_per_socket;
+        let start = index * per;
+        let socket = self.get_mut(handle)?;
+        let (head, len) = (socket.rx_head, socket.rx_len);
+        let Some(conn) = socket.conn() else {
+            return Err(Error::NotConnected);
+        };
+        if len == 0 {
+            if conn.local_shutdown.contains(ShutdownFlags::RECEIVE)
+                || conn.peer_shutdown.contains(ShutdownFlags::SEND)
+            {
+                return Ok(0);
+            }
+            return match conn.state {
+                State::Connected => Err(Error::WouldBlock),
+                State::Connecting { .. } => Err(Error::WouldBlock),
+                State::Closed if conn.reset => Err(Error::ConnectionReset),
+                State::Closed | State::Closing { .. } => Ok(0),
+            };
+        }
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let (mut head, mut len) = (head, len);
+        let ring = &self.rx_memory[start..start + per];
+        let n = ring_pop(ring, &mut head, &mut len, buf, consume);
+        let socket = self.get_mut(handle)?;
+        socket.rx_head = head;
+        socket.rx_len = len;
+        if consume {
+            if let Some(conn) = socket.conn_mut() {
+                conn.credit.on_consumed(n as u32);
+            }
+        }
+        Ok(n)
+    }
+
+    fn credit_update_due(&self, index: usize) -> bool {
+        self.slots
+            .get(index)
+            .and_then(|slot| slot.socket.as_ref())
+            .and_then(Socket::conn)
+            .is_some_and(|conn| conn.state == State::Connected && conn.credit.needs_update())
+    }
+
+    /// The connection waiting longest in `listener`'s accept queue.
+    fn oldest_waiting(&self, listener: u16) -> Option<usize> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(index, slot)| match slot.socket.as_ref()?.role {
+                Role::Stream {
+                    listener: Some(l),
+                    accept_order,
+                    ..
+                } if l == listener => Some((accept_order, index)),
+                _ => None,
+            })
+            .min()
+            .map(|(_, index)| index)
+    }
+
+    fn waiting_count(&self, listener: u16) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| {
+                matches!(
+                    slot.socket.as_ref().map(|s| s.role),
+                    Some(Role::Stream { listener: Some(l), .. }) if l == listener
+                )
+            })
+            .count()
+    }
+
+    /// Resets and frees every connection still waiting in `listener`'s queue.
+    fn reset_waiting(&mut self, listener: u16) {
+        while let Some(index) = self.oldest_waiting(listener) {
+            let live = self.slots[index]
+                .socket
+                .as_ref()
+                .and_then(Socket::conn)
+                .is_some_and(Connection::is_live);
+            if live {
+                self.queue_control(index, Op::Rst, 0);
+            }
+            self.free(index);
+        }
+    }
+
+    /// Queues a control packet of the connection in slot `index` (stamped with its credit).
+    fn queue_control(&mut self, index: usize, op: Op, flags: u32) {
+        let guest_cid = self.guest_cid;
+        let Some(conn) = self
+            .slots
+            .get_mut(index)
+            .and_then(|slot| slot.socket.as_mut())
+            .and_then(Socket::conn_mut)
+        else {
+            return;
+        };
+        let (buf_alloc, fwd_cnt) = conn.credit.stamp();
+        let header = Header {
+            flags,
+            ..data_header(guest_cid, conn, op, buf_alloc, fwd_cnt)
+        };
+        self.push_pending(header);
+    }
+
+    fn push_pending(&mut self, header: Header) {
+        if self.pending.push_back(header).is_err() {
+            // Only reachable from calls made outside `poll` while rx is paused for the
+            // queue; the peer's timeouts recover what is lost.
+            log::warn!("vsock: control queue full; dropping op {}", header.op);
+        }
+    }
+
+    /// Moves queued control packets into tx buffers while there is room.
+    fn drain_pending<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        while let Some(header) = self.pending.front() {
+            if device.send(header, &[]).is_err() {
+                break;
+            }
+            self.pending.pop_front();
+        }
+    }
+
+    /// An RST answering `header`, addresses swapped (B13).
+    fn rst_for(&self, header: &Header) -> Header {
+        Header {
+            src_cid: u64::from(self.guest_cid),
+            dst_cid: header.src_cid,
+            src_port: header.dst_port,
+            dst_port: header.src_port,
+            len: 0,
+            socket_type: header.socket_type,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }
+    }
+
+    /// Dispatches one received packet (B10–B18).
+    fn on_packet(&mut self, header: &Header, payload: &[u8], now: Instant) {
+        let _ = now;
+        if header.dst_cid != u64::from(self.guest_cid) {
+            log::warn!("vsock: dropping packet for CID {}", header.dst_cid);
+            return;
+        }
+        let Some(op) = header.op() else {
+            log::warn!("vsock: dropping packet with unknown op {}", header.op);
+            return;
+        };
+        if header.socket_type() != Some(SocketType::Stream) {
+            // B11 (and B14: never answer an RST).
+            if op != Op::Rst {
+                let rst = self.rst_for(header);
+                self.push_pending(rst);
+            }
+            return;
+        }
+        let found = self.slots.iter().position(|slot| {
+            slot.socket
+                .as_ref()
+                .is_some_and(|s| s.matches(header.src_cid, header.src_port, header.dst_port))
+        });
+        if op.is_control() && header.len != 0 {
+            // B10: control packets carry no payload.
+            log::warn!("vsock: control op {op:?} with payload; resetting");
+            if let Some(index) = found {
+                self.reset_connection(index, Error::ConnectionReset);
+            }
+            if op != Op::Rst {
+                let rst = self.rst_for(header);
+                self.push_pending(rst);
+            }
+            return;
+        }
+        match found {
+            Some(index) => self.on_connection_packet(index, header, op, payload),
+            None if op == Op::Request => self.on_request(header),
+            // B14: an RST for no connection is dropped silently.
+            None if op == Op::Rst => {}
+            None => {
+                // B13.
+                let rst = self.rst_for(header);
+                self.push_pending(rst);
+            }
+        }
+    }
+
+    fn reset_connection(&mut self, index: usize, error: Error) {
+        if let Some(socket) = self.slots.get_mut(index).and_then(|s| s.socket.as_mut()) {
+            if let Some(conn) = socket.conn_mut() {
+                conn.fail(Some(error));
+            }
+            self.after_state_change(index);
+        }
+    }
+
+    fn on_connection_packet(&mut self, index: usize, header: &Header, op: Op, payload: &[u8]) {
+        let Some(conn) = self
+            .slots
+            .get_mut(index)
+            .and_then(|slot| slot.socket.as_mut())
+            .and_then(Socket::conn_mut)
+        else {
+            return;
+        };
+        let outcome = conn.on_packet(header, op);
+        if outcome.deliver {
+            let ring_start = index * self.rx_per_socket;
+            let per = self.rx_per_socket;
+            if let Some(socket) = self.slots[index].socket.as_mut() {
+                let head = socket.rx_head;
+                let mut len = socket.rx_len;
+                // Credit was checked: rx_len + payload <= buf_alloc = ring size (B30).
+                let ring = &mut self.rx_memory[ring_start..ring_start + per];
+                ring_push(ring, head, &mut len, payload);
+                socket.rx_len = len;
+            }
+        }
+        match outcome.reply {
+            Reply::Nothing => {}
+            Reply::Rst => {
+                let rst = Header {
+                    buf_alloc: 0,
+                    fwd_cnt: 0,
+                    ..self.rst_for(header)
+                };
+                self.push_pending(rst);
+            }
+            Reply::CreditUpdate => self.queue_control(index, Op::CreditUpdate, 0),
+        }
+        self.after_state_change(index);
+    }
+
+    /// Frees closed sockets nobody holds a handle to, and drops reset connections from
+    /// accept queues (B22).
+    fn after_state_change(&mut self, index: usize) {
+        let Some(socket) = self.slots.get(index).and_then(|s| s.socket.as_ref()) else {
+            return;
+        };
+        if let Role::Stream { conn, listener, .. } = &socket.role {
+            if !conn.is_live() && (socket.orphaned || listener.is_some()) {
+                self.free(index);
+            }
+        }
+    }
+
+    /// A REQUEST for no existing connection (B15, B16).
+    fn on_request(&mut self, header: &Header) {
+        let listener = self.slots.iter().position(|slot| {
+            slot.socket.as_ref().is_some_and(|s| {
+                !s.orphaned
+                    && s.local_port == Some(header.dst_port)
+                    && matches!(s.role, Role::Listening { .. })
+            })
+        });
+        let Some(listener) = listener else {
+            let rst = self.rst_for(header);
+            self.push_pending(rst);
+            return;
+        };
+        let Some(Role::Listening { backlog }) =
+            self.slots[listener].socket.as_ref().map(|s| s.role)
+        else {
+            return;
+        };
+        let free = self.free_slot();
+        let (Some(index), true) = (free, self.waiting_count(listener as u16) < backlog) else {
+            log::debug!("vsock: backlog full on port {}", header.dst_port);
+            let rst = self.rst_for(header);
+            self.push_pending(rst);
+            return;
+        };
+        let Ok(peer_cid) = u32::try_from(header.src_cid) else {
+            let rst = self.rst_for(header);
+            self.push_pending(rst);
+            return;
+        };
+        let mut conn = Connection::new(
+            header.dst_port,
+            VsockAddr::new(peer_cid, header.src_port),
+            State::Connected,
+            self.rx_per_socket as u32,
+        );
+        conn.credit.update_peer(header.buf_alloc, header.fwd_cnt);
+        let accept_order = self.next_accept_order;
+        self.next_accept_order += 1;
+        self.slots[index].socket = Some(Socket {
+            local_port: Some(header.dst_port),
+            role: Role::Stream {
+                conn,
+                listener: Some(listener as u16),
+                accept_order,
+            },
+            orphaned: false,
+            rx_head: 0,
+            rx_len: 0,
+        });
+        self.queue_control(index, Op::Response, 0);
+    }
+
+    /// Fires connect and close timeouts (B19, B36).
+    fn fire_timers(&mut self, now: Instant) {
+        for index in 0..self.slots.len() {
+            let Some(conn) = self.slots[index].socket.as_mut().and_then(Socket::conn_mut) else {
+                continue;
+            };
+            match conn.state {
+                State::Connecting { deadline } if now >= deadline => {
+                    conn.fail(Some(Error::TimedOut));
+                    // Tell the peer to forget a late REQUEST.
+                    self.queue_control(index, Op::Rst, 0);
+                }
+                State::Closing { deadline } if now >= deadline => {
+                    self.queue_control(index, Op::Rst, 0);
+                    self.free(index);
+                }
+                _ => {}
+            }
+            self.after_state_change(index);
+        }
+    }
+
+    /// B40: every connection fails with `ConnectionReset` (no packets); listeners stay.
+    fn on_transport_reset(&mut self, guest_cid: u32) {
+        self.guest_cid = guest_cid;
+        self.pending.clear();
+        for index in 0..self.slots.len() {
+            if let Some(conn) = self.slots[index].socket.as_mut().and_then(Socket::conn_mut) {
+                if conn.is_live() {
+                    conn.fail(Some(Error::ConnectionReset));
+                }
+            }
+            self.after_state_change(index);
+        }
+    }
+}
