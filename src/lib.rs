@@ -11,6 +11,10 @@
     clippy::undocumented_unsafe_blocks
 )]
 
+// The host-side device model uses the host allocator and locks.
+#[cfg(any(test, feature = "testing"))]
+extern crate std;
+
 pub mod addr;
 pub mod conn;
 pub mod credit;
@@ -18,6 +22,8 @@ pub mod device;
 pub mod error;
 pub mod queue;
 pub mod socket;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod time;
 pub mod wire;
 

@@ -1,0 +1,232 @@
+//! The device side of the rx, tx and event virtqueues, stepped by the test.
+
+use super::hal::FakeHal;
+use super::transport::{FakeTransport, QueueRegs};
+use crate::wire::{Header, HEADER_LEN};
+use std::vec::Vec;
+use virtio_drivers::PhysAddr;
+
+const RX: usize = 0;
+const TX: usize = 1;
+const EVENT: usize = 2;
+const DESC_F_WRITE: u16 = 2;
+
+/// A packet taken from, or given to, the driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Packet {
+    /// The header.
+    pub header: Header,
+    /// The payload (`header.len` bytes).
+    pub payload: Vec<u8>,
+}
+
+/// Why the model could not do what the test asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ModelError {
+    /// The driver has set up no such queue yet.
+    QueueNotReady,
+    /// The driver has posted no free buffer on that queue.
+    NoBuffer,
+    /// The posted buffer is too small for the packet.
+    BufferTooSmall,
+    /// A descriptor did not have the direction or address the model expected.
+    BadDescriptor,
+}
+
+/// The device: takes what the driver posts and returns used buffers, as a real device
+/// would, but only when the test calls it.
+#[derive(Debug)]
+pub struct DeviceModel {
+    transport: FakeTransport,
+    last_avail: [u16; 3],
+    used_idx: [u16; 3],
+}
+
+fn read_bytes(paddr: PhysAddr, out: &mut [u8]) -> bool {
+    let Some(ptr) = FakeHal::phys_to_ptr(paddr, out.len()) else {
+        return false;
+    };
+    // SAFETY: `phys_to_ptr` checked that `out.len()` bytes at `ptr` lie inside one live DMA
+    // allocation; the test is single-threaded, so the driver is not touching it now.
+    unsafe { core::ptr::copy_nonoverlapping(ptr.as_ptr(), out.as_mut_ptr(), out.len()) };
+    true
+}
+
+fn write_bytes(paddr: PhysAddr, bytes: &[u8]) -> bool {
+    let Some(ptr) = FakeHal::phys_to_ptr(paddr, bytes.len()) else {
+        return false;
+    };
+    // SAFETY: as in `read_bytes`; the region is DMA memory, which the device may write.
+    unsafe { core::ptr::copy_nonoverlapping(bytes.as_ptr(), ptr.as_ptr(), bytes.len()) };
+    true
+}
+
+fn read_u16(paddr: PhysAddr) -> u16 {
+    let mut raw = [0u8; 2];
+    read_bytes(paddr, &mut raw);
+    u16::from_le_bytes(raw)
+}
+
+fn read_u32(paddr: PhysAddr) -> u32 {
+    let mut raw = [0u8; 4];
+    read_bytes(paddr, &mut raw);
+    u32::from_le_bytes(raw)
+}
+
+fn read_u64(paddr: PhysAddr) -> u64 {
+    let mut raw = [0u8; 8];
+    read_bytes(paddr, &mut raw);
+    u64::from_le_bytes(raw)
+}
+
+/// A descriptor as the driver wrote it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Descriptor {
+    addr: PhysAddr,
+    len: u32,
+    flags: u16,
+}
+
+impl DeviceModel {
+    /// The device behind `transport`.
+    pub fn new(transport: &FakeTransport) -> Self {
+        DeviceModel {
+            transport: transport.clone(),
+            last_avail: [0; 3],
+            used_idx: [0; 3],
+        }
+    }
+
+    fn regs(&self, queue: usize) -> Result<QueueRegs, ModelError> {
+        let regs = self.transport.state().queues[queue];
+        if regs.ready && regs.size > 0 {
+            Ok(regs)
+        } else {
+            Err(ModelError::QueueNotReady)
+        }
+    }
+
+    /// Buffers the driver has posted on `queue` that the device has not taken yet.
+    pub fn available(&self, queue: usize) -> usize {
+        let Ok(regs) = self.regs(queue) else {
+            return 0;
+        };
+        usize::from(read_u16(regs.driver + 2).wrapping_sub(self.last_avail[queue]))
+    }
+
+    /// Notifications the driver has sent on `queue` (0 rx, 1 tx, 2 event).
+    pub fn notifications(&self, queue: usize) -> u64 {
+        self.transport.state().queues[queue].notifications
+    }
+
+    /// Takes the next descriptor id the driver made available on `queue`.
+    fn next_available(&mut self, queue: usize) -> Result<(u16, Descriptor), ModelError> {
+        let regs = self.regs(queue)?;
+        let size = regs.size as u16;
+        let avail_idx = read_u16(regs.driver + 2);
+        if avail_idx == self.last_avail[queue] {
+            return Err(ModelError::NoBuffer);
+        }
+        let slot = self.last_avail[queue] % size;
+        let id = read_u16(regs.driver + 4 + 2 * PhysAddr::from(slot));
+        self.last_avail[queue] = self.last_avail[queue].wrapping_add(1);
+        // avail_event: ask to be notified of the very next buffer.
+        let avail_event = regs.device + 4 + 8 * PhysAddr::from(size);
+        write_bytes(avail_event, &self.last_avail[queue].to_le_bytes());
+        if id >= size {
+            return Err(ModelError::BadDescriptor);
+        }
+        let desc = regs.desc + 16 * PhysAddr::from(id);
+        Ok((
+            id,
+            Descriptor {
+                addr: read_u64(desc),
+                len: read_u32(desc + 8),
+                flags: read_u16(desc + 12),
+            },
+        ))
+    }
+
+    /// Returns descriptor `id` to the driver on `queue` with `len` bytes written. Any
+    /// values may be passed, to play a device that lies.
+    pub fn push_used(&mut self, queue: usize, id: u32, len: u32) -> Result<(), ModelError> {
+        let regs = self.regs(queue)?;
+        let slot = PhysAddr::from(self.used_idx[queue] % regs.size as u16);
+        let entry = regs.device + 4 + 8 * slot;
+        write_bytes(entry, &id.to_le_bytes());
+        write_bytes(entry + 4, &len.to_le_bytes());
+        self.used_idx[queue] = self.used_idx[queue].wrapping_add(1);
+        write_bytes(regs.device + 2, &self.used_idx[queue].to_le_bytes());
+        Ok(())
+    }
+
+    /// Takes the next packet the driver sent, and returns its buffer.
+    pub fn pop_tx(&mut self) -> Option<Packet> {
+        let (id, desc) = self.next_available(TX).ok()?;
+        let mut bytes = std::vec![0u8; desc.len as usize];
+        let ok = desc.flags & DESC_F_WRITE == 0 && read_bytes(desc.addr, &mut bytes);
+        self.push_used(TX, u32::from(id), 0).ok()?;
+        if !ok {
+            return None;
+        }
+        let header = Header::parse(&bytes).ok()?;
+        let payload = bytes
+            .get(HEADER_LEN..HEADER_LEN + header.len as usize)?
+            .to_vec();
+        Some(Packet { header, payload })
+    }
+
+    /// Takes every packet the driver has sent so far.
+    pub fn drain_tx(&mut self) -> Vec<Packet> {
+        core::iter::from_fn(|| self.pop_tx()).collect()
+    }
+
+    /// Writes `bytes` into the next rx buffer and returns it with `used_len` as the written
+    /// length (normally `bytes.len()`; anything, to play a lying device).
+    pub fn deliver_raw(&mut self, bytes: &[u8], used_len: u32) -> Result<u16, ModelError> {
+        let (id, desc) = self.next_available(RX)?;
+        if desc.flags & DESC_F_WRITE == 0 {
+            return Err(ModelError::BadDescriptor);
+        }
+        if bytes.len() > desc.len as usize {
+            self.push_used(RX, u32::from(id), 0)?;
+            return Err(ModelError::BufferTooSmall);
+        }
+        if !write_bytes(desc.addr, bytes) {
+            return Err(ModelError::BadDescriptor);
+        }
+        self.push_used(RX, u32::from(id), used_len)?;
+        Ok(id)
+    }
+
+    /// Delivers one packet to the driver; `header.len` is set from `payload`.
+    pub fn deliver(&mut self, header: &Header, payload: &[u8]) -> Result<(), ModelError> {
+        let mut bytes = std::vec![0u8; HEADER_LEN + payload.len()];
+        let header = Header {
+            len: payload.len() as u32,
+            ..*header
+        };
+        header
+            .emit(&mut bytes)
+            .map_err(|_| ModelError::BufferTooSmall)?;
+        bytes[HEADER_LEN..].copy_from_slice(payload);
+        let len = bytes.len() as u32;
+        self.deliver_raw(&bytes, len).map(|_| ())
+    }
+
+    /// Sends device event `id` (0 is `TRANSPORT_RESET`) on the event queue.
+    pub fn push_event(&mut self, id: u32) -> Result<(), ModelError> {
+        let (desc_id, desc) = self.next_available(EVENT)?;
+        if desc.len < 4 || !write_bytes(desc.addr, &id.to_le_bytes()) {
+            return Err(ModelError::BufferTooSmall);
+        }
+        self.push_used(EVENT, u32::from(desc_id), 4)
+    }
+
+    /// Changes the CID in config space (and its generation), as before a transport reset.
+    pub fn set_guest_cid(&mut self, cid: u64) {
+        let mut state = self.transport.state();
+        state.config = cid.to_le_bytes();
+        state.config_generation = state.config_generation.wrapping_add(1);
+    }
+}
