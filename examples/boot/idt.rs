@@ -1,0 +1,216 @@
+//! A minimal IDT for the 32 CPU exceptions: each one prints what happened on COM1 and
+//! exits QEMU with the failure status (see [`super::exit_failure`]) instead of letting
+//! the CPU triple-fault (which, with `-no-reboot`, would make QEMU exit with status 0).
+//!
+//! Interrupts stay disabled for the whole life of the guest (the drivers poll), so no
+//! IRQ vectors are installed.
+
+use core::arch::{asm, global_asm};
+use core::cell::UnsafeCell;
+use core::fmt::Write;
+
+use super::serial::SerialPort;
+
+/// What the exception stubs push, lowest address first.
+#[repr(C)]
+struct ExceptionFrame {
+    vector: u64,
+    error_code: u64,
+    rip: u64,
+    cs: u64,
+    rflags: u64,
+    rsp: u64,
+    ss: u64,
+}
+
+// One 16-byte stub per vector, starting at `boot_exception_stubs`. The CPU pushes an
+// error code for vectors 8, 10-14, 17, 21, 29 and 30; the other stubs push a 0 so that
+// the frame always has the same layout.
+global_asm!(
+    r#"
+    .macro BOOT_EXC_NOERR vec
+    .balign 16
+    push $0
+    push $\vec
+    jmp boot_exception_common
+    .endm
+    .macro BOOT_EXC_ERR vec
+    .balign 16
+    push $\vec
+    jmp boot_exception_common
+    .endm
+
+    .pushsection .text.boot_exceptions, "ax", @progbits
+    .balign 16
+    .global boot_exception_stubs
+boot_exception_stubs:
+    BOOT_EXC_NOERR 0
+    BOOT_EXC_NOERR 1
+    BOOT_EXC_NOERR 2
+    BOOT_EXC_NOERR 3
+    BOOT_EXC_NOERR 4
+    BOOT_EXC_NOERR 5
+    BOOT_EXC_NOERR 6
+    BOOT_EXC_NOERR 7
+    BOOT_EXC_ERR 8
+    BOOT_EXC_NOERR 9
+    BOOT_EXC_ERR 10
+    BOOT_EXC_ERR 11
+    BOOT_EXC_ERR 12
+    BOOT_EXC_ERR 13
+    BOOT_EXC_ERR 14
+    BOOT_EXC_NOERR 15
+    BOOT_EXC_NOERR 16
+    BOOT_EXC_ERR 17
+    BOOT_EXC_NOERR 18
+    BOOT_EXC_NOERR 19
+    BOOT_EXC_NOERR 20
+    BOOT_EXC_ERR 21
+    BOOT_EXC_NOERR 22
+    BOOT_EXC_NOERR 23
+    BOOT_EXC_NOERR 24
+    BOOT_EXC_NOERR 25
+    BOOT_EXC_NOERR 26
+    BOOT_EXC_NOERR 27
+    BOOT_EXC_NOERR 28
+    BOOT_EXC_ERR 29
+    BOOT_EXC_ERR 30
+    BOOT_EXC_NOERR 31
+
+boot_exception_common:
+    mov %rsp, %rdi
+    and $-16, %rsp
+    call {handler}
+4:
+    cli
+    hlt
+    jmp 4b
+    .popsection
+"#,
+    handler = sym exception_handler,
+    options(att_syntax)
+);
+
+unsafe extern "C" {
+    /// The first of the 32 exception stubs above, each 16 bytes long.
+    static boot_exception_stubs: u8;
+}
+
+/// A 64-bit interrupt gate descriptor.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Gate {
+    offset_low: u16,
+    selector: u16,
+    ist: u8,
+    type_attr: u8,
+    offset_mid: u16,
+    offset_high: u32,
+    reserved: u32,
+}
+
+impl Gate {
+    const EMPTY: Gate = Gate {
+        offset_low: 0,
+        selector: 0,
+        ist: 0,
+        type_attr: 0,
+        offset_mid: 0,
+        offset_high: 0,
+        reserved: 0,
+    };
+
+    fn interrupt_gate(handler: u64) -> Gate {
+        Gate {
+            offset_low: handler as u16,
+            selector: 0x08, // the 64-bit code segment of the boot GDT
+            ist: 0,
+            type_attr: 0x8e, // present, DPL 0, 64-bit interrupt gate
+            offset_mid: (handler >> 16) as u16,
+            offset_high: (handler >> 32) as u32,
+            reserved: 0,
+        }
+    }
+}
+
+#[repr(C, align(16))]
+struct Idt(UnsafeCell<[Gate; 32]>);
+
+// SAFETY: the table is written once, by `init`, before anything could read it
+// concurrently (the guest is single-threaded with interrupts off).
+unsafe impl Sync for Idt {}
+
+static IDT: Idt = Idt(UnsafeCell::new([Gate::EMPTY; 32]));
+
+/// Fills and loads the IDT. Called once by the boot code.
+pub fn init() {
+    let stubs = core::ptr::addr_of!(boot_exception_stubs) as u64;
+    let table = IDT.0.get();
+    for vector in 0..32 {
+        // SAFETY: `init` runs once, before the IDT is loaded, and nothing else holds a
+        // reference into the table.
+        unsafe { (*table)[vector] = Gate::interrupt_gate(stubs + 16 * vector as u64) };
+    }
+    #[repr(C, packed)]
+    struct Pointer {
+        limit: u16,
+        base: u64,
+    }
+    let pointer = Pointer {
+        limit: (size_of::<[Gate; 32]>() - 1) as u16,
+        base: table as u64,
+    };
+    // SAFETY: the pointer describes a valid, 'static IDT whose gates point at the stubs
+    // above, in the code segment loaded by the boot code.
+    unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) };
+}
+
+const NAMES: [&str; 32] = [
+    "divide error",
+    "debug",
+    "NMI",
+    "breakpoint",
+    "overflow",
+    "bound range exceeded",
+    "invalid opcode",
+    "device not available",
+    "double fault",
+    "coprocessor segment overrun",
+    "invalid TSS",
+    "segment not present",
+    "stack-segment fault",
+    "general protection fault",
+    "page fault",
+    "reserved",
+    "x87 floating-point error",
+    "alignment check",
+    "machine check",
+    "SIMD floating-point error",
+    "virtualization exception",
+    "control protection",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "reserved",
+    "hypervisor injection",
+    "VMM communication",
+    "security exception",
+    "reserved",
+];
+
+extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
+    let cr2: u64;
+    // SAFETY: reading CR2 has no side effects.
+    unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
+    let mut out = SerialPort::unlocked();
+    let name = NAMES.get(frame.vector as usize).copied().unwrap_or("?");
+    let _ = write!(
+        out,
+        "\n[ERROR] CPU exception {} ({name}), error code {:#x}, rip {:#x}, rsp {:#x}, \
+         rflags {:#x}, cs {:#x}, ss {:#x}, cr2 {:#x}\n",
+        frame.vector, frame.error_code, frame.rip, frame.rsp, frame.rflags, frame.cs, frame.ss, cr2
+    );
+    super::exit_failure()
+}
