@@ -6,6 +6,46 @@ use crate::credit::Credit;
 use crate::error::Error;
 use crate::time::Instant;
 use crate::wire::{Header, Op, ShutdownFlags};
+use core::time::Duration;
+
+/// First wait before asking a silent peer for credit again (B29).
+pub const CREDIT_PROBE_FIRST: Duration = Duration::from_millis(10);
+/// Longest wait between credit probes.
+pub const CREDIT_PROBE_MAX: Duration = Duration::from_secs(1);
+
+/// When to ask again for credit while we are blocked on it.
+///
+/// B29 allows one outstanding `CREDIT_REQUEST`. A peer answers it with a `CREDIT_UPDATE`
+/// that may still show no space; after that we ask again, with a doubling wait, until
+/// credit arrives. Each probe carries a `CREDIT_UPDATE` of ours before the request: some
+/// peers only resume a stalled connection on a packet from us (vhost-device-vsock 0.3.0
+/// stops flushing its host-side buffer until the guest sends a `CREDIT_UPDATE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CreditProbe {
+    /// When the next probe goes out.
+    pub due: Instant,
+    /// The wait before the probe after that.
+    pub interval: Duration,
+}
+
+impl CreditProbe {
+    /// The probe armed by the first `CREDIT_REQUEST` at `now`.
+    pub fn first(now: Instant) -> Self {
+        CreditProbe {
+            due: now + CREDIT_PROBE_FIRST,
+            interval: CREDIT_PROBE_FIRST,
+        }
+    }
+
+    /// The probe after this one fired at `now`: twice the wait, at most [`CREDIT_PROBE_MAX`].
+    pub fn next(self, now: Instant) -> Self {
+        let interval = (self.interval * 2).min(CREDIT_PROBE_MAX);
+        CreditProbe {
+            due: now + interval,
+            interval,
+        }
+    }
+}
 
 /// Where a connection stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -75,6 +115,8 @@ pub struct Connection {
     pub reset: bool,
     /// The error to report once through `take_error` (`SO_ERROR`).
     pub pending_error: Option<Error>,
+    /// Armed while we are blocked on the peer's credit (B29).
+    pub credit_probe: Option<CreditProbe>,
 }
 
 impl Connection {
@@ -89,6 +131,7 @@ impl Connection {
             local_shutdown: ShutdownFlags::empty(),
             reset: false,
             pending_error: None,
+            credit_probe: None,
         }
     }
 

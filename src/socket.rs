@@ -2,7 +2,7 @@
 //! of sockets addressed by [`SocketHandle`]s; all progress happens in [`VsockDevice::poll`].
 
 use crate::addr::{VsockAddr, VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_LOCAL, VMADDR_PORT_ANY};
-use crate::conn::{Connection, Reply, State};
+use crate::conn::{Connection, CreditProbe, Reply, State};
 use crate::device::{QueueConfig, Stats, VirtioVsock};
 use crate::error::{Error, Result};
 use crate::time::Instant;
@@ -493,7 +493,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             sent += n;
         }
         if sent == 0 && conn.credit.take_credit_request() {
-            // B29: out of credit; ask once.
+            // B29: out of credit; ask once, and again later if the answer shows none.
+            conn.credit_probe = Some(CreditProbe::first(self.now));
             self.sockets
                 .queue_control(handle.index as usize, Op::CreditRequest, 0);
             self.sockets.drain_pending(&mut self.device);
@@ -1063,6 +1064,17 @@ impl Sockets<'_> {
                 State::Closing { deadline } if now >= deadline => {
                     self.queue_control(index, Op::Rst, 0);
                     self.free(index);
+                }
+                State::Connected => {
+                    if let Some(probe) = conn.credit_probe {
+                        if conn.credit.peer_free() > 0 {
+                            conn.credit_probe = None;
+                        } else if now >= probe.due {
+                            conn.credit_probe = Some(probe.next(now));
+                            self.queue_control(index, Op::CreditUpdate, 0);
+                            self.queue_control(index, Op::CreditRequest, 0);
+                        }
+                    }
                 }
                 _ => {}
             }
