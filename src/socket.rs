@@ -914,12 +914,20 @@ impl Sockets<'_> {
         if op.is_control() && header.len != 0 {
             // B10: control packets carry no payload.
             log::warn!("vsock: control op {op:?} with payload; resetting");
-            if let Some(index) = found {
-                self.reset_connection(index, Error::ConnectionReset);
-            }
-            if op != Op::Rst {
-                let rst = self.rst_for(header);
-                self.push_pending(rst);
+            match found {
+                Some(index) => {
+                    // B9: the connection's RST carries its credit; queued before the
+                    // reset, which may free the slot.
+                    if op != Op::Rst {
+                        self.queue_control(index, Op::Rst, 0);
+                    }
+                    self.reset_connection(index, Error::ConnectionReset);
+                }
+                None if op != Op::Rst => {
+                    let rst = self.rst_for(header);
+                    self.push_pending(rst);
+                }
+                None => {}
             }
             return;
         }
@@ -969,14 +977,8 @@ impl Sockets<'_> {
         }
         match outcome.reply {
             Reply::Nothing => {}
-            Reply::Rst => {
-                let rst = Header {
-                    buf_alloc: 0,
-                    fwd_cnt: 0,
-                    ..self.rst_for(header)
-                };
-                self.push_pending(rst);
-            }
+            // B9: an RST of a connection carries its buf_alloc and fwd_cnt.
+            Reply::Rst => self.queue_control(index, Op::Rst, 0),
             Reply::CreditUpdate => self.queue_control(index, Op::CreditUpdate, 0),
         }
         self.after_state_change(index);
