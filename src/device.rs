@@ -294,7 +294,19 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                         | WireError::BufferTooSmall,
                     ) => {
                         self.stats.rx_dropped += 1;
-                        log::warn!("vsock: dropping malformed rx packet ({len} bytes written)");
+                        match Header::parse(self.rx.buffer(id)) {
+                            Ok(header) => log::warn!(
+                                "vsock: dropping malformed rx packet ({len} bytes written, \
+                                 op {} len {} from {}:{})",
+                                header.op,
+                                header.len,
+                                header.src_cid,
+                                header.src_port
+                            ),
+                            Err(_) => log::warn!(
+                                "vsock: dropping malformed rx packet ({len} bytes written)"
+                            ),
+                        }
                     }
                 }
                 self.rx.repost(id);

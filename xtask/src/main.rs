@@ -1,6 +1,229 @@
 //! Host-side tooling for vsock-guest: `cargo xtask <command>`.
+//!
+//! - `setup`: install what is missing (toolchain, QEMU, the vhost-user backend).
+//! - `demo`: boot the echo guest, talk to it from the host, print the result.
+//! - `test`: every check and test, host-side then in QEMU; `.ci/run` runs this.
+//! - `run-kernel`: the runner for `cargo run --example <name> --target x86_64-unknown-none`.
 
-fn main() {
-    eprintln!("xtask: not yet implemented");
-    std::process::exit(2);
+mod cargo_tasks;
+mod demo;
+mod host;
+mod process;
+mod qemu_tests;
+mod setup;
+mod vm;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use vm::{Accel, Machine};
+
+#[derive(Parser)]
+#[command(about = "Host-side tooling for vsock-guest")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what is missing: the pinned toolchain, QEMU (apt-get, as root), and
+    /// vhost-device-vsock (into target/tools); print the versions.
+    Setup,
+    /// Boot the echo guest, connect from the host, send messages, print the echoes and
+    /// the guest's serial log.
+    Demo {
+        /// QEMU machine (transport).
+        #[arg(long, value_enum, default_value_t = Machine::Q35)]
+        machine: Machine,
+        /// Accelerator; by default KVM only with hardware virtualisation, else TCG.
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
+    },
+    /// Run every test: formatting, lints, builds, host tests, Miri, then QEMU tests.
+    Test {
+        /// Accelerator for the QEMU tests.
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
+        /// Machines to run the QEMU tests on (default: both).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        machine: Vec<Machine>,
+        /// Skip the Miri run of the host tests.
+        #[arg(long)]
+        no_miri: bool,
+        /// Only the host-side steps.
+        #[arg(long, conflicts_with = "qemu_only")]
+        host_only: bool,
+        /// Only the QEMU tests.
+        #[arg(long)]
+        qemu_only: bool,
+    },
+    /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
+    /// guest exits through `boot::exit_success`. Used as the cargo runner.
+    RunKernel {
+        /// The guest ELF.
+        kernel: PathBuf,
+        /// Words for the kernel command line (`-append`).
+        cmdline: Vec<String>,
+        /// QEMU machine (transport); also from `VSOCK_GUEST_MACHINE`.
+        #[arg(long, value_enum, env = "VSOCK_GUEST_MACHINE", default_value_t = Machine::Q35)]
+        machine: Machine,
+        /// Accelerator.
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
+        /// Seconds before QEMU is killed.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = process::install_interrupt_handler() {
+        eprintln!("xtask: {e:#}");
+    }
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> Result<ExitCode> {
+    match command {
+        Command::Setup => {
+            setup::ensure_all()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Demo { machine, accel } => {
+            let tools = setup::ensure_all()?;
+            let accel = vm::choose_accel(accel);
+            demo::run(&tools, machine, accel)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Test {
+            accel,
+            machine,
+            no_miri,
+            host_only,
+            qemu_only,
+        } => test(accel, machine, !no_miri, !qemu_only, !host_only),
+        Command::RunKernel {
+            kernel,
+            cmdline,
+            machine,
+            accel,
+            timeout,
+        } => run_kernel(kernel, cmdline.join(" "), machine, accel, timeout),
+    }
+}
+
+/// `cargo xtask test`: every step runs even when an earlier one failed; the summary
+/// counts them and the exit status is failure if any failed.
+fn test(
+    accel: Option<Accel>,
+    machines: Vec<Machine>,
+    miri: bool,
+    host: bool,
+    qemu: bool,
+) -> Result<ExitCode> {
+    let tools = setup::ensure_all()?;
+    let mut passed = 0;
+    let mut failed_names = Vec::new();
+    if host {
+        if miri {
+            cargo_tasks::ensure_miri()?;
+        }
+        for step in cargo_tasks::host_steps(miri) {
+            let name = step.name.clone();
+            if step.run()? {
+                passed += 1;
+            } else {
+                failed_names.push(name);
+            }
+        }
+    }
+    let mut qemu_failed = 0;
+    if qemu {
+        let accel = vm::choose_accel(accel);
+        let machines = if machines.is_empty() {
+            vec![Machine::Q35, Machine::Microvm]
+        } else {
+            machines
+        };
+        let (qemu_passed, failed) = qemu_tests::run_all(&tools, accel, &machines)?;
+        passed += qemu_passed;
+        qemu_failed = failed;
+    }
+    let failed = failed_names.len() + qemu_failed;
+    println!("\n=== summary");
+    for name in &failed_names {
+        println!("FAIL {name}");
+    }
+    println!("{passed} passed, {failed} failed");
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Boots `kernel` with serial on stdout and maps the guest's exit to ours.
+fn run_kernel(
+    kernel: PathBuf,
+    cmdline: String,
+    machine: Machine,
+    accel: Option<Accel>,
+    timeout: u64,
+) -> Result<ExitCode> {
+    let tools = setup::Tools {
+        qemu: setup::ensure_qemu()?,
+        backend: setup::ensure_backend()?,
+    };
+    let accel = vm::choose_accel(accel);
+    let limit = Duration::from_secs(timeout);
+    let name = kernel
+        .file_name()
+        .map_or_else(|| "kernel".into(), |n| n.to_string_lossy().into_owned());
+    let dir = vm::run_dir(&format!("run-{name}"))?;
+    let mut backend = vm::Backend::start(&tools, &dir, &[qemu_tests::GUEST_CID], limit)?;
+    let Some(slot) = backend.guest(qemu_tests::GUEST_CID).cloned() else {
+        anyhow::bail!("backend has no guest slot");
+    };
+    println!(
+        "run-kernel: {} on {machine}; host programs reach the guest through {} (CONNECT <port>)",
+        kernel.display(),
+        slot.uds.display()
+    );
+    let config = vm::GuestConfig {
+        kernel,
+        machine,
+        accel,
+        cmdline,
+        limit,
+    };
+    let mut command = vm::qemu_command(&tools, &config, &slot.vhost_socket);
+    command.args(["-serial", "stdio"]);
+    let mut qemu = process::Guarded::spawn("qemu", command, limit)?;
+    let status = qemu.wait_timeout(limit + Duration::from_secs(5));
+    qemu.stop();
+    backend.stop();
+    match status.and_then(|s| s.code()) {
+        Some(vm::GUEST_EXIT_SUCCESS) => Ok(ExitCode::SUCCESS),
+        Some(code) => {
+            eprintln!(
+                "run-kernel: QEMU exited with status {code} (the guest reports success as {})",
+                vm::GUEST_EXIT_SUCCESS
+            );
+            Ok(ExitCode::FAILURE)
+        }
+        None => {
+            eprintln!("run-kernel: QEMU was stopped after {timeout}s");
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }

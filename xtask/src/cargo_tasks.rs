@@ -1,0 +1,179 @@
+//! Cargo invocations: building the bare-metal guests and the host-side checks and tests.
+
+use crate::process;
+use crate::setup::{cargo, project_root};
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The target the example guests are built for.
+pub const GUEST_TARGET: &str = "x86_64-unknown-none";
+/// Another bare-metal target the library must build for.
+const OTHER_TARGET: &str = "aarch64-unknown-none";
+
+/// Builds example `name` for the guest target (release) and returns the ELF's path.
+pub fn build_example(name: &str) -> Result<PathBuf> {
+    println!("build: example {name} for {GUEST_TARGET}");
+    process::run(cargo().args([
+        "build",
+        "--quiet",
+        "--release",
+        "--target",
+        GUEST_TARGET,
+        "--example",
+        name,
+    ]))?;
+    let elf = project_root()
+        .join("target")
+        .join(GUEST_TARGET)
+        .join("release")
+        .join("examples")
+        .join(name);
+    anyhow::ensure!(elf.exists(), "{} missing after the build", elf.display());
+    Ok(elf)
+}
+
+/// One host-side step of `cargo xtask test`.
+pub struct Step {
+    /// What it checks, for the summary.
+    pub name: String,
+    command: Command,
+}
+
+impl Step {
+    fn cargo(name: &str, args: &[&str]) -> Self {
+        let mut command = cargo();
+        command.args(args);
+        Step {
+            name: name.to_string(),
+            command,
+        }
+    }
+
+    /// Runs the step; `Ok(false)` when it ran and failed.
+    pub fn run(mut self) -> Result<bool> {
+        println!("\n=== {}", self.name);
+        let status = self
+            .command
+            .status()
+            .with_context(|| format!("running {:?}", self.command))?;
+        Ok(status.success())
+    }
+}
+
+/// The host-side steps: formatting, lints, builds for both bare-metal targets, host unit
+/// and device-model tests (with doctests), docs, and the same tests under Miri when asked.
+pub fn host_steps(miri: bool) -> Vec<Step> {
+    let mut steps = vec![
+        Step::cargo("rustfmt", &["fmt", "--all", "--check"]),
+        Step::cargo(
+            "clippy (host, all targets)",
+            &[
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--all-features",
+                "--quiet",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        Step::cargo(
+            "clippy (guest examples, x86_64-unknown-none)",
+            &[
+                "clippy",
+                "--release",
+                "--quiet",
+                "--target",
+                GUEST_TARGET,
+                "--examples",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        Step::cargo(
+            "library build for x86_64-unknown-none",
+            &["build", "--quiet", "--lib", "--target", GUEST_TARGET],
+        ),
+        Step::cargo(
+            "library build for aarch64-unknown-none",
+            &["build", "--quiet", "--lib", "--target", OTHER_TARGET],
+        ),
+        Step::cargo(
+            "host tests (unit, device model, doctests)",
+            &["test", "--workspace", "--all-features"],
+        ),
+    ];
+    let mut doc = Step::cargo(
+        "documentation (no warnings)",
+        &["doc", "--quiet", "--no-deps", "--all-features", "--lib"],
+    );
+    doc.command.env("RUSTDOCFLAGS", "-D warnings");
+    steps.push(doc);
+    if miri {
+        steps.push(miri_step());
+    }
+    steps
+}
+
+/// The library's host tests under Miri, on the nightly toolchain.
+fn miri_step() -> Step {
+    let mut command = nightly_cargo();
+    command
+        .args(["miri", "test", "--features", "testing", "--lib", "--tests"])
+        // Miri's isolation forbids the clock and randomness proptest would like; its
+        // case count is cut so the run stays a few minutes.
+        .env("MIRIFLAGS", "-Zmiri-disable-isolation")
+        .env("PROPTEST_CASES", "8");
+    Step {
+        name: "host tests under Miri (nightly)".to_string(),
+        command,
+    }
+}
+
+/// Makes sure `cargo +nightly miri` works: adds Miri to an installed nightly toolchain,
+/// installing a minimal nightly only when there is none (an existing nightly is not
+/// updated).
+pub fn ensure_miri() -> Result<()> {
+    let has_nightly = nightly_cargo()
+        .arg("--version")
+        .output()
+        .is_ok_and(|out| out.status.success());
+    if has_nightly {
+        println!("setup: adding miri and rust-src to the nightly toolchain");
+        process::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "miri",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    } else {
+        println!("setup: installing a minimal nightly toolchain with miri and rust-src");
+        process::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "miri,rust-src",
+        ]))?;
+    }
+    process::run(nightly_cargo().args(["miri", "setup"]))
+}
+
+/// `cargo +nightly` in the repository root, free of the pinned toolchain's environment.
+fn nightly_cargo() -> Command {
+    let mut command = Command::new("cargo");
+    command
+        .arg("+nightly")
+        .current_dir(project_root())
+        .env_remove("RUSTUP_TOOLCHAIN")
+        .env_remove("CARGO")
+        .env_remove("RUSTC");
+    command
+}

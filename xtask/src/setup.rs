@@ -1,0 +1,145 @@
+//! Everything the host needs, installed on first use: the pinned Rust toolchain, QEMU
+//! from Debian, and the vhost-user backend from crates.io in a folder of the project's.
+
+use crate::process;
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The host backend crate, pinned.
+pub const BACKEND_CRATE: &str = "vhost-device-vsock";
+/// Its version: the newest release on crates.io when this was written.
+pub const BACKEND_VERSION: &str = "0.3.0";
+/// The Debian package that provides `qemu-system-x86_64`.
+const QEMU_PACKAGE: &str = "qemu-system-x86";
+/// The QEMU binary.
+const QEMU_BINARY: &str = "qemu-system-x86_64";
+
+/// Host programs the VM runs need.
+#[derive(Clone, Debug)]
+pub struct Tools {
+    /// `qemu-system-x86_64`.
+    pub qemu: PathBuf,
+    /// `vhost-device-vsock`.
+    pub backend: PathBuf,
+}
+
+/// The repository root (the parent of `xtask/`).
+pub fn project_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// Where xtask installs host tools: `target/tools`, never the user's global cargo.
+pub fn tools_dir() -> PathBuf {
+    project_root().join("target").join("tools")
+}
+
+/// A `cargo` command in the repository root, using the cargo that runs xtask.
+pub fn cargo() -> Command {
+    let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    command.current_dir(project_root());
+    command
+}
+
+/// Installs what `rust-toolchain.toml` names (toolchain, targets, components).
+pub fn ensure_toolchain() -> Result<()> {
+    println!("setup: rustup toolchain install (as rust-toolchain.toml names)");
+    process::run(
+        Command::new("rustup")
+            .args(["toolchain", "install"])
+            .current_dir(project_root()),
+    )
+}
+
+/// Finds QEMU, installing it with apt-get when it is missing and we run as root.
+pub fn ensure_qemu() -> Result<PathBuf> {
+    if let Some(path) = find_in_path(QEMU_BINARY) {
+        return Ok(path);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        bail!(
+            "{QEMU_BINARY} is not installed. Install it with:\n    \
+             sudo apt-get install -y --no-install-recommends {QEMU_PACKAGE}\n\
+             and run this command again."
+        );
+    }
+    println!("setup: {QEMU_BINARY} is missing; installing Debian's {QEMU_PACKAGE}");
+    let apt = |args: &[&str]| {
+        process::run(
+            Command::new("apt-get")
+                .args(args)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )
+    };
+    apt(&["update", "-q"])?;
+    apt(&[
+        "install",
+        "-y",
+        "-q",
+        "--no-install-recommends",
+        QEMU_PACKAGE,
+    ])?;
+    find_in_path(QEMU_BINARY).with_context(|| format!("{QEMU_BINARY} still missing after apt-get"))
+}
+
+/// Finds the pinned backend in `target/tools`, installing it with `cargo install` first.
+pub fn ensure_backend() -> Result<PathBuf> {
+    let root = tools_dir();
+    let binary = root.join("bin").join(BACKEND_CRATE);
+    if binary.exists() && installed_version(&root).as_deref() == Some(BACKEND_VERSION) {
+        return Ok(binary);
+    }
+    println!(
+        "setup: installing {BACKEND_CRATE} {BACKEND_VERSION} from crates.io into {}",
+        root.display()
+    );
+    process::run(
+        cargo()
+            .args(["install", "--locked", "--quiet", "--force"])
+            .args([BACKEND_CRATE, "--version", BACKEND_VERSION, "--root"])
+            .arg(&root),
+    )?;
+    anyhow::ensure!(
+        binary.exists(),
+        "{} missing after cargo install",
+        binary.display()
+    );
+    Ok(binary)
+}
+
+/// The backend version recorded by `cargo install` in `<root>/.crates.toml`.
+fn installed_version(root: &Path) -> Option<String> {
+    let manifest = std::fs::read_to_string(root.join(".crates.toml")).ok()?;
+    let prefix = format!("\"{BACKEND_CRATE} ");
+    let start = manifest.find(&prefix)? + prefix.len();
+    let version = manifest[start..].split_whitespace().next()?;
+    Some(version.to_string())
+}
+
+fn find_in_path(binary: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+}
+
+/// Installs whatever is missing and prints the versions in use.
+pub fn ensure_all() -> Result<Tools> {
+    ensure_toolchain()?;
+    let qemu = ensure_qemu()?;
+    let backend = ensure_backend()?;
+    let qemu_version = process::output(Command::new(&qemu).arg("--version"))?;
+    println!(
+        "setup: {} ({})",
+        qemu_version.lines().next().unwrap_or("unknown version"),
+        qemu.display()
+    );
+    println!(
+        "setup: {BACKEND_CRATE} {BACKEND_VERSION} ({})",
+        backend.display()
+    );
+    Ok(Tools { qemu, backend })
+}
