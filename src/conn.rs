@@ -17,7 +17,8 @@ pub const CREDIT_PROBE_MAX: Duration = Duration::from_secs(1);
 ///
 /// B29 allows one outstanding `CREDIT_REQUEST`. A peer answers it with a `CREDIT_UPDATE`
 /// that may still show no space; after that we ask again, with a doubling wait, until
-/// credit arrives. Each probe carries a `CREDIT_UPDATE` of ours before the request: some
+/// credit arrives or the peer shuts down its receiving side. Each probe sends a
+/// `CREDIT_UPDATE` of ours, and a new request only once the last one was answered: some
 /// peers only resume a stalled connection on a packet from us (vhost-device-vsock 0.3.0
 /// stops flushing its host-side buffer until the guest sends a `CREDIT_UPDATE`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,8 +21,10 @@ pub struct Credit {
     peer_fwd_cnt: u32,
     /// Bytes we have sent.
     tx_cnt: u32,
-    /// A `CREDIT_REQUEST` is outstanding (B29).
+    /// A `CREDIT_REQUEST` was sent and no credit has come since (B29).
     credit_requested: bool,
+    /// The peer sent a packet after our last `CREDIT_REQUEST`: it was answered.
+    request_answered: bool,
 }
 
 /// The peer sent more than the credit we gave it (B30).
@@ -43,6 +45,7 @@ impl Credit {
             peer_fwd_cnt: 0,
             tx_cnt: 0,
             credit_requested: false,
+            request_answered: false,
         }
     }
 
@@ -50,6 +53,7 @@ impl Credit {
     pub fn update_peer(&mut self, peer_buf_alloc: u32, peer_fwd_cnt: u32) {
         self.peer_buf_alloc = peer_buf_alloc;
         self.peer_fwd_cnt = peer_fwd_cnt;
+        self.request_answered = true;
         if self.peer_free() > 0 {
             self.credit_requested = false;
         }
@@ -117,11 +121,27 @@ impl Credit {
     /// (B29). Marks the request as outstanding.
     pub fn take_credit_request(&mut self) -> bool {
         if self.peer_free() == 0 && !self.credit_requested {
-            self.credit_requested = true;
+            self.mark_requested();
             true
         } else {
             false
         }
+    }
+
+    /// Whether to ask again: still out of credit, and the peer has answered the last
+    /// request (so at most one is ever outstanding, B29). Marks the new one outstanding.
+    pub fn take_repeat_credit_request(&mut self) -> bool {
+        if self.peer_free() == 0 && self.credit_requested && self.request_answered {
+            self.mark_requested();
+            true
+        } else {
+            false
+        }
+    }
+
+    fn mark_requested(&mut self) {
+        self.credit_requested = true;
+        self.request_answered = false;
     }
 
     /// Our advertised receive capacity.
@@ -231,6 +251,30 @@ mod tests {
         assert!(!c.needs_update());
         c.on_consumed(1);
         assert!(c.needs_update());
+    }
+
+    #[test]
+    fn b29_repeat_request_only_after_the_peer_answered() {
+        let mut c = Credit::new(1000);
+        c.update_peer(100, 0);
+        c.on_sent(100);
+        assert!(!c.take_repeat_credit_request(), "nothing asked yet");
+        assert!(c.take_credit_request());
+        assert!(
+            !c.take_repeat_credit_request(),
+            "the first request is unanswered"
+        );
+        c.update_peer(100, 0);
+        assert!(
+            c.take_repeat_credit_request(),
+            "answered without credit: ask again"
+        );
+        assert!(!c.take_repeat_credit_request());
+        c.update_peer(200, 0);
+        assert!(
+            !c.take_repeat_credit_request(),
+            "credit came: nothing to ask"
+        );
     }
 
     #[test]

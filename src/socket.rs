@@ -1069,12 +1069,17 @@ impl Sockets<'_> {
                 }
                 State::Connected => {
                     if let Some(probe) = conn.credit_probe {
-                        if conn.credit.peer_free() > 0 {
+                        let peer_stopped_reading =
+                            conn.peer_shutdown.contains(ShutdownFlags::RECEIVE);
+                        if conn.credit.peer_free() > 0 || peer_stopped_reading {
                             conn.credit_probe = None;
                         } else if now >= probe.due {
                             conn.credit_probe = Some(probe.next(now));
+                            let ask = conn.credit.take_repeat_credit_request();
                             self.queue_control(index, Op::CreditUpdate, 0);
-                            self.queue_control(index, Op::CreditRequest, 0);
+                            if ask {
+                                self.queue_control(index, Op::CreditRequest, 0);
+                            }
                         }
                     }
                 }

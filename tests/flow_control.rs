@@ -264,14 +264,10 @@ fn b29_credit_probe_asks_once_then_backs_off_until_credit_arrives() {
     assert_eq!(control(&mut model), [to_host(Op::CreditRequest, per, 0)]);
     vsock.poll(after(now, 10, 1));
     assert_eq!(control(&mut model), []);
+    // The host has not answered that request: the probe sends our CREDIT_UPDATE only,
+    // never a second outstanding CREDIT_REQUEST (B29).
     vsock.poll(after(now, 10, 0));
-    assert_eq!(
-        control(&mut model),
-        [
-            to_host(Op::CreditUpdate, per, 0),
-            to_host(Op::CreditRequest, per, 0)
-        ]
-    );
+    assert_eq!(control(&mut model), [to_host(Op::CreditUpdate, per, 0)]);
 
     // Credit in the header of a data packet counts too (B26): the host grows its buffer to
     // 10000 bytes and has consumed everything. send splits at the tx buffer size and stops
@@ -295,17 +291,55 @@ fn b29_credit_probe_asks_once_then_backs_off_until_credit_arrives() {
     );
     assert_eq!(vsock.send(conn, &data[11_600..]), Err(Error::WouldBlock));
     assert_eq!(control(&mut model), [to_host(Op::CreditRequest, per, 0)]);
+    model
+        .deliver(&from_host(Op::CreditUpdate, 10_000, 1600), &[])
+        .unwrap();
     vsock.poll(after(now, 20 + 40, 0));
     assert_eq!(
         control(&mut model),
         [
             to_host(Op::CreditUpdate, per, 0),
             to_host(Op::CreditRequest, per, 0)
-        ]
+        ],
+        "answered without credit: probe and ask again"
     );
     let mut buf = [0u8; 8];
     assert_eq!(vsock.recv(conn, &mut buf), Ok(2));
     assert_eq!(&buf[..2], b"xy");
+}
+
+#[test]
+fn b29_credit_probe_stops_when_the_peer_stops_receiving() {
+    let transport = FakeTransport::new(GUEST_CID, FEATURES);
+    let mut model = DeviceModel::new(&transport);
+    let mut slots = [const { SocketSlot::EMPTY }; 2];
+    let mut rx_memory = vec![0u8; 2 * 16 * 1024];
+    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let per = 16 * 1024;
+    let listener = listen(&mut vsock);
+    let conn = accept_host(&mut vsock, &mut model, listener, 100, ms(100));
+    let data = pattern(200);
+    assert_eq!(vsock.send(conn, &data), Ok(100));
+    assert_eq!(model.drain_tx(), [rw_to_host(&data[..100], per, 0)]);
+    assert_eq!(vsock.send(conn, &data[100..]), Err(Error::WouldBlock));
+    assert_eq!(control(&mut model), [to_host(Op::CreditRequest, per, 0)]);
+
+    // The host shuts down its receiving side: credit can never come, so no more probes,
+    // and send reports the broken pipe.
+    model
+        .deliver(
+            &Header {
+                flags: ShutdownFlags::RECEIVE.bits(),
+                ..from_host(Op::Shutdown, 100, 0)
+            },
+            &[],
+        )
+        .unwrap();
+    for at in [101, 111, 200, 2000, 10_000] {
+        vsock.poll(ms(at));
+        assert_eq!(control(&mut model), [], "no probe at {at} ms");
+    }
+    assert_eq!(vsock.send(conn, &data[100..]), Err(Error::BrokenPipe));
 }
 
 #[test]
