@@ -149,6 +149,7 @@ pub mod conn;
 pub mod credit;
 pub mod device;
 pub mod error;
+pub mod io;
 pub mod queue;
 pub mod socket;
 #[cfg(feature = "testing")]

@@ -63,7 +63,8 @@ bitflags! {
     pub struct Readiness: u8 {
         /// `recv` (or `accept`) would not return `WouldBlock`.
         const READABLE = 1;
-        /// `send` would not return `WouldBlock`, or a connect finished.
+        /// `send` would not return `WouldBlock` (it takes bytes or fails at once), or a
+        /// connect finished.
         const WRITABLE = 2;
         /// The peer will send no more, or the connection is over.
         const HANG_UP = 4;
@@ -635,10 +636,15 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 if ended {
                     ready |= Readiness::HANG_UP;
                 }
-                if conn.state == State::Connected
+                // WRITABLE: `send` would not return `WouldBlock`, either because it can
+                // take bytes or because it fails at once (as poll(2) reports POLLOUT).
+                let send_fails = matches!(conn.state, State::Closed | State::Closing { .. })
+                    || conn.local_shutdown.contains(ShutdownFlags::SEND)
+                    || conn.peer_shutdown.contains(ShutdownFlags::RECEIVE);
+                let send_takes = conn.state == State::Connected
                     && conn.credit.peer_free() > 0
-                    && self.device.can_send()
-                {
+                    && self.device.can_send();
+                if send_fails || send_takes {
                     ready |= Readiness::WRITABLE;
                 }
             }

@@ -1,0 +1,158 @@
+//! Blocking [`embedded_io`] adapters over a connected socket, for code that wants
+//! `read_exact` and `write_all` instead of polling.
+//!
+//! A [`BlockingStream`] shares the device with the rest of the program through a
+//! [`spin::Mutex`] and drives [`VsockDevice::poll`] itself while it waits, taking the lock
+//! only for one poll and one call at a time, so other users of the device (other streams,
+//! a server loop on another core) keep making progress in between.
+
+use crate::error::Error;
+use crate::socket::{Readiness, SocketHandle, VsockDevice};
+use crate::time::Instant;
+use core::time::Duration;
+use spin::Mutex;
+use virtio_drivers::transport::Transport;
+use virtio_drivers::Hal;
+
+/// A connected stream socket seen as a blocking byte stream.
+///
+/// `read` waits until at least one byte arrives (`Ok(0)` at end of stream), `write` until
+/// at least one byte is taken; both fail with the socket's error, or with
+/// [`Error::TimedOut`] once the optional timeout passes without progress. `clock` is the
+/// same time source the program passes to `poll`.
+///
+/// ```
+/// # use vsock_guest::{io::BlockingStream, Error, Instant, SocketHandle, VsockDevice};
+/// # use virtio_drivers::{transport::Transport, Hal};
+/// use embedded_io::{Read, Write};
+///
+/// fn hello<H: Hal, T: Transport>(
+///     device: &spin::Mutex<VsockDevice<'_, H, T>>,
+///     connected: SocketHandle,
+///     clock: impl Fn() -> Instant,
+/// ) -> Result<[u8; 5], Error> {
+///     let mut stream = BlockingStream::new(device, connected, clock)
+///         .with_timeout(core::time::Duration::from_secs(5));
+///     stream.write_all(b"hello")?;
+///     let mut reply = [0u8; 5];
+///     stream.read_exact(&mut reply).map_err(|e| match e {
+///         embedded_io::ReadExactError::UnexpectedEof => Error::ConnectionReset,
+///         embedded_io::ReadExactError::Other(e) => e,
+///     })?;
+///     Ok(reply)
+/// }
+/// ```
+pub struct BlockingStream<'d, 'a, H: Hal, T: Transport, C: Fn() -> Instant> {
+    device: &'d Mutex<VsockDevice<'a, H, T>>,
+    handle: SocketHandle,
+    clock: C,
+    timeout: Option<Duration>,
+}
+
+impl<'d, 'a, H: Hal, T: Transport, C: Fn() -> Instant> BlockingStream<'d, 'a, H, T, C> {
+    /// A blocking view of the connected socket `handle` of `device`, waiting without limit.
+    pub fn new(device: &'d Mutex<VsockDevice<'a, H, T>>, handle: SocketHandle, clock: C) -> Self {
+        BlockingStream {
+            device,
+            handle,
+            clock,
+            timeout: None,
+        }
+    }
+
+    /// Makes `read` and `write` fail with [`Error::TimedOut`] after waiting `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// The socket this stream reads and writes.
+    pub fn handle(&self) -> SocketHandle {
+        self.handle
+    }
+
+    /// Polls and tries `attempt` until it returns something other than `WouldBlock`.
+    fn wait_for<R>(
+        &mut self,
+        mut attempt: impl FnMut(&mut VsockDevice<'a, H, T>, SocketHandle) -> Result<R, Error>,
+    ) -> Result<R, Error> {
+        let deadline = self.timeout.map(|timeout| (self.clock)() + timeout);
+        loop {
+            let now = (self.clock)();
+            {
+                let mut device = self.device.lock();
+                device.poll(now);
+                match attempt(&mut device, self.handle) {
+                    Err(Error::WouldBlock) => {}
+                    result => return result,
+                }
+            }
+            if deadline.is_some_and(|deadline| now >= deadline) {
+                return Err(Error::TimedOut);
+            }
+            core::hint::spin_loop();
+        }
+    }
+
+    /// Polls once and returns the socket's readiness.
+    fn readiness(&mut self) -> Result<Readiness, Error> {
+        let mut device = self.device.lock();
+        device.poll((self.clock)());
+        device.readiness(self.handle)
+    }
+}
+
+impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::ErrorType
+    for BlockingStream<'_, '_, H, T, C>
+{
+    type Error = Error;
+}
+
+impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::Read
+    for BlockingStream<'_, '_, H, T, C>
+{
+    fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.wait_for(|device, handle| device.recv(handle, buf))
+    }
+}
+
+impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::Write
+    for BlockingStream<'_, '_, H, T, C>
+{
+    fn write(&mut self, buf: &[u8]) -> Result<usize, Error> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        self.wait_for(|device, handle| device.send(handle, buf))
+    }
+
+    /// Sent data is already on the transmit queue and the device notified: nothing waits.
+    fn flush(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
+}
+
+impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::ReadReady
+    for BlockingStream<'_, '_, H, T, C>
+{
+    /// Whether `read` would return without waiting: data, end of stream, or an error.
+    fn read_ready(&mut self) -> Result<bool, Error> {
+        Ok(self
+            .readiness()?
+            .intersects(Readiness::READABLE | Readiness::HANG_UP | Readiness::ERROR))
+    }
+}
+
+impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::WriteReady
+    for BlockingStream<'_, '_, H, T, C>
+{
+    /// Whether `write` would return without waiting: credit and queue space, or an error.
+    fn write_ready(&mut self) -> Result<bool, Error> {
+        Ok(self
+            .readiness()?
+            .intersects(Readiness::WRITABLE | Readiness::ERROR))
+    }
+}
