@@ -2,14 +2,19 @@
 //! the same connection, until the peer closes it. It serves many connections at once and
 //! one after another, until QEMU is stopped.
 //!
+//! A second service on port 1235 (the "source") is for flow-control tests: the peer
+//! writes a decimal byte count and a newline, and the guest sends that many bytes of a
+//! fixed pattern (byte `i` is `source_byte(i)`), then closes. When it is done it logs how
+//! many times `send` had to wait for the peer (`send blocked K times`).
+//!
 //! Boot it with `cargo xtask demo`, or by hand as the README shows. Command-line options:
-//! `port=<n>` (default 1234) and `log=<level>`.
+//! `port=<n>` (default 1234; the source is on the next port) and `log=<level>`.
 //!
 //! Memory (all static, no heap): `SOCKETS` socket slots with `RX_PER_SOCKET` bytes of
-//! receive buffer each, and one `ECHO_BUFFER`-byte buffer per connection for bytes read
-//! but not yet sent back. When the peer stops reading, the guest keeps those bytes and
-//! stops reading from that connection until they are sent (backpressure), so no byte is
-//! dropped and the peer's credit stops it from sending more.
+//! receive buffer each, and one `CONNECTION_BUFFER`-byte buffer per connection for bytes
+//! read but not yet sent back. When the peer stops reading, the guest keeps those bytes
+//! and stops reading from that connection until they are sent (backpressure), so no byte
+//! is dropped and the peer's credit stops it from sending more.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]
@@ -20,19 +25,21 @@ boot::entry!(main);
 
 #[cfg(target_os = "none")]
 mod server {
-    /// Port the server listens on unless `port=` says otherwise.
+    /// Port the echo service listens on unless `port=` says otherwise.
     const DEFAULT_PORT: u32 = 1234;
-    /// Socket slots: the listener, [`MAX_CONNECTIONS`] connections, and room for connections
-    /// that finish closing in the background.
+    /// Socket slots: two listeners, [`MAX_CONNECTIONS`] connections, and room for
+    /// connections that finish closing in the background.
     const SOCKETS: usize = 80;
     /// Connections served at the same time; more wait in the listen backlog.
     const MAX_CONNECTIONS: usize = 64;
     /// Receive buffer per socket (what each connection advertises as `buf_alloc`).
     const RX_PER_SOCKET: usize = 64 * 1024;
     /// Bytes each connection may hold between receiving them and sending them back.
-    const ECHO_BUFFER: usize = 16 * 1024;
-    /// Connections waiting to be accepted.
+    const CONNECTION_BUFFER: usize = 16 * 1024;
+    /// Connections waiting to be accepted, per listener.
     const BACKLOG: usize = 32;
+    /// Longest byte-count line the source accepts.
+    const MAX_REQUEST: usize = 24;
 
     use crate::boot;
     use log::{error, info, warn};
@@ -41,24 +48,68 @@ mod server {
         Config, Error, Instant, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
     };
 
+    type Device =
+        VsockDevice<'static, boot::hal::BootHal, virtio_drivers::transport::SomeTransport<'static>>;
+
     static SLOTS: Mutex<[SocketSlot; SOCKETS]> = Mutex::new([SocketSlot::EMPTY; SOCKETS]);
     static RX_MEMORY: Mutex<[u8; SOCKETS * RX_PER_SOCKET]> =
         Mutex::new([0; SOCKETS * RX_PER_SOCKET]);
-    static ECHO_BUFFERS: Mutex<[[u8; ECHO_BUFFER]; MAX_CONNECTIONS]> =
-        Mutex::new([[0; ECHO_BUFFER]; MAX_CONNECTIONS]);
+    static BUFFERS: Mutex<[[u8; CONNECTION_BUFFER]; MAX_CONNECTIONS]> =
+        Mutex::new([[0; CONNECTION_BUFFER]; MAX_CONNECTIONS]);
 
-    /// One served connection: bytes `buffer[start..start + len]` still have to go back.
+    /// Byte `offset` of what the source sends: position-dependent, so a lost, repeated or
+    /// reordered chunk shows.
+    pub fn source_byte(offset: u64) -> u8 {
+        (offset as u8)
+            ^ ((offset >> 8) as u8).wrapping_mul(31)
+            ^ ((offset >> 16) as u8).wrapping_mul(7)
+    }
+
+    /// What a connection is doing.
     #[derive(Clone, Copy)]
-    struct Echo {
+    enum Service {
+        /// Sending back what arrives.
+        Echo,
+        /// Reading the byte count, `buffer[..len]` so far.
+        SourceRequest,
+        /// Sending `total` pattern bytes; `blocked` counts the times `send` had to wait.
+        Source {
+            total: u64,
+            blocked: u32,
+            stalled: bool,
+        },
+    }
+
+    /// One served connection: bytes `buffer[start..start + len]` still have to be sent
+    /// (for `SourceRequest`, `buffer[..len]` is the request so far).
+    #[derive(Clone, Copy)]
+    struct Connection {
         handle: SocketHandle,
         peer: VsockAddr,
+        service: Service,
         start: usize,
         len: usize,
-        echoed: u64,
+        /// Bytes sent so far.
+        sent: u64,
     }
 
     fn now() -> Instant {
         Instant::from_micros(boot::time::now_micros())
+    }
+
+    fn listen(device: &mut Device, port: u32) -> SocketHandle {
+        let listener = device.stream_socket().and_then(|listener| {
+            device.bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))?;
+            device.listen(listener, BACKLOG)?;
+            Ok(listener)
+        });
+        match listener {
+            Ok(listener) => listener,
+            Err(e) => {
+                error!("echo: cannot listen on port {port}: {e}");
+                boot::exit_failure();
+            }
+        }
     }
 
     pub fn run(info: &boot::BootInfo) -> ! {
@@ -72,63 +123,64 @@ mod server {
         };
         let slots = spin::MutexGuard::leak(SLOTS.lock());
         let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
-        let buffers = spin::MutexGuard::leak(ECHO_BUFFERS.lock());
-        let mut device = match VsockDevice::<boot::hal::BootHal, _>::new(
-            transport,
-            Config::default(),
-            slots,
-            rx_memory,
-        ) {
-            Ok(device) => device,
-            Err(e) => {
-                error!("echo: device bring-up failed: {e}");
-                boot::exit_failure();
-            }
-        };
-        let listener = match device.stream_socket().and_then(|listener| {
-            device.bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))?;
-            device.listen(listener, BACKLOG)?;
-            Ok(listener)
-        }) {
-            Ok(listener) => listener,
-            Err(e) => {
-                error!("echo: cannot listen on port {port}: {e}");
-                boot::exit_failure();
-            }
-        };
+        let buffers = spin::MutexGuard::leak(BUFFERS.lock());
+        let mut device: Device =
+            match VsockDevice::new(transport, Config::default(), slots, rx_memory) {
+                Ok(device) => device,
+                Err(e) => {
+                    error!("echo: device bring-up failed: {e}");
+                    boot::exit_failure();
+                }
+            };
+        let source_port = port.wrapping_add(1);
+        let echo_listener = listen(&mut device, port);
+        let source_listener = listen(&mut device, source_port);
         info!("echo: guest cid {}", device.local_cid());
+        info!("echo: source on port {source_port}");
         info!("echo: listening on port {port}");
 
-        let mut echoes: [Option<Echo>; MAX_CONNECTIONS] = [None; MAX_CONNECTIONS];
+        let mut connections: [Option<Connection>; MAX_CONNECTIONS] = [None; MAX_CONNECTIONS];
         loop {
             device.poll(now());
-            accept_all(&mut device, listener, &mut echoes);
-            for (echo, buffer) in echoes.iter_mut().zip(buffers.iter_mut()) {
-                if let Some(state) = echo {
-                    if !serve(&mut device, state, buffer) {
-                        *echo = None;
+            accept_all(&mut device, echo_listener, Service::Echo, &mut connections);
+            accept_all(
+                &mut device,
+                source_listener,
+                Service::SourceRequest,
+                &mut connections,
+            );
+            for (slot, buffer) in connections.iter_mut().zip(buffers.iter_mut()) {
+                if let Some(connection) = slot {
+                    let open = match connection.service {
+                        Service::Echo => serve_echo(&mut device, connection, buffer),
+                        _ => serve_source(&mut device, connection, buffer),
+                    };
+                    if !open {
+                        *slot = None;
                     }
                 }
             }
         }
     }
 
-    /// Takes every waiting connection while there is room to serve it.
-    fn accept_all<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
-        device: &mut VsockDevice<'_, H, T>,
+    /// Takes every waiting connection of `listener` while there is room to serve it.
+    fn accept_all(
+        device: &mut Device,
         listener: SocketHandle,
-        echoes: &mut [Option<Echo>],
+        service: Service,
+        connections: &mut [Option<Connection>],
     ) {
-        while let Some(free) = echoes.iter_mut().find(|e| e.is_none()) {
+        while let Some(free) = connections.iter_mut().find(|c| c.is_none()) {
             match device.accept(listener) {
                 Ok((handle, peer)) => {
                     info!("echo: connection from {}:{}", peer.cid, peer.port);
-                    *free = Some(Echo {
+                    *free = Some(Connection {
                         handle,
                         peer,
+                        service,
                         start: 0,
                         len: 0,
-                        echoed: 0,
+                        sent: 0,
                     });
                 }
                 Err(Error::WouldBlock) => return,
@@ -140,53 +192,161 @@ mod server {
         }
     }
 
-    /// Moves one connection forward; returns `false` once it is closed.
-    fn serve<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
-        device: &mut VsockDevice<'_, H, T>,
-        echo: &mut Echo,
-        buffer: &mut [u8; ECHO_BUFFER],
+    /// Sends what `buffer[start..start + len]` holds; `Ok(true)` when all of it went,
+    /// `Ok(false)` when the peer has no room for more yet.
+    fn flush(
+        device: &mut Device,
+        connection: &mut Connection,
+        buffer: &[u8; CONNECTION_BUFFER],
+    ) -> Result<bool, Error> {
+        while connection.len > 0 {
+            let pending = &buffer[connection.start..connection.start + connection.len];
+            match device.send(connection.handle, pending) {
+                Ok(sent) => {
+                    connection.start += sent;
+                    connection.len -= sent;
+                    connection.sent += sent as u64;
+                }
+                Err(Error::WouldBlock) => return Ok(false),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(true)
+    }
+
+    /// Moves one echo connection forward; returns `false` once it is closed.
+    fn serve_echo(
+        device: &mut Device,
+        connection: &mut Connection,
+        buffer: &mut [u8; CONNECTION_BUFFER],
     ) -> bool {
         loop {
             // Send back what we hold before reading more (backpressure).
-            while echo.len > 0 {
-                match device.send(echo.handle, &buffer[echo.start..echo.start + echo.len]) {
-                    Ok(sent) => {
-                        echo.start += sent;
-                        echo.len -= sent;
-                        echo.echoed += sent as u64;
-                    }
-                    Err(Error::WouldBlock) => return true,
-                    Err(e) => return finish(device, echo, Some(e)),
-                }
+            match flush(device, connection, buffer) {
+                Ok(true) => {}
+                Ok(false) => return true,
+                Err(e) => return finish(device, connection, Some(e)),
             }
-            match device.recv(echo.handle, buffer) {
-                Ok(0) => return finish(device, echo, None),
+            match device.recv(connection.handle, buffer) {
+                Ok(0) => return finish(device, connection, None),
                 Ok(received) => {
-                    echo.start = 0;
-                    echo.len = received;
+                    connection.start = 0;
+                    connection.len = received;
                 }
                 Err(Error::WouldBlock) => return true,
-                Err(e) => return finish(device, echo, Some(e)),
+                Err(e) => return finish(device, connection, Some(e)),
             }
         }
     }
 
-    fn finish<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
-        device: &mut VsockDevice<'_, H, T>,
-        echo: &Echo,
-        error: Option<Error>,
+    /// Moves one source connection forward; returns `false` once it is closed.
+    fn serve_source(
+        device: &mut Device,
+        connection: &mut Connection,
+        buffer: &mut [u8; CONNECTION_BUFFER],
     ) -> bool {
+        if let Service::SourceRequest = connection.service {
+            match read_request(device, connection, buffer) {
+                Ok(Some(total)) => {
+                    connection.service = Service::Source {
+                        total,
+                        blocked: 0,
+                        stalled: false,
+                    };
+                    connection.start = 0;
+                    connection.len = 0;
+                }
+                Ok(None) => return true,
+                Err(e) => return finish(device, connection, Some(e)),
+            }
+        }
+        let Service::Source {
+            total,
+            mut blocked,
+            mut stalled,
+        } = connection.service
+        else {
+            return true;
+        };
+        let result = loop {
+            match flush(device, connection, buffer) {
+                Ok(true) => stalled = false,
+                Ok(false) => {
+                    if !stalled {
+                        blocked += 1;
+                        stalled = true;
+                    }
+                    break Ok(());
+                }
+                Err(e) => break Err(e),
+            }
+            if connection.sent == total {
+                break Ok(());
+            }
+            let chunk = (total - connection.sent).min(CONNECTION_BUFFER as u64) as usize;
+            for (i, byte) in buffer[..chunk].iter_mut().enumerate() {
+                *byte = source_byte(connection.sent + i as u64);
+            }
+            connection.start = 0;
+            connection.len = chunk;
+        };
+        connection.service = Service::Source {
+            total,
+            blocked,
+            stalled,
+        };
+        match result {
+            Err(e) => finish(device, connection, Some(e)),
+            Ok(()) if connection.sent == total => {
+                info!(
+                    "echo: source sent {total} bytes to {}:{}, send blocked {blocked} times",
+                    connection.peer.cid, connection.peer.port
+                );
+                finish(device, connection, None)
+            }
+            Ok(()) => true,
+        }
+    }
+
+    /// Reads the source's request line into `buffer[..len]`; the byte count once the line
+    /// is complete.
+    fn read_request(
+        device: &mut Device,
+        connection: &mut Connection,
+        buffer: &mut [u8; CONNECTION_BUFFER],
+    ) -> Result<Option<u64>, Error> {
+        loop {
+            let Some(next) = buffer.get_mut(connection.len..connection.len + 1) else {
+                return Err(Error::InvalidArgument);
+            };
+            match device.recv(connection.handle, next) {
+                Ok(0) => return Err(Error::ConnectionReset),
+                Ok(_) if buffer[connection.len] == b'\n' => break,
+                Ok(_) if connection.len + 1 >= MAX_REQUEST => return Err(Error::InvalidArgument),
+                Ok(_) => connection.len += 1,
+                Err(Error::WouldBlock) => return Ok(None),
+                Err(e) => return Err(e),
+            }
+        }
+        core::str::from_utf8(&buffer[..connection.len])
+            .ok()
+            .and_then(|line| line.trim().parse().ok())
+            .map(Some)
+            .ok_or(Error::InvalidArgument)
+    }
+
+    fn finish(device: &mut Device, connection: &Connection, error: Option<Error>) -> bool {
         match error {
             None => info!(
                 "echo: {}:{} closed after {} bytes",
-                echo.peer.cid, echo.peer.port, echo.echoed
+                connection.peer.cid, connection.peer.port, connection.sent
             ),
             Some(e) => warn!(
                 "echo: {}:{} ended after {} bytes: {e}",
-                echo.peer.cid, echo.peer.port, echo.echoed
+                connection.peer.cid, connection.peer.port, connection.sent
             ),
         }
-        if let Err(e) = device.close(echo.handle) {
+        if let Err(e) = device.close(connection.handle) {
             warn!("echo: close failed: {e}");
         }
         false

@@ -2,7 +2,7 @@
 
 use crate::cargo_tasks::build_example;
 use crate::host;
-use crate::qemu_tests::{EchoGuest, CONNECT_TIMEOUT, ECHO_PORT, GUEST_CID};
+use crate::qemu_tests::{EchoVm, CONNECT_TIMEOUT, ECHO_PORT, GUEST_CID};
 use crate::setup::Tools;
 use crate::vm::{Accel, Machine};
 use anyhow::{bail, Context, Result};
@@ -22,7 +22,7 @@ pub fn run(tools: &Tools, machine: Machine, accel: Accel) -> Result<()> {
     let kernel = build_example("echo")?;
     println!("demo: booting {} on {machine}", kernel.display());
     let started = Instant::now();
-    let mut echo = EchoGuest::boot(tools, machine, accel, &kernel, "demo")?;
+    let mut echo = EchoVm::boot(tools, machine, accel, &kernel, "demo", false)?;
     println!(
         "demo: guest cid {GUEST_CID} listens on port {ECHO_PORT} after {:.1}s",
         started.elapsed().as_secs_f64()
@@ -40,8 +40,8 @@ pub fn run(tools: &Tools, machine: Machine, accel: Accel) -> Result<()> {
     Ok(())
 }
 
-fn talk(echo: &EchoGuest) -> Result<()> {
-    let mut stream = host::connect_accepted(&echo.guest.slot.uds, ECHO_PORT, CONNECT_TIMEOUT)?;
+fn talk(echo: &EchoVm) -> Result<()> {
+    let mut stream = host::connect_accepted(echo.uds(), ECHO_PORT, CONNECT_TIMEOUT)?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     println!("demo: connected to {GUEST_CID}:{ECHO_PORT}");
     for message in MESSAGES {

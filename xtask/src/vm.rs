@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use std::fmt;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -264,6 +264,11 @@ impl Guest {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Waits up to `timeout` for QEMU to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.process.wait_timeout(timeout)
     }
 
     /// Whether QEMU is still running.
