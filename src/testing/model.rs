@@ -119,6 +119,26 @@ impl DeviceModel {
         self.transport.state().queues[queue].notifications
     }
 
+    /// Number of descriptors of `queue` as the driver set it up (0 before it did).
+    pub fn queue_size(&self, queue: usize) -> u16 {
+        self.regs(queue).map_or(0, |regs| regs.size as u16)
+    }
+
+    /// Length of the next buffer the driver made available on `queue`, without taking it.
+    pub fn next_buffer_len(&self, queue: usize) -> Option<u32> {
+        let regs = self.regs(queue).ok()?;
+        let size = regs.size as u16;
+        if read_u16(regs.driver + 2) == self.last_avail[queue] {
+            return None;
+        }
+        let slot = self.last_avail[queue] % size;
+        let id = read_u16(regs.driver + 4 + 2 * PhysAddr::from(slot));
+        if id >= size {
+            return None;
+        }
+        Some(read_u32(regs.desc + 16 * PhysAddr::from(id) + 8))
+    }
+
     /// Takes the next descriptor id the driver made available on `queue`.
     fn next_available(&mut self, queue: usize) -> Result<(u16, Descriptor), ModelError> {
         let regs = self.regs(queue)?;
@@ -174,6 +194,28 @@ impl DeviceModel {
             .get(HEADER_LEN..HEADER_LEN + header.len as usize)?
             .to_vec();
         Some(Packet { header, payload })
+    }
+
+    /// Takes the next buffer the driver put on the tx ring, whatever it holds, and returns
+    /// it: all the bytes the descriptor covers. `None` when the ring is empty;
+    /// `Some(Err(_))` for a descriptor the device could not read (wrong direction or
+    /// address), which is returned as used all the same.
+    pub fn pop_tx_bytes(&mut self) -> Option<Result<Vec<u8>, ModelError>> {
+        let (id, desc) = match self.next_available(TX) {
+            Ok(next) => next,
+            Err(ModelError::NoBuffer | ModelError::QueueNotReady) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut bytes = std::vec![0u8; desc.len as usize];
+        let ok = desc.flags & DESC_F_WRITE == 0 && read_bytes(desc.addr, &mut bytes);
+        if let Err(e) = self.push_used(TX, u32::from(id), 0) {
+            return Some(Err(e));
+        }
+        Some(if ok {
+            Ok(bytes)
+        } else {
+            Err(ModelError::BadDescriptor)
+        })
     }
 
     /// Takes every packet the driver has sent so far.
