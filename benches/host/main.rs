@@ -1,0 +1,638 @@
+//! Host benchmark: vsock-guest against `virtio-drivers`' `VsockConnectionManager`, on the
+//! same lean device (see `device.rs`) in the same run, alternating A/B.
+//!
+//! `cargo xtask bench host` runs it (`cargo bench --bench host -- [--quick] [--full]
+//! [--json FILE]`). Every workload prints the median of its repetitions for our driver,
+//! for virtio-drivers at its defaults (512-byte RX buffers, 1 KiB per-connection buffer,
+//! 8-entry queues) and at its best settings (64 KiB RX buffers, 256 KiB per connection),
+//! and the ratios. A plain `memcpy` of the same bytes is the reference for the per-byte
+//! cost.
+
+mod device;
+
+use device::{BenchDevice, BenchHal, BenchTransport, HostRole, HOST_CID, HOST_PORT};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use virtio_drivers::device::socket::{
+    SocketError, VirtIOSocket, VsockAddr as TheirAddr, VsockConnectionManager, VsockEventType,
+};
+use vsock_guest::{
+    Config, Error, Instant as VsInstant, Readiness, SocketHandle, SocketSlot, VsockAddr,
+    VsockDevice,
+};
+
+/// Sockets our driver gets.
+const OUR_SOCKETS: usize = 72;
+/// Receive buffer per socket for our driver.
+const OUR_RX_PER_SOCKET: usize = 256 * 1024;
+/// virtio-drivers' largest useful RX buffer: a 64 KiB payload and the header.
+const THEIR_BEST_RX: usize = 64 * 1024 + 44;
+/// virtio-drivers' per-connection buffer at its best settings.
+const THEIR_BEST_CAPACITY: u32 = 256 * 1024;
+/// How long one measurement may run before it is declared stuck.
+const STUCK: Duration = Duration::from_secs(120);
+
+/// One measurement.
+#[derive(Clone, Copy, Debug, Default)]
+struct Sample {
+    seconds: f64,
+    /// Payload bytes moved (or operations for count workloads).
+    units: u64,
+    /// Packets the host saw or sent.
+    packets: u64,
+    /// Notifications the driver sent.
+    kicks: u64,
+}
+
+impl Sample {
+    fn rate(&self) -> f64 {
+        self.units as f64 / self.seconds
+    }
+}
+
+/// What a workload measures.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    GuestToHost { total: u64, write: usize },
+    HostToGuest { total: u64, chunk: usize },
+    PingPong { round_trips: u64 },
+    ConnectClose { cycles: u64 },
+    ManyConnections { connections: usize, each: u64 },
+}
+
+impl Kind {
+    fn name(&self) -> String {
+        match *self {
+            Kind::GuestToHost { total, write } => {
+                format!("guest->host {} MiB, {} writes", total >> 20, size(write))
+            }
+            Kind::HostToGuest { total, chunk } => {
+                format!("host->guest {} MiB, {} packets", total >> 20, size(chunk))
+            }
+            Kind::PingPong { round_trips } => format!("1-byte ping-pong x {round_trips}"),
+            Kind::ConnectClose { cycles } => format!("connect/close x {cycles}"),
+            Kind::ManyConnections { connections, each } => {
+                format!("{connections} connections x {} KiB guest->host", each >> 10)
+            }
+        }
+    }
+
+    fn unit(&self) -> &'static str {
+        match self {
+            Kind::GuestToHost { .. } | Kind::HostToGuest { .. } | Kind::ManyConnections { .. } => {
+                "MiB/s"
+            }
+            Kind::PingPong { .. } => "round trips/s",
+            Kind::ConnectClose { .. } => "cycles/s",
+        }
+    }
+
+    fn scale(&self) -> f64 {
+        match self.unit() {
+            "MiB/s" => (1 << 20) as f64,
+            _ => 1.0,
+        }
+    }
+
+    fn role(&self) -> HostRole {
+        match *self {
+            Kind::HostToGuest { total, chunk } => HostRole::Source { total, chunk },
+            Kind::PingPong { .. } => HostRole::Echo,
+            _ => HostRole::Sink,
+        }
+    }
+}
+
+fn size(bytes: usize) -> String {
+    if bytes >= 1024 {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+fn host() -> VsockAddr {
+    VsockAddr::new(HOST_CID as u32, HOST_PORT)
+}
+
+fn their_host() -> TheirAddr {
+    TheirAddr {
+        cid: HOST_CID,
+        port: HOST_PORT,
+    }
+}
+
+fn check_stuck(started: Instant, what: &str) {
+    if started.elapsed() > STUCK {
+        eprintln!("bench: {what} made no progress for {}s", STUCK.as_secs());
+        std::process::exit(1);
+    }
+}
+
+// ---------------------------------------------------------------- our driver
+
+struct Ours {
+    epoch: Instant,
+}
+
+impl Ours {
+    fn now(&self) -> VsInstant {
+        VsInstant::from_micros(self.epoch.elapsed().as_micros() as u64)
+    }
+
+    fn run(&self, kind: Kind) -> Sample {
+        let (device, transport) = BenchDevice::start(kind.role());
+        let mut slots: Vec<SocketSlot> = (0..OUR_SOCKETS).map(|_| SocketSlot::EMPTY).collect();
+        let mut rx_memory = vec![0u8; OUR_SOCKETS * OUR_RX_PER_SOCKET];
+        let config = Config {
+            connect_timeout: Duration::from_secs(30),
+            ..Config::default()
+        };
+        let mut vsock = VsockDevice::<BenchHal, BenchTransport>::new(
+            transport,
+            config,
+            &mut slots,
+            &mut rx_memory,
+        )
+        .expect("our bring-up");
+        let kicks_before = device.kicks();
+        let started = Instant::now();
+        let units = match kind {
+            Kind::GuestToHost { total, write } => {
+                let socket = self.connect(&mut vsock);
+                self.send_all(&mut vsock, socket, total, write);
+                wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
+                total
+            }
+            Kind::HostToGuest { total, chunk } => {
+                let socket = self.connect(&mut vsock);
+                let mut buf = vec![0u8; chunk.max(1)];
+                let mut got = 0;
+                while got < total {
+                    match vsock.recv(socket, &mut buf) {
+                        Ok(n) => got += n as u64,
+                        Err(Error::WouldBlock) => {
+                            vsock.poll(self.now());
+                            check_stuck(started, "our host->guest");
+                        }
+                        Err(e) => panic!("our recv: {e}"),
+                    }
+                }
+                total
+            }
+            Kind::PingPong { round_trips } => {
+                let socket = self.connect(&mut vsock);
+                let mut byte = [0u8; 1];
+                for _ in 0..round_trips {
+                    self.send_all(&mut vsock, socket, 1, 1);
+                    loop {
+                        match vsock.recv(socket, &mut byte) {
+                            Ok(1) => break,
+                            Ok(_) => panic!("our recv: end of stream"),
+                            Err(Error::WouldBlock) => vsock.poll(self.now()),
+                            Err(e) => panic!("our recv: {e}"),
+                        }
+                    }
+                }
+                round_trips
+            }
+            Kind::ConnectClose { cycles } => {
+                for _ in 0..cycles {
+                    let socket = self.connect(&mut vsock);
+                    vsock.close(socket).expect("our close");
+                    vsock.poll(self.now());
+                }
+                wait_until(|| {
+                    vsock.poll(self.now());
+                    device.counters.closed.load(Ordering::Relaxed) >= cycles
+                });
+                cycles
+            }
+            Kind::ManyConnections { connections, each } => {
+                let sockets: Vec<SocketHandle> =
+                    (0..connections).map(|_| self.connect(&mut vsock)).collect();
+                let mut sent = vec![0u64; connections];
+                let chunk = vec![0x5a_u8; 4096];
+                while sent.iter().any(|&s| s < each) {
+                    for (socket, sent) in sockets.iter().zip(sent.iter_mut()) {
+                        if *sent < each {
+                            let n = chunk.len().min((each - *sent) as usize);
+                            match vsock.send(*socket, &chunk[..n]) {
+                                Ok(n) => *sent += n as u64,
+                                Err(Error::WouldBlock) => {}
+                                Err(e) => panic!("our send: {e}"),
+                            }
+                        }
+                    }
+                    vsock.poll(self.now());
+                    check_stuck(started, "our many connections");
+                }
+                let total = each * connections as u64;
+                wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
+                total
+            }
+        };
+        let seconds = started.elapsed().as_secs_f64();
+        let sample = Sample {
+            seconds,
+            units,
+            packets: device.counters.packets_from_guest.load(Ordering::Relaxed)
+                + device.counters.packets_to_guest.load(Ordering::Relaxed),
+            kicks: device.kicks() - kicks_before,
+        };
+        // The device must stop touching the rings before the driver frees them.
+        let mut device = device;
+        device.stop();
+        drop(vsock);
+        sample
+    }
+
+    fn connect(&self, vsock: &mut VsockDevice<'_, BenchHal, BenchTransport>) -> SocketHandle {
+        let socket = vsock.stream_socket().expect("our socket");
+        match vsock.connect(socket, host()) {
+            Ok(()) | Err(Error::InProgress) => {}
+            Err(e) => panic!("our connect: {e}"),
+        }
+        let started = Instant::now();
+        loop {
+            vsock.poll(self.now());
+            if let Ok(Some(e)) = vsock.take_error(socket) {
+                panic!("our connect failed: {e}");
+            }
+            if vsock
+                .readiness(socket)
+                .is_ok_and(|r| r.contains(Readiness::WRITABLE))
+            {
+                return socket;
+            }
+            check_stuck(started, "our connect");
+        }
+    }
+
+    fn send_all(
+        &self,
+        vsock: &mut VsockDevice<'_, BenchHal, BenchTransport>,
+        socket: SocketHandle,
+        total: u64,
+        write: usize,
+    ) {
+        let chunk = vec![0xa5_u8; write];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < total {
+            let n = write.min((total - sent) as usize);
+            match vsock.send(socket, &chunk[..n]) {
+                Ok(n) => sent += n as u64,
+                Err(Error::WouldBlock) => {
+                    vsock.poll(self.now());
+                    check_stuck(started, "our send");
+                }
+                Err(e) => panic!("our send: {e}"),
+            }
+        }
+    }
+}
+
+fn wait_until(mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        check_stuck(started, "waiting for the host");
+        std::hint::spin_loop();
+    }
+}
+
+// ---------------------------------------------------------------- virtio-drivers
+
+type Theirs<const RX: usize> = VsockConnectionManager<BenchHal, BenchTransport, RX>;
+
+fn their_run<const RX: usize>(kind: Kind, capacity: u32) -> Sample {
+    let (device, transport) = BenchDevice::start(kind.role());
+    let driver =
+        VirtIOSocket::<BenchHal, BenchTransport, RX>::new(transport).expect("their bring-up");
+    let mut manager = Theirs::<RX>::new_with_capacity(driver, capacity);
+    let kicks_before = device.kicks();
+    let started = Instant::now();
+    let units = match kind {
+        Kind::GuestToHost { total, write } => {
+            their_connect(&mut manager, 40000);
+            their_send_all(&mut manager, 40000, total, write);
+            wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
+            total
+        }
+        Kind::HostToGuest { total, chunk } => {
+            their_connect(&mut manager, 40000);
+            let mut buf = vec![0u8; chunk.max(1)];
+            let mut got = 0u64;
+            while got < total {
+                manager.poll().expect("their poll");
+                let n = manager
+                    .recv(their_host(), 40000, &mut buf)
+                    .expect("their recv");
+                if n > 0 {
+                    got += n as u64;
+                    // virtio-drivers leaves credit updates to the caller.
+                    manager
+                        .update_credit(their_host(), 40000)
+                        .expect("their credit update");
+                }
+                check_stuck(started, "their host->guest");
+            }
+            total
+        }
+        Kind::PingPong { round_trips } => {
+            their_connect(&mut manager, 40000);
+            let mut byte = [0u8; 1];
+            for _ in 0..round_trips {
+                their_send_all(&mut manager, 40000, 1, 1);
+                loop {
+                    manager.poll().expect("their poll");
+                    if manager
+                        .recv(their_host(), 40000, &mut byte)
+                        .expect("their recv")
+                        == 1
+                    {
+                        manager
+                            .update_credit(their_host(), 40000)
+                            .expect("their credit update");
+                        break;
+                    }
+                }
+            }
+            round_trips
+        }
+        Kind::ConnectClose { cycles } => {
+            for cycle in 0..cycles {
+                let port = 40000 + (cycle % 1000) as u32;
+                their_connect(&mut manager, port);
+                manager
+                    .shutdown(their_host(), port)
+                    .expect("their shutdown");
+                loop {
+                    if let Some(event) = manager.poll().expect("their poll") {
+                        if matches!(event.event_type, VsockEventType::Disconnected { .. }) {
+                            break;
+                        }
+                    }
+                    check_stuck(started, "their close");
+                }
+            }
+            cycles
+        }
+        Kind::ManyConnections { connections, each } => {
+            let ports: Vec<u32> = (0..connections as u32).map(|i| 40000 + i).collect();
+            for &port in &ports {
+                their_connect(&mut manager, port);
+            }
+            let mut sent = vec![0u64; connections];
+            let chunk = vec![0x5a_u8; 4096];
+            while sent.iter().any(|&s| s < each) {
+                for (&port, sent) in ports.iter().zip(sent.iter_mut()) {
+                    if *sent < each {
+                        let n = chunk.len().min((each - *sent) as usize);
+                        match manager.send(their_host(), port, &chunk[..n]) {
+                            Ok(()) => *sent += n as u64,
+                            Err(virtio_drivers::Error::SocketDeviceError(
+                                SocketError::InsufficientBufferSpaceInPeer,
+                            )) => {}
+                            Err(e) => panic!("their send: {e:?}"),
+                        }
+                    }
+                }
+                while manager.poll().expect("their poll").is_some() {}
+                check_stuck(started, "their many connections");
+            }
+            let total = each * connections as u64;
+            wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
+            total
+        }
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let sample = Sample {
+        seconds,
+        units,
+        packets: device.counters.packets_from_guest.load(Ordering::Relaxed)
+            + device.counters.packets_to_guest.load(Ordering::Relaxed),
+        kicks: device.kicks() - kicks_before,
+    };
+    // The device must stop touching the rings before the driver frees them.
+    let mut device = device;
+    device.stop();
+    drop(manager);
+    sample
+}
+
+fn their_connect<const RX: usize>(manager: &mut Theirs<RX>, port: u32) {
+    manager.connect(their_host(), port).expect("their connect");
+    let started = Instant::now();
+    loop {
+        if let Some(event) = manager.poll().expect("their poll") {
+            if event.source.port == HOST_PORT
+                && event.destination.port == port
+                && event.event_type == VsockEventType::Connected
+            {
+                return;
+            }
+        }
+        check_stuck(started, "their connect");
+    }
+}
+
+fn their_send_all<const RX: usize>(manager: &mut Theirs<RX>, port: u32, total: u64, write: usize) {
+    let chunk = vec![0xa5_u8; write];
+    let started = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let n = write.min((total - sent) as usize);
+        match manager.send(their_host(), port, &chunk[..n]) {
+            Ok(()) => sent += n as u64,
+            Err(virtio_drivers::Error::SocketDeviceError(
+                SocketError::InsufficientBufferSpaceInPeer,
+            )) => {
+                manager.poll().expect("their poll");
+                check_stuck(started, "their send");
+            }
+            Err(e) => panic!("their send: {e:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- reporting
+
+fn median(samples: &mut [Sample]) -> Sample {
+    samples.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    samples[samples.len() / 2]
+}
+
+/// The time a plain memcpy takes for `total` bytes in 64 KiB copies.
+fn memcpy_seconds(total: u64) -> f64 {
+    let source = vec![0x33_u8; 64 * 1024];
+    let mut target = vec![0u8; 64 * 1024];
+    let started = Instant::now();
+    let mut copied = 0;
+    while copied < total {
+        target.copy_from_slice(std::hint::black_box(&source));
+        std::hint::black_box(&mut target);
+        copied += source.len() as u64;
+    }
+    started.elapsed().as_secs_f64()
+}
+
+struct Options {
+    repetitions: usize,
+    scale: u64,
+    json: Option<String>,
+    only: Option<String>,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        repetitions: 5,
+        scale: 1,
+        json: None,
+        only: None,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--quick" => {
+                options.repetitions = 3;
+                options.scale = 8;
+            }
+            "--full" => options.scale = 0,
+            "--json" => options.json = args.next(),
+            "--only" => options.only = args.next(),
+            _ => {} // cargo bench passes --bench
+        }
+    }
+    options
+}
+
+fn main() {
+    let options = options();
+    let mib = |n: u64| -> u64 { (n << 20).checked_div(options.scale).unwrap_or(n << 20) };
+    // 64-byte writes move 16 MiB by default: one packet each, and virtio-drivers waits
+    // for every packet.
+    let small = if options.scale == 0 {
+        mib(256)
+    } else {
+        mib(16)
+    };
+    let workloads = [
+        Kind::GuestToHost {
+            total: mib(256),
+            write: 64 * 1024,
+        },
+        Kind::GuestToHost {
+            total: mib(256),
+            write: 4096,
+        },
+        Kind::GuestToHost {
+            total: small,
+            write: 64,
+        },
+        Kind::HostToGuest {
+            total: mib(256),
+            chunk: 64 * 1024,
+        },
+        Kind::HostToGuest {
+            total: mib(256),
+            chunk: 4096,
+        },
+        Kind::HostToGuest {
+            total: small,
+            chunk: 64,
+        },
+        Kind::PingPong {
+            round_trips: 20_000,
+        },
+        Kind::ConnectClose { cycles: 1000 },
+        Kind::ManyConnections {
+            connections: 64,
+            each: mib(4),
+        },
+    ];
+    let ours = Ours {
+        epoch: Instant::now(),
+    };
+    println!(
+        "host benchmark: median of {} runs each, A/B alternating, device on its own thread",
+        options.repetitions
+    );
+    let memcpy = memcpy_seconds(mib(256));
+    println!(
+        "reference: memcpy of 64 KiB blocks: {:.3} ns/byte ({:.0} MiB/s)\n",
+        memcpy * 1e9 / mib(256) as f64,
+        mib(256) as f64 / memcpy / (1 << 20) as f64
+    );
+    println!(
+        "{:<40} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
+        "workload", "ours", "theirs", "theirs best", "x def", "x best", "ns/unit", "kicks/MiB"
+    );
+    let mut results = Vec::new();
+    let workloads: Vec<Kind> = workloads
+        .into_iter()
+        .filter(|kind| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|only| kind.name().contains(only.as_str()))
+        })
+        .collect();
+    for kind in &workloads {
+        let mut ours_samples = Vec::new();
+        let mut default_samples = Vec::new();
+        let mut best_samples = Vec::new();
+        for _ in 0..options.repetitions {
+            ours_samples.push(ours.run(*kind));
+            default_samples.push(their_run::<512>(*kind, 1024));
+            best_samples.push(their_run::<THEIR_BEST_RX>(*kind, THEIR_BEST_CAPACITY));
+        }
+        let ours_median = median(&mut ours_samples);
+        let default_median = median(&mut default_samples);
+        let best_median = median(&mut best_samples);
+        let scale = kind.scale();
+        let per_unit_ns = ours_median.seconds * 1e9 / ours_median.units as f64;
+        let kicks_per_mib = if kind.unit() == "MiB/s" {
+            format!(
+                "{:.1}",
+                ours_median.kicks as f64 / (ours_median.units as f64 / (1 << 20) as f64)
+            )
+        } else {
+            format!("{}", ours_median.kicks)
+        };
+        println!(
+            "{:<40} {:>14.1} {:>14.1} {:>14.1} {:>7.2}x {:>7.2}x {:>10.3} {:>12}",
+            kind.name(),
+            ours_median.rate() / scale,
+            default_median.rate() / scale,
+            best_median.rate() / scale,
+            ours_median.rate() / default_median.rate(),
+            ours_median.rate() / best_median.rate(),
+            per_unit_ns,
+            kicks_per_mib
+        );
+        results.push(serde_json::json!({
+            "workload": kind.name(),
+            "unit": kind.unit(),
+            "ours": ours_median.rate() / scale,
+            "theirs_default": default_median.rate() / scale,
+            "theirs_best": best_median.rate() / scale,
+            "ratio_default": ours_median.rate() / default_median.rate(),
+            "ratio_best": ours_median.rate() / best_median.rate(),
+            "ours_ns_per_unit": per_unit_ns,
+            "ours_packets": ours_median.packets,
+            "ours_kicks": ours_median.kicks,
+            "theirs_default_kicks": default_median.kicks,
+            "theirs_best_kicks": best_median.kicks,
+        }));
+    }
+    println!("\nunits: MiB/s for transfers (ns/unit = ns per byte), operations per second otherwise (ns/unit = ns per operation); x = ours / theirs");
+    if let Some(path) = options.json {
+        let json = serde_json::to_string_pretty(&results).unwrap_or_default();
+        if let Err(e) = std::fs::write(&path, json) {
+            eprintln!("bench: cannot write {path}: {e}");
+        } else {
+            println!("results written to {path}");
+        }
+    }
+}
