@@ -181,9 +181,13 @@ impl Connection {
     }
 
     fn on_packet_connected(&mut self, header: &Header, op: Op) -> Outcome {
+        // B17: a duplicate REQUEST is dropped whole, its credit fields too (it is not a
+        // header of this connection, B26): the connection is untouched.
+        if op == Op::Request {
+            return Outcome::reply(Reply::Nothing);
+        }
         self.credit.update_peer(header.buf_alloc, header.fwd_cnt);
         match op {
-            // B17: a duplicate REQUEST leaves the connection untouched.
             Op::Request => Outcome::reply(Reply::Nothing),
             // B18: a RESPONSE nobody asked for.
             Op::Response => {
@@ -240,6 +244,10 @@ impl Connection {
     }
 
     fn on_packet_closing(&mut self, header: &Header, op: Op) -> Outcome {
+        // B17, as in `on_packet_connected`.
+        if op == Op::Request {
+            return Outcome::reply(Reply::Nothing);
+        }
         self.credit.update_peer(header.buf_alloc, header.fwd_cnt);
         match op {
             Op::Rst => {
@@ -376,6 +384,24 @@ mod tests {
         let out = conn.on_packet(&header(Op::Request, 0, 0), Op::Request);
         assert_eq!(out.reply, Reply::Nothing);
         assert_eq!(conn, before);
+    }
+
+    #[test]
+    fn b17_duplicate_request_with_other_credit_fields_changes_nothing() {
+        let deadline = Instant::from_millis(8000);
+        for state in [State::Connected, State::Closing { deadline }] {
+            let mut conn = connected();
+            conn.credit.on_sent(600);
+            conn.state = state;
+            let before = conn;
+            let mut request = header(Op::Request, 0, 0);
+            request.buf_alloc = 64;
+            request.fwd_cnt = 7;
+            let out = conn.on_packet(&request, Op::Request);
+            assert_eq!(out.reply, Reply::Nothing);
+            assert_eq!(conn, before, "{state:?}");
+            assert_eq!(conn.credit.peer_free(), 400);
+        }
     }
 
     #[test]
