@@ -511,6 +511,16 @@ impl BenchDevice {
         )
     }
 
+    /// What the device thread has done, for diagnosing a stuck run.
+    pub fn debug_state(&self) -> String {
+        format!(
+            "status {:#x}, queues {:?}, thread running {}",
+            self.registers.status.load(Ordering::SeqCst),
+            self.registers.queues.lock().map(|q| *q).ok(),
+            self.thread.as_ref().is_some_and(|t| !t.is_finished())
+        )
+    }
+
     /// Total notifications the driver sent.
     pub fn kicks(&self) -> u64 {
         self.registers

@@ -159,13 +159,13 @@ impl Ours {
         let started = Instant::now();
         let units = match kind {
             Kind::GuestToHost { total, write } => {
-                let socket = self.connect(&mut vsock);
+                let socket = self.connect(&mut vsock, &device);
                 self.send_all(&mut vsock, socket, total, write);
                 wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
                 total
             }
             Kind::HostToGuest { total, chunk } => {
-                let socket = self.connect(&mut vsock);
+                let socket = self.connect(&mut vsock, &device);
                 let mut buf = vec![0u8; chunk.max(1)];
                 let mut got = 0;
                 while got < total {
@@ -181,7 +181,7 @@ impl Ours {
                 total
             }
             Kind::PingPong { round_trips } => {
-                let socket = self.connect(&mut vsock);
+                let socket = self.connect(&mut vsock, &device);
                 let mut byte = [0u8; 1];
                 for _ in 0..round_trips {
                     self.send_all(&mut vsock, socket, 1, 1);
@@ -198,7 +198,7 @@ impl Ours {
             }
             Kind::ConnectClose { cycles } => {
                 for _ in 0..cycles {
-                    let socket = self.connect(&mut vsock);
+                    let socket = self.connect(&mut vsock, &device);
                     vsock.close(socket).expect("our close");
                     vsock.poll(self.now());
                 }
@@ -210,7 +210,7 @@ impl Ours {
             }
             Kind::ManyConnections { connections, each } => {
                 let sockets: Vec<SocketHandle> =
-                    (0..connections).map(|_| self.connect(&mut vsock)).collect();
+                    (0..connections).map(|_| self.connect(&mut vsock, &device)).collect();
                 let mut sent = vec![0u64; connections];
                 let chunk = vec![0x5a_u8; 4096];
                 while sent.iter().any(|&s| s < each) {
@@ -247,7 +247,11 @@ impl Ours {
         sample
     }
 
-    fn connect(&self, vsock: &mut VsockDevice<'_, BenchHal, BenchTransport>) -> SocketHandle {
+    fn connect(
+        &self,
+        vsock: &mut VsockDevice<'_, BenchHal, BenchTransport>,
+        device: &BenchDevice,
+    ) -> SocketHandle {
         let socket = vsock.stream_socket().expect("our socket");
         match vsock.connect(socket, host()) {
             Ok(()) | Err(Error::InProgress) => {}
@@ -257,7 +261,13 @@ impl Ours {
         loop {
             vsock.poll(self.now());
             if let Ok(Some(e)) = vsock.take_error(socket) {
-                panic!("our connect failed: {e}");
+                panic!(
+                    "our connect failed: {e}; host accepted {}, kicks {}, stats {:?}, device {}",
+                    device.counters.accepted.load(Ordering::Relaxed),
+                    device.kicks(),
+                    vsock.stats(),
+                    device.debug_state()
+                );
             }
             if vsock
                 .readiness(socket)

@@ -3,8 +3,10 @@
 //! - `setup`: install what is missing (toolchain, QEMU, the vhost-user backend).
 //! - `demo`: boot the echo guest, talk to it from the host, print the result.
 //! - `test`: every check and test, host-side then in QEMU; `.ci/run` runs this.
+//! - `bench host`: our driver against virtio-drivers' on a host-side device.
 //! - `run-kernel`: the runner for `cargo run --example <name> --target x86_64-unknown-none`.
 
+mod bench;
 mod cargo_tasks;
 mod demo;
 mod host;
@@ -25,6 +27,13 @@ use vm::{Accel, Machine};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Where a benchmark runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum BenchTarget {
+    /// On the host, against a device thread in the same process.
+    Host,
 }
 
 #[derive(Subcommand)]
@@ -59,6 +68,21 @@ enum Command {
         /// Only the QEMU tests.
         #[arg(long)]
         qemu_only: bool,
+    },
+    /// Benchmarks, ours side by side with virtio-drivers' socket driver.
+    Bench {
+        /// Where to run: `host` (device model in the same process).
+        #[arg(value_enum)]
+        target: BenchTarget,
+        /// Fewer bytes and repetitions, for a quick look.
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// 256 MiB for every transfer, 64-byte writes included.
+        #[arg(long)]
+        full: bool,
+        /// Only the workloads whose name contains this text.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
     /// guest exits through `boot::exit_success`. Used as the cargo runner.
@@ -112,6 +136,15 @@ fn run(command: Command) -> Result<ExitCode> {
             host_only,
             qemu_only,
         } => test(accel, machine, !no_miri, !qemu_only, !host_only),
+        Command::Bench {
+            target: BenchTarget::Host,
+            quick,
+            full,
+            only,
+        } => {
+            bench::host(quick, full, only.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::RunKernel {
             kernel,
             cmdline,
