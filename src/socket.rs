@@ -372,8 +372,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 };
                 Ok(())
             }
-            Role::Unconnected => Err(Error::InvalidArgument),
-            Role::Stream { .. } => Err(Error::IsConnected),
+            // B22; a connecting or connected socket cannot listen either: EINVAL, as
+            // POSIX listen(2) (and vsock(4)'s "invalid parameter") has it.
+            Role::Unconnected | Role::Stream { .. } => Err(Error::InvalidArgument),
         }
     }
 
@@ -630,7 +631,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 }
                 let ended =
                     conn.state == State::Closed || conn.peer_shutdown.contains(ShutdownFlags::SEND);
-                if socket.rx_len > 0 || ended {
+                // After our own `shutdown(Read)`, `recv` returns `Ok(0)` at once: readable,
+                // as poll(2) reports it (B35).
+                let read_shut = conn.local_shutdown.contains(ShutdownFlags::RECEIVE);
+                if socket.rx_len > 0 || ended || read_shut {
                     ready |= Readiness::READABLE;
                 }
                 if ended {
@@ -991,13 +995,15 @@ impl Sockets<'_> {
     }
 
     /// Frees closed sockets nobody holds a handle to, and drops reset connections from
-    /// accept queues (B22).
+    /// accept queues (B22). A waiting connection the peer closed in order (B34) stays in
+    /// the queue: its data remains readable until the socket is closed.
     fn after_state_change(&mut self, index: usize) {
         let Some(socket) = self.slots.get(index).and_then(|s| s.socket.as_ref()) else {
             return;
         };
         if let Role::Stream { conn, listener, .. } = &socket.role {
-            if !conn.is_live() && (socket.orphaned || listener.is_some()) {
+            let reset_while_waiting = listener.is_some() && conn.reset;
+            if !conn.is_live() && (socket.orphaned || reset_while_waiting) {
                 self.free(index);
             }
         }
