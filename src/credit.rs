@@ -109,9 +109,10 @@ impl Credit {
     }
 
     /// Whether a `CREDIT_UPDATE` should go out now (B28): the peer's view of our free
-    /// space has fallen below `min(64 KiB, buf_alloc / 2)` and telling it would show more.
+    /// space has fallen below `min(64 KiB, buf_alloc / 2)` (at least 1, so that a 1-byte
+    /// window is reopened too) and telling it would show more.
     pub fn needs_update(&self) -> bool {
-        let threshold = (self.buf_alloc / 2).min(64 * 1024);
+        let threshold = (self.buf_alloc / 2).clamp(1, 64 * 1024);
         let view = self.peer_view_of_free();
         let real = self.buf_alloc.saturating_sub(self.rx_held());
         view < threshold && real > view
@@ -251,6 +252,20 @@ mod tests {
         assert!(!c.needs_update());
         c.on_consumed(1);
         assert!(c.needs_update());
+    }
+
+    #[test]
+    fn b28_a_one_byte_window_is_reopened() {
+        // Found by tests/properties.rs: with buf_alloc 1 the threshold was 0, so no update
+        // ever went out and a one-way stream to us stalled after the first byte.
+        let mut c = Credit::new(1);
+        c.stamp();
+        c.on_received(1).unwrap();
+        assert!(!c.needs_update(), "nothing consumed yet");
+        c.on_consumed(1);
+        assert!(c.needs_update());
+        assert_eq!(c.stamp(), (1, 1));
+        assert!(!c.needs_update());
     }
 
     #[test]
