@@ -200,9 +200,12 @@ impl Connection {
                 Outcome::reply(Reply::Rst)
             }
             Op::Rst => {
-                // B38: buffered data stays readable; an orderly close (both flags seen)
-                // that ends in RST is not an error.
-                if self.peer_shutdown != ShutdownFlags::all() {
+                // B38: buffered data stays readable; an orderly close (both flags seen,
+                // or both directions shut down by us: B37) that ends in RST is not an
+                // error.
+                if self.peer_shutdown != ShutdownFlags::all()
+                    && self.local_shutdown != ShutdownFlags::all()
+                {
                     self.fail(Some(Error::ConnectionReset));
                 } else {
                     self.state = State::Closed;
@@ -375,6 +378,27 @@ mod tests {
         assert_eq!(out.reply, Reply::Nothing, "B14: never RST an RST");
         assert!(conn.reset);
         assert_eq!(conn.credit.rx_held(), 10, "buffered data stays");
+    }
+
+    #[test]
+    fn b37_rst_after_our_shutdown_of_both_directions_is_the_orderly_end() {
+        // Found by tests/properties.rs: `shutdown(Both)`, then the peer's RST (Linux
+        // answers a SHUTDOWN of both directions with RST) was reported as a reset.
+        let mut conn = connected();
+        conn.on_packet(&header(Op::Rw, 10, 0), Op::Rw);
+        conn.local_shutdown = ShutdownFlags::all();
+        let out = conn.on_packet(&header(Op::Rst, 0, 0), Op::Rst);
+        assert_eq!(out.reply, Reply::Nothing);
+        assert_eq!(conn.state, State::Closed);
+        assert!(!conn.reset);
+        assert_eq!(conn.pending_error, None);
+        assert_eq!(conn.credit.rx_held(), 10, "buffered data stays");
+
+        // One direction only: still a reset.
+        let mut conn = connected();
+        conn.local_shutdown = ShutdownFlags::SEND;
+        conn.on_packet(&header(Op::Rst, 0, 0), Op::Rst);
+        assert_eq!(conn.pending_error, Some(Error::ConnectionReset));
     }
 
     #[test]
