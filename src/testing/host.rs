@@ -147,7 +147,8 @@ pub struct HostConn {
     rx_cnt: u64,
     fwd_cnt: u64,
     received: VecDeque<u8>,
-    /// Largest `fwd_cnt + buf_alloc` put in a packet so far.
+    /// `fwd_cnt + buf_alloc` of the latest packet queued: the guest's view of the host's
+    /// space once it has everything.
     advertised_limit: u64,
     /// Largest `fwd_cnt + buf_alloc` in a packet the guest has received.
     granted_limit: u64,
@@ -260,7 +261,7 @@ impl HostConn {
     fn stamp(&mut self) -> (u32, u32, u64) {
         let (buf_alloc, fwd_cnt) = self.frozen.unwrap_or((self.buf_alloc, self.fwd_cnt));
         let limit = fwd_cnt + u64::from(buf_alloc);
-        self.advertised_limit = self.advertised_limit.max(limit);
+        self.advertised_limit = limit;
         (buf_alloc, fwd_cnt as u32, limit)
     }
 
@@ -320,6 +321,8 @@ pub struct HostPeer {
     model: DeviceModel,
     cid: u64,
     guest_cid: u64,
+    /// CIDs the guest had before transport resets: its packets from then are dropped.
+    stale_cids: Vec<u64>,
     conns: Vec<HostConn>,
     listeners: Vec<(u32, AcceptMode)>,
     accepted: VecDeque<ConnId>,
@@ -345,6 +348,7 @@ impl HostPeer {
             model: DeviceModel::new(transport),
             cid: HOST_CID,
             guest_cid,
+            stale_cids: Vec::new(),
             conns: Vec::new(),
             listeners: Vec::new(),
             accepted: VecDeque::new(),
@@ -686,6 +690,10 @@ impl HostPeer {
 
     /// Puts a used-ring entry on `queue` (0 rx, 1 tx, 2 event) with any `id` and `len`:
     /// an id never posted, one posted but not used, a length beyond the buffer (B6).
+    ///
+    /// The used ring holds as many entries as the queue has descriptors: entries beyond
+    /// what the driver has read overwrite older ones, exactly as a device writing them
+    /// would, and the driver then reads replayed buffers it cannot tell from real ones.
     pub fn inject_used(&mut self, queue: usize, id: u32, len: u32) {
         self.outbox.push_back(Outgoing::Used { queue, id, len });
         self.flush_if_eager();
@@ -766,7 +774,8 @@ impl HostPeer {
 
     /// A transport reset (after migration, B40): the host forgets every connection and
     /// everything not delivered yet, then switches the guest to `new_cid` (config space)
-    /// and fires `TRANSPORT_RESET`.
+    /// and fires `TRANSPORT_RESET` as soon as an event buffer is posted. Packets the guest
+    /// sent under its old CID are dropped from then on.
     pub fn transport_reset(&mut self, new_cid: u64) {
         self.outbox.clear();
         for conn in &mut self.conns {
@@ -889,6 +898,9 @@ impl HostPeer {
                     }
                     if let Some(cid) = new_cid {
                         self.model.set_guest_cid(cid);
+                        if cid != self.guest_cid {
+                            self.stale_cids.push(self.guest_cid);
+                        }
                         self.guest_cid = cid;
                     }
                     let _ = self.model.push_event(id);
@@ -983,6 +995,10 @@ impl HostPeer {
     fn on_guest_packet(&mut self, packet: &Packet) {
         let header = packet.header;
         if header.src_cid != self.guest_cid {
+            if self.stale_cids.contains(&header.src_cid) {
+                // Sent before the guest saw the transport reset: the device drops it.
+                return;
+            }
             self.violations.push(Violation::WrongSrcCid(header));
         }
         if header.dst_cid != self.cid {

@@ -168,7 +168,8 @@ impl DeviceModel {
     }
 
     /// Returns descriptor `id` to the driver on `queue` with `len` bytes written. Any
-    /// values may be passed, to play a device that lies.
+    /// values may be passed, to play a device that lies. The used ring has one slot per
+    /// descriptor: more entries than the driver has read overwrite the oldest.
     pub fn push_used(&mut self, queue: usize, id: u32, len: u32) -> Result<(), ModelError> {
         let regs = self.regs(queue)?;
         let slot = PhysAddr::from(self.used_idx[queue] % regs.size as u16);
