@@ -5,11 +5,13 @@
 //! rule they check (BEHAVIOUR.md); rules covered by `tests/rules.rs` and
 //! `tests/flow_control.rs` are only touched where a call needs them.
 
-use core::cell::Cell;
+use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use core::time::Duration;
+use std::alloc::{GlobalAlloc, Layout, System};
 use virtio_drivers::transport::DeviceStatus;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
+use vsock_guest::io::BlockingStream;
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
 use vsock_guest::wire::{Header, Op, SocketType};
 use vsock_guest::{
@@ -2113,4 +2115,495 @@ fn b40_transport_reset_fails_every_connection_silently_and_listeners_answer_on_t
         vsock.connect(t, VsockAddr::new(NEW_CID, 9)),
         Err(Error::InvalidCid)
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// A device that stops (B41); no allocation (B42)
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn b41_a_device_that_stops_consuming_tx_and_returning_rx_stalls_no_call_and_no_timer() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4);
+    let config = Config {
+        queue_size: 8,
+        ..Config::default()
+    };
+    let mut vsock = bring_up(&transport, config, &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 1);
+    let tuple = Tuple::host();
+    let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
+    vsock.poll(ms(2)); // takes back the RESPONSE's buffer
+
+    // From here the device takes no tx buffer and returns no rx buffer.
+    let data = pattern(9 * MAX_TX_PAYLOAD);
+    assert_eq!(vsock.send(conn, &data), Ok(8 * MAX_TX_PAYLOAD));
+    assert_eq!(vsock.send(conn, &data), Err(Error::WouldBlock));
+    assert_eq!(vsock.readiness(conn), Ok(Readiness::empty()));
+    let mut buf = [0u8; 4];
+    assert_eq!(vsock.recv(conn, &mut buf), Err(Error::WouldBlock));
+    // Calls that need to send queue their packet and return at once.
+    let s = vsock.stream_socket().unwrap();
+    let out = Tuple::new(EPHEMERAL, HOST_CID, 7000);
+    assert_eq!(
+        vsock.connect(s, VsockAddr::new(HOST_CID, 7000)),
+        Err(Error::InProgress)
+    );
+    assert_eq!(vsock.readiness(s), Ok(Readiness::empty()));
+    assert_eq!(vsock.shutdown(conn, Shutdown::Write), Ok(()));
+    assert_eq!(vsock.send(conn, b"x"), Err(Error::BrokenPipe));
+    assert_eq!(vsock.accept(listener), Err(Error::WouldBlock));
+    for t in 3..10 {
+        vsock.poll(ms(t));
+    }
+    assert_eq!(model.available(1), 8, "nothing more on the full tx ring");
+
+    // Timers still fire: the connect times out...
+    vsock.poll(ms(2002));
+    assert_eq!(vsock.readiness(s), Ok(FAILED));
+    assert_eq!(vsock.take_error(s), Ok(Some(Error::TimedOut)));
+    // ...and a close runs to its timeout and frees the slot.
+    vsock.poll(ms(3000));
+    vsock.close(conn).unwrap();
+    vsock.poll(ms(10_999));
+    let fourth = vsock.stream_socket().unwrap();
+    assert_eq!(vsock.stream_socket(), Err(Error::TooManySockets));
+    vsock.close(fourth).unwrap();
+    vsock.poll(ms(11_000));
+    let freed = vsock.stream_socket().unwrap();
+    vsock.close(freed).unwrap();
+    assert_eq!(model.available(1), 8);
+
+    // The device resumes: the data, then every queued control packet in order.
+    let packets = model.drain_tx();
+    assert_eq!(packets.len(), 8);
+    for (i, packet) in packets.iter().enumerate() {
+        let chunk = &data[i * MAX_TX_PAYLOAD..(i + 1) * MAX_TX_PAYLOAD];
+        assert_eq!(*packet, tuple.rw_to_peer(chunk, PER, 0), "packet {i}");
+    }
+    vsock.poll(ms(11_001));
+    assert_eq!(
+        control(&mut model),
+        [
+            out.to_peer(Op::Request, PER, 0),
+            tuple.shutdown_to_peer(2, PER, 0),
+            out.to_peer(Op::Rst, PER, 0),
+            tuple.shutdown_to_peer(3, PER, 0),
+            tuple.to_peer(Op::Rst, PER, 0),
+        ]
+    );
+    // And the device works again.
+    request(
+        &mut vsock,
+        &mut model,
+        Tuple::new(GUEST_PORT, HOST_CID, 5001),
+        ms(11_002),
+    );
+}
+
+/// Counts heap allocations per thread, to show that the driver makes none (B42).
+struct CountingAllocator;
+
+std::thread_local! {
+    static ALLOCATIONS: Cell<u64> = const { Cell::new(0) };
+}
+
+fn count_allocation() {
+    let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+}
+
+fn allocations() -> u64 {
+    ALLOCATIONS.get()
+}
+
+// SAFETY: forwards every call to the system allocator unchanged; counting touches only a
+// const-initialised thread-local without a destructor, which never allocates.
+unsafe impl GlobalAlloc for CountingAllocator {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        count_allocation();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.alloc_zeroed(layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        count_allocation();
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: forwarded with the caller's guarantees.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: CountingAllocator = CountingAllocator;
+
+#[test]
+fn b42_no_call_and_nothing_a_peer_does_allocates() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let before = allocations();
+    let listener = listen_on(&mut vsock, GUEST_PORT, 2);
+    vsock.poll(ms(1));
+    let client = vsock.stream_socket().unwrap();
+    assert_eq!(
+        vsock.connect(client, VsockAddr::new(HOST_CID, 80)),
+        Err(Error::InProgress)
+    );
+    assert_eq!(allocations(), before, "socket calls");
+    let out = Tuple::new(EPHEMERAL, HOST_CID, 80);
+    assert_eq!(control(&mut model), [out.to_peer(Op::Request, PER, 0)]);
+
+    // A flood: 50 REQUESTs (two fit the backlog), each followed by data; a RESPONSE.
+    model.deliver(&out.peer_sends(Op::Response), &[]).unwrap();
+    for port in 0..50 {
+        let tuple = Tuple::new(GUEST_PORT, HOST_CID, 10_000 + port);
+        model.deliver(&tuple.peer_sends(Op::Request), &[]).unwrap();
+        model.deliver(&tuple.peer_sends(Op::Rw), b"data").unwrap();
+    }
+    let before = allocations();
+    vsock.poll(ms(2));
+    let (a, _) = vsock.accept(listener).unwrap();
+    let (b, _) = vsock.accept(listener).unwrap();
+    let mut buf = [0u8; 64];
+    assert_eq!(vsock.recv(a, &mut buf), Ok(4));
+    assert_eq!(vsock.send(b, b"reply"), Ok(5));
+    assert_eq!(vsock.send(client, b"hello"), Ok(5));
+    vsock.shutdown(a, Shutdown::Both).unwrap();
+    vsock.close(b).unwrap();
+    vsock.abort(client).unwrap();
+    let _ = vsock.readiness(a);
+    let _ = vsock.take_error(a);
+    vsock.poll(ms(10_000));
+    assert_eq!(allocations(), before, "polls and calls under a flood");
+
+    let sent = control_and_data(&mut model);
+    let responses = sent.iter().filter(|h| h.op == Op::Response as u16).count();
+    let rsts = sent.iter().filter(|h| h.op == Op::Rst as u16).count();
+    assert_eq!(responses, 2);
+    // 48 refused REQUESTs, their 48 data packets, the aborted client, the closed `b`.
+    assert_eq!(rsts, 48 + 48 + 1 + 1);
+}
+
+/// Takes everything on the tx ring and returns the headers.
+fn control_and_data(model: &mut DeviceModel) -> Vec<Header> {
+    model.drain_tx().into_iter().map(|p| p.header).collect()
+}
+
+// ---------------------------------------------------------------------------------------
+// The blocking embedded-io adapter (src/io.rs)
+// ---------------------------------------------------------------------------------------
+//
+// `BlockingStream` polls the device itself while it waits, so the host's side is played
+// from inside its clock: each call of the clock is one tick (1 ms) and runs `script(tick)`.
+// The device stays alive (in its mutex) until the tx ring has been drained.
+
+/// A connection accepted from the host, which advertises `host_buf_alloc` in every
+/// header; returns the device in a mutex and the connection.
+fn io_setup<'a>(
+    transport: &FakeTransport,
+    model: &mut DeviceModel,
+    storage: &'a mut Storage,
+    host_buf_alloc: u32,
+) -> (spin::Mutex<Device<'a>>, SocketHandle) {
+    let mut vsock = bring_up(transport, Config::default(), storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 1);
+    let tuple = Tuple::host();
+    model
+        .deliver(
+            &Header {
+                buf_alloc: host_buf_alloc,
+                ..tuple.peer_sends(Op::Request)
+            },
+            &[],
+        )
+        .unwrap();
+    vsock.poll(ms(0));
+    assert_eq!(control(model), [tuple.to_peer(Op::Response, PER, 0)]);
+    let (conn, _) = vsock.accept(listener).unwrap();
+    (spin::Mutex::new(vsock), conn)
+}
+
+/// A clock that advances 1 ms per call and runs `script` with the new tick first.
+fn scripted_clock<'s>(tick: &'s Cell<u64>, script: impl Fn(u64) + 's) -> impl Fn() -> Instant + 's {
+    move || {
+        let now = tick.get() + 1;
+        tick.set(now);
+        script(now);
+        ms(now)
+    }
+}
+
+#[test]
+fn io_write_all_sends_rw_packets_within_the_peer_credit_and_waits_for_more() {
+    use embedded_io::Write;
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(2);
+    let (device, conn) = io_setup(&transport, &mut model.borrow_mut(), &mut storage, 1000);
+    let tuple = Tuple::host();
+    let sent = RefCell::new(Vec::new());
+    // The host reads what arrives and reports it in a CREDIT_UPDATE three ticks later.
+    let received = Cell::new(0u32);
+    let update_due = Cell::new(None::<u64>);
+    let tick = Cell::new(0);
+    let clock = scripted_clock(&tick, |now| {
+        let mut model = model.borrow_mut();
+        for packet in model.drain_tx() {
+            if packet.header.op == Op::Rw as u16 {
+                received.set(received.get() + packet.header.len);
+                update_due.set(Some(now + 3));
+            }
+            sent.borrow_mut().push(packet);
+        }
+        if update_due.get().is_some_and(|due| now >= due) {
+            update_due.set(None);
+            let update = Header {
+                buf_alloc: 1000,
+                fwd_cnt: received.get(),
+                ..tuple.peer_sends(Op::CreditUpdate)
+            };
+            model.deliver(&update, &[]).unwrap();
+        }
+    });
+    let mut stream = BlockingStream::new(&device, conn, clock);
+    assert_eq!(stream.handle(), conn);
+    let data = pattern(2500);
+    assert_eq!(stream.write(&[]), Ok(0));
+    assert_eq!(tick.get(), 0, "an empty write does not wait");
+    stream.write_all(&data).unwrap();
+    stream.flush().unwrap();
+    // The last packet is still on the ring: take it while the device is alive.
+    sent.borrow_mut().extend(model.borrow_mut().drain_tx());
+    let credit_request = Packet {
+        header: tuple.to_peer(Op::CreditRequest, PER, 0),
+        payload: Vec::new(),
+    };
+    assert_eq!(
+        *sent.borrow(),
+        [
+            tuple.rw_to_peer(&data[..1000], PER, 0),
+            credit_request.clone(),
+            tuple.rw_to_peer(&data[1000..2000], PER, 0),
+            credit_request,
+            tuple.rw_to_peer(&data[2000..], PER, 0),
+        ]
+    );
+    // A tick per write (three), and three more for each of the two waits for credit.
+    assert_eq!(tick.get(), 9);
+}
+
+#[test]
+fn io_read_exact_gets_delivered_data_and_read_returns_zero_at_end_of_stream() {
+    use embedded_io::{Read, ReadExactError};
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(4);
+    let (device, conn) = io_setup(
+        &transport,
+        &mut model.borrow_mut(),
+        &mut storage,
+        PEER_BUF_ALLOC,
+    );
+    let tuple = Tuple::host();
+    let tick = Cell::new(0);
+    let clock = scripted_clock(&tick, |now| {
+        let mut model = model.borrow_mut();
+        match now {
+            3 => model.deliver(&tuple.peer_sends(Op::Rw), b"hello ").unwrap(),
+            6 => model.deliver(&tuple.peer_sends(Op::Rw), b"world").unwrap(),
+            9 => model.deliver(&tuple.peer_shutdown(2), &[]).unwrap(),
+            _ => {}
+        }
+    });
+    let mut stream = BlockingStream::new(&device, conn, clock);
+    let mut buf = [0u8; 11];
+    stream.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"hello world");
+    assert_eq!(tick.get(), 6);
+    assert_eq!(stream.read(&mut []), Ok(0));
+    assert_eq!(tick.get(), 6, "an empty read does not wait");
+    // End of stream: Ok(0), once the SHUTDOWN(SEND) came, and again after that.
+    assert_eq!(stream.read(&mut buf), Ok(0));
+    assert_eq!(tick.get(), 9);
+    assert_eq!(stream.read(&mut buf), Ok(0));
+    // read_exact across the end of stream is UnexpectedEof.
+    {
+        let mut vsock = device.lock();
+        let mut model = model.borrow_mut();
+        let listener = vsock.stream_socket().unwrap();
+        vsock
+            .bind(listener, VsockAddr::new(VMADDR_CID_ANY, 4000))
+            .unwrap();
+        vsock.listen(listener, 1).unwrap();
+        let short = Tuple::new(4000, HOST_CID, 5001);
+        model.deliver(&short.peer_sends(Op::Request), &[]).unwrap();
+        model.deliver(&short.peer_sends(Op::Rw), b"abc").unwrap();
+        model.deliver(&short.peer_shutdown(2), &[]).unwrap();
+        vsock.poll(ms(100));
+        let (second, _) = vsock.accept(listener).unwrap();
+        assert_eq!(control(&mut model), [short.to_peer(Op::Response, PER, 0)]);
+        drop(vsock);
+        drop(model);
+        let mut short_stream = BlockingStream::new(&device, second, || ms(100));
+        let mut five = [0u8; 5];
+        assert_eq!(
+            short_stream.read_exact(&mut five),
+            Err(ReadExactError::UnexpectedEof)
+        );
+        assert_eq!(&five[..3], b"abc");
+    }
+    // Eleven bytes consumed: no CREDIT_UPDATE due (B28); nothing else went out.
+    assert_silent(&mut model.borrow_mut());
+}
+
+#[test]
+fn io_with_timeout_gives_timed_out_for_read_and_write() {
+    use embedded_io::{Read, Write};
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(2);
+    // The host gives no credit at all, and sends nothing.
+    let (device, conn) = io_setup(&transport, &mut model.borrow_mut(), &mut storage, 0);
+    let tuple = Tuple::host();
+    let tick = Cell::new(0);
+    let clock = scripted_clock(&tick, |_| {});
+    let mut stream =
+        BlockingStream::new(&device, conn, clock).with_timeout(Duration::from_millis(100));
+    let mut buf = [0u8; 4];
+    // The deadline is taken at tick 1, the first attempt is at tick 2; the last at 101.
+    assert_eq!(stream.read(&mut buf), Err(Error::TimedOut));
+    assert_eq!(tick.get(), 101);
+    assert_silent(&mut model.borrow_mut());
+    // Writing: one CREDIT_REQUEST, then the credit probes of B29 (10, 20, 40 ms apart),
+    // then TimedOut.
+    assert_eq!(stream.write(b"data"), Err(Error::TimedOut));
+    assert_eq!(tick.get(), 202);
+    assert_eq!(
+        control(&mut model.borrow_mut()),
+        [
+            tuple.to_peer(Op::CreditRequest, PER, 0),
+            tuple.to_peer(Op::CreditUpdate, PER, 0),
+            tuple.to_peer(Op::CreditUpdate, PER, 0),
+            tuple.to_peer(Op::CreditUpdate, PER, 0),
+        ]
+    );
+    // A timeout ends the wait, not the connection.
+    assert_eq!(device.lock().readiness(conn), Ok(Readiness::empty()));
+    assert_eq!(device.lock().take_error(conn), Ok(None));
+}
+
+#[test]
+fn io_read_ready_and_write_ready_follow_readiness() {
+    use embedded_io::{Read, ReadReady, WriteReady};
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(3);
+    let (device, conn) = io_setup(
+        &transport,
+        &mut model.borrow_mut(),
+        &mut storage,
+        PEER_BUF_ALLOC,
+    );
+    let tuple = Tuple::host();
+    let tick = Cell::new(0);
+    let mut stream = BlockingStream::new(&device, conn, scripted_clock(&tick, |_| {}));
+    assert_eq!(stream.write_ready(), Ok(true));
+    assert_eq!(stream.read_ready(), Ok(false));
+    // Data arrives: the readiness call polls and sees it.
+    model
+        .borrow_mut()
+        .deliver(&tuple.peer_sends(Op::Rw), b"ping")
+        .unwrap();
+    assert_eq!(stream.read_ready(), Ok(true));
+    let mut buf = [0u8; 8];
+    assert_eq!(stream.read(&mut buf), Ok(4));
+    assert_eq!(stream.read_ready(), Ok(false));
+    // End of stream is ready to read (it returns Ok(0) at once).
+    model
+        .borrow_mut()
+        .deliver(&tuple.peer_shutdown(2), &[])
+        .unwrap();
+    assert_eq!(stream.read_ready(), Ok(true));
+    assert_eq!(stream.read(&mut buf), Ok(0));
+    // The host stops taking data: no credit, not write-ready.
+    model
+        .borrow_mut()
+        .deliver(
+            &Header {
+                buf_alloc: 0,
+                ..tuple.peer_sends(Op::CreditUpdate)
+            },
+            &[],
+        )
+        .unwrap();
+    assert_eq!(stream.write_ready(), Ok(false));
+    // A reset makes both ready: the calls fail at once.
+    model
+        .borrow_mut()
+        .deliver(&tuple.peer_sends(Op::Rst), &[])
+        .unwrap();
+    assert_eq!(stream.read_ready(), Ok(true));
+    assert_eq!(stream.write_ready(), Ok(true));
+    assert_silent(&mut model.borrow_mut());
+    // A closed handle is an error, not "not ready".
+    device.lock().close(conn).unwrap();
+    assert_eq!(stream.read_ready(), Err(Error::InvalidHandle));
+    assert_eq!(stream.write_ready(), Err(Error::InvalidHandle));
+}
+
+#[test]
+fn io_errors_of_the_socket_come_through_read_and_write() {
+    use embedded_io::{Error as _, ErrorKind, Read, Write};
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(2);
+    let (device, conn) = io_setup(
+        &transport,
+        &mut model.borrow_mut(),
+        &mut storage,
+        PEER_BUF_ALLOC,
+    );
+    let tuple = Tuple::host();
+    let tick = Cell::new(0);
+    let mut stream = BlockingStream::new(&device, conn, scripted_clock(&tick, |_| {}));
+    // shutdown(Write) through the device: write is BrokenPipe at once (B35).
+    device.lock().shutdown(conn, Shutdown::Write).unwrap();
+    assert_eq!(
+        control(&mut model.borrow_mut()),
+        [tuple.shutdown_to_peer(2, PER, 0)]
+    );
+    let error = stream.write(b"x").unwrap_err();
+    assert_eq!(error, Error::BrokenPipe);
+    assert_eq!(error.kind(), ErrorKind::BrokenPipe);
+    assert_eq!(stream.write_all(b"x"), Err(Error::BrokenPipe));
+    // The host resets with data unread: the data, then ConnectionReset (B38).
+    model
+        .borrow_mut()
+        .deliver(&tuple.peer_sends(Op::Rw), b"last")
+        .unwrap();
+    model
+        .borrow_mut()
+        .deliver(&tuple.peer_sends(Op::Rst), &[])
+        .unwrap();
+    let mut buf = [0u8; 8];
+    assert_eq!(stream.read(&mut buf), Ok(4));
+    assert_eq!(&buf[..4], b"last");
+    let error = stream.read(&mut buf).unwrap_err();
+    assert_eq!(error, Error::ConnectionReset);
+    assert_eq!(error.kind(), ErrorKind::ConnectionReset);
+    assert_silent(&mut model.borrow_mut());
+    // After close the handle is gone.
+    device.lock().close(conn).unwrap();
+    assert_eq!(stream.read(&mut buf), Err(Error::InvalidHandle));
+    assert_eq!(stream.write(b"x"), Err(Error::InvalidHandle));
 }
