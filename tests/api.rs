@@ -1666,11 +1666,17 @@ fn b35_shutdown_sends_receive_1_send_2_both_3() {
         );
         assert_eq!(vsock.send(conn, b"x"), Err(Error::BrokenPipe));
         assert_eq!(vsock.recv(conn, &mut buf), Ok(0));
-        // The peer answers the full shutdown with RST: the connection is over, in order.
+        // The peer answers the full shutdown with RST: the connection is over, in order
+        // (B37: not a reset).
         model.deliver(&tuple.peer_sends(Op::Rst), &[]).unwrap();
         vsock.poll(ms(4));
         assert_silent(&mut model);
+        assert_eq!(vsock.take_error(conn), Ok(None));
+        assert_eq!(vsock.readiness(conn), Ok(ENDED));
+        assert_eq!(vsock.recv(conn, &mut buf), Ok(0));
         assert_eq!(vsock.shutdown(conn, how), Err(Error::NotConnected));
+        vsock.close(conn).unwrap();
+        assert_silent(&mut model);
     }
     assert_eq!(Error::BrokenPipe.errno(), 32);
 }
@@ -2606,4 +2612,57 @@ fn io_errors_of_the_socket_come_through_read_and_write() {
     device.lock().close(conn).unwrap();
     assert_eq!(stream.read(&mut buf), Err(Error::InvalidHandle));
     assert_eq!(stream.write(b"x"), Err(Error::InvalidHandle));
+}
+
+#[test]
+fn io_write_on_a_connecting_socket_waits_for_the_connect_and_reports_its_failure() {
+    use embedded_io::Write;
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(2);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let accepted_port = 7000;
+    let refused_port = 7001;
+    let [ok, refused] = [accepted_port, refused_port].map(|port| {
+        let s = vsock.stream_socket().unwrap();
+        assert_eq!(
+            vsock.connect(s, VsockAddr::new(HOST_CID, port)),
+            Err(Error::InProgress)
+        );
+        s
+    });
+    let ok_tuple = Tuple::new(EPHEMERAL, HOST_CID, accepted_port);
+    let refused_tuple = Tuple::new(EPHEMERAL + 1, HOST_CID, refused_port);
+    assert_eq!(
+        control(&mut model.borrow_mut()),
+        [
+            ok_tuple.to_peer(Op::Request, PER, 0),
+            refused_tuple.to_peer(Op::Request, PER, 0),
+        ]
+    );
+    let device = spin::Mutex::new(vsock);
+    let tick = Cell::new(0);
+    let clock = scripted_clock(&tick, |now| {
+        let mut model = model.borrow_mut();
+        match now {
+            3 => model
+                .deliver(&ok_tuple.peer_sends(Op::Response), &[])
+                .unwrap(),
+            6 => model
+                .deliver(&refused_tuple.peer_sends(Op::Rst), &[])
+                .unwrap(),
+            _ => {}
+        }
+    });
+    let mut stream = BlockingStream::new(&device, ok, &clock);
+    stream.write_all(b"hi").unwrap();
+    assert_eq!(tick.get(), 3);
+    assert_eq!(
+        model.borrow_mut().drain_tx(),
+        [ok_tuple.rw_to_peer(b"hi", PER, 0)]
+    );
+    let mut stream = BlockingStream::new(&device, refused, &clock);
+    assert_eq!(stream.write(b"hi"), Err(Error::ConnectionRefused));
+    assert_eq!(tick.get(), 6);
+    assert_silent(&mut model.borrow_mut());
 }
