@@ -135,39 +135,47 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         let rx_size = size_for(&mut transport, RX_QUEUE);
         let tx_size = size_for(&mut transport, TX_QUEUE);
         let event_size = size_for(&mut transport, EVENT_QUEUE).min(EVENT_BUFFERS);
-        let queues = (|| {
-            let rx = Virtqueue::new(
-                &mut transport,
-                RX_QUEUE,
-                rx_size,
-                config.rx_buffer_size,
-                Direction::DeviceWrites,
-                event_idx,
-            )?;
-            let tx = Virtqueue::new(
-                &mut transport,
-                TX_QUEUE,
-                tx_size,
-                config.tx_buffer_size,
-                Direction::DriverWrites,
-                event_idx,
-            )?;
-            let events = Virtqueue::new(
-                &mut transport,
-                EVENT_QUEUE,
-                event_size,
-                EVENT_LEN,
-                Direction::DeviceWrites,
-                event_idx,
-            )?;
-            Ok((rx, tx, events))
-        })();
-        let (mut rx, tx, mut events) = match queues {
-            Ok(queues) => queues,
-            Err(e) => {
-                transport.set_status(virtio_drivers::transport::DeviceStatus::FAILED);
-                return Err(e);
+        // On failure, tell the device and unregister every queue while the queues created
+        // so far are still alive: they are freed only when this function returns.
+        let fail = |transport: &mut T, error: Error| {
+            transport.set_status(virtio_drivers::transport::DeviceStatus::FAILED);
+            for queue in [RX_QUEUE, TX_QUEUE, EVENT_QUEUE] {
+                transport.queue_unset(queue);
             }
+            error
+        };
+        let mut rx = match Virtqueue::new(
+            &mut transport,
+            RX_QUEUE,
+            rx_size,
+            config.rx_buffer_size,
+            Direction::DeviceWrites,
+            event_idx,
+        ) {
+            Ok(queue) => queue,
+            Err(e) => return Err(fail(&mut transport, e)),
+        };
+        let tx = match Virtqueue::new(
+            &mut transport,
+            TX_QUEUE,
+            tx_size,
+            config.tx_buffer_size,
+            Direction::DriverWrites,
+            event_idx,
+        ) {
+            Ok(queue) => queue,
+            Err(e) => return Err(fail(&mut transport, e)),
+        };
+        let mut events = match Virtqueue::new(
+            &mut transport,
+            EVENT_QUEUE,
+            event_size,
+            EVENT_LEN,
+            Direction::DeviceWrites,
+            event_idx,
+        ) {
+            Ok(queue) => queue,
+            Err(e) => return Err(fail(&mut transport, e)),
         };
         events.post_all();
         rx.post_all();

@@ -555,6 +555,12 @@ fn new_is_no_buffer_space_when_dma_memory_runs_out_and_frees_what_it_took() {
         let status = transport.state().status;
         assert!(status.contains(DeviceStatus::FAILED), "{status:?}");
         assert!(!status.contains(DeviceStatus::DRIVER_OK), "{status:?}");
+        // No queue the device knows of points at memory that was given back.
+        let queues = transport.state().queues;
+        assert!(
+            queues.iter().all(|q| !q.ready),
+            "allocation {budget}: queues left registered: {queues:?}"
+        );
     }
     let (transport, mut model) = new_transport();
     DMA_BUDGET.set(6);
