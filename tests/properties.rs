@@ -275,6 +275,10 @@ struct Pair {
     /// The misbehaving host did something to this connection (stray control packets,
     /// overrun, corruption): it may fail, and data may be lost.
     tampered: bool,
+    /// The misbehaving host sent REQUEST again on this tuple: if the guest had already
+    /// dropped the connection, that is a new one, mid-stream for the host, so the bytes
+    /// the guest gets are no longer the stream's prefix.
+    rerequested: bool,
     /// The guest got an error: the connection is over and data may be lost.
     failed: bool,
     guest_closed: bool,
@@ -507,13 +511,15 @@ impl<'a> World<'a> {
             Ok(n) => {
                 let pair = &mut self.pairs[index];
                 prop_assert!(n <= len);
-                prop_assert_eq!(
-                    &buf[..n],
-                    &stream(1, index, pair.h2g_recv, n)[..],
-                    "pair {}: guest received wrong bytes at {}",
-                    index,
-                    pair.h2g_recv
-                );
+                if !pair.rerequested {
+                    prop_assert_eq!(
+                        &buf[..n],
+                        &stream(1, index, pair.h2g_recv, n)[..],
+                        "pair {}: guest received wrong bytes at {}",
+                        index,
+                        pair.h2g_recv
+                    );
+                }
                 pair.h2g_recv += n as u64;
                 Ok(n)
             }
@@ -706,6 +712,7 @@ impl<'a> World<'a> {
             Action::HostControl { pair, op, flags } => {
                 if let Some(index) = self.pick(pair) {
                     self.pairs[index].tampered = true;
+                    self.pairs[index].rerequested |= op == Op::Request as u16;
                 }
                 if let Some(id) = self.pick(pair).and_then(|i| self.host_conn(i)) {
                     match Op::from_raw(op) {
@@ -1084,6 +1091,32 @@ mod regressions {
             },
         ];
         run(&tiny(), &actions, false).unwrap();
+    }
+
+    /// A duplicate REQUEST after the guest reset and freed the connection opens a new one
+    /// (a harness bug: the pair's stream check now stops there).
+    #[test]
+    fn duplicate_request_after_overrun_reset() {
+        let setup = Setup {
+            rx_buffer_size: 300,
+            rx_per_socket: 256,
+            ..tiny()
+        };
+        let actions = [
+            Action::HostConnect,
+            Action::HostOverrun {
+                pair: 0,
+                extra: 1025,
+            },
+            Action::HostControl {
+                pair: 0,
+                op: 1,
+                flags: 0,
+            },
+            Action::HostOverrun { pair: 0, extra: 1 },
+            Action::Settle { advance_ms: 0 },
+        ];
+        run(&setup, &actions, true).unwrap();
     }
 
     /// Injected used entries overflowing the used ring replayed real buffers (a harness
