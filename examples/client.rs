@@ -35,6 +35,8 @@ mod client {
     const RX_PER_SOCKET: usize = 16 * 1024;
     /// How long the whole exchange may take once connected.
     const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
+    /// Time the host's vhost-user backend gets to set up our queues.
+    const BACKEND_SETTLE_MICROS: u64 = 300_000;
     /// Connect attempts when the peer does not answer in time.
     const CONNECT_ATTEMPTS: u32 = 3;
     /// Longest line accepted back.
@@ -103,6 +105,11 @@ mod client {
             rx_memory,
         )?;
         let cid = device.local_cid();
+        // QEMU hands the queues to vhost-user backends without waiting for them to take
+        // them; a notification that reaches vhost-device-vsock 0.3.0 before that stops its
+        // worker for good (see the README's quirks). Give it a moment before the first
+        // packet.
+        boot::time::delay_micros(BACKEND_SETTLE_MICROS);
         info!("client: guest cid {cid}, connecting to {peer}");
 
         let mut attempt = 1;

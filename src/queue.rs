@@ -404,6 +404,11 @@ impl<H: Hal> Virtqueue<H> {
         }
     }
 
+    /// Buffers posted since the last notification decision.
+    pub fn unnotified(&self) -> u16 {
+        self.avail_idx.wrapping_sub(self.notified_avail_idx)
+    }
+
     /// Notifies the device of buffers posted since the last call, unless it asked not to be
     /// notified (B8). Returns whether it notified.
     pub fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {

@@ -899,14 +899,16 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     assert_eq!(model.notifications(TX), 1, "the RESPONSE");
     let data = pattern(8 * MAX_TX_PAYLOAD);
 
-    // The device took everything and asked for the next buffer: a 3-packet send notifies
-    // once.
+    // The device took everything and asked for the next buffer. A 3-packet send waits
+    // for the batch (a quarter of the queue) or the next poll, which notifies once.
     assert_eq!(
         vsock.send(conn, &data[..3 * MAX_TX_PAYLOAD]),
         Ok(3 * MAX_TX_PAYLOAD)
     );
     assert_eq!(model.available(TX), 3);
-    assert_eq!(model.notifications(TX), 2);
+    assert_eq!(model.notifications(TX), 1, "data waits for the poll");
+    vsock.poll(ms(2));
+    assert_eq!(model.notifications(TX), 2, "one notification for the three");
     // The device has not caught up (its avail_event is behind): it will see more packets
     // without being told.
     assert_eq!(
@@ -914,6 +916,7 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
         Ok(2 * MAX_TX_PAYLOAD)
     );
     assert_eq!(vsock.send(conn, b"x"), Ok(1));
+    vsock.poll(ms(3));
     assert_eq!(model.available(TX), 6);
     assert_eq!(model.notifications(TX), 2);
     assert_eq!(model.drain_tx().len(), 6);
@@ -930,7 +933,7 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     model
         .deliver(&from_host(Op::CreditRequest, HOST_BUF_ALLOC, 0), &[])
         .unwrap();
-    vsock.poll(ms(2));
+    vsock.poll(ms(4));
     assert_eq!(model.available(TX), 4);
     assert_eq!(model.notifications(TX), 3);
     assert_eq!(model.drain_tx().len(), 4);
@@ -947,16 +950,19 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     assert_eq!(model.available(TX), 4);
     assert_eq!(model.notifications(TX), 3);
     // It asks for the packet at index next + 4 (the next one): one notification for it and
-    // the one after, sent together.
+    // the one after, sent together at the poll.
     set_avail_event(&transport, TX, next.wrapping_add(4));
     assert_eq!(
         vsock.send(conn, &data[..2 * MAX_TX_PAYLOAD]),
         Ok(2 * MAX_TX_PAYLOAD)
     );
+    assert_eq!(model.notifications(TX), 3);
+    vsock.poll(ms(5));
     assert_eq!(model.notifications(TX), 4);
     // An index already passed: none.
     set_avail_event(&transport, TX, next.wrapping_add(4));
     assert_eq!(vsock.send(conn, b"z"), Ok(1));
+    vsock.poll(ms(6));
     assert_eq!(model.notifications(TX), 4);
     assert_eq!(vsock.stats().tx_kicks, 4);
     let packets = model.drain_tx();
@@ -1043,22 +1049,39 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
     );
     let data = pattern(4 * MAX_TX_PAYLOAD);
 
-    // One notification per batch, whether the device caught up or not.
+    // One notification per batch, whether the device caught up or not: a batch is a
+    // quarter of the queue (4 packets here) or whatever the next poll finds.
     assert_eq!(
         vsock.send(conn, &data[..3 * MAX_TX_PAYLOAD]),
         Ok(3 * MAX_TX_PAYLOAD)
     );
+    assert_eq!(model.notifications(TX), 1, "3 packets wait for the poll");
+    vsock.poll(ms(2));
     assert_eq!(model.notifications(TX), 2);
     assert_eq!(vsock.send(conn, b"x"), Ok(1));
+    vsock.poll(ms(3));
     assert_eq!(model.notifications(TX), 3);
+    assert_eq!(model.drain_tx().len(), 4);
+    assert_eq!(
+        vsock.send(conn, &data[..4 * MAX_TX_PAYLOAD]),
+        Ok(4 * MAX_TX_PAYLOAD)
+    );
+    assert_eq!(
+        model.notifications(TX),
+        4,
+        "a full batch notifies from send"
+    );
+    vsock.poll(ms(4));
+    assert_eq!(model.notifications(TX), 4, "nothing new for the poll");
+    assert_eq!(model.drain_tx().len(), 4);
     // Rx reposting notifies once per poll that reposted, dry or not.
     let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
     for _ in 0..3 {
         model.deliver(&credit, &[]).unwrap();
     }
-    vsock.poll(ms(2));
+    vsock.poll(ms(5));
     assert_eq!(model.notifications(RX), 3, "three reposted in one poll");
-    vsock.poll(ms(3));
+    vsock.poll(ms(6));
     assert_eq!(model.notifications(RX), 3, "nothing reposted, nothing said");
 
     // NO_NOTIFY set on both queues: silence.
@@ -1069,16 +1092,17 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
         Ok(2 * MAX_TX_PAYLOAD)
     );
     model.deliver(&credit, &[]).unwrap();
-    vsock.poll(ms(4));
-    assert_eq!((model.notifications(TX), model.notifications(RX)), (3, 3));
+    vsock.poll(ms(7));
+    assert_eq!((model.notifications(TX), model.notifications(RX)), (4, 3));
     // Cleared: the next batch notifies once.
     set_used_flags(&transport, TX, 0);
     assert_eq!(vsock.send(conn, b"y"), Ok(1));
-    assert_eq!(model.notifications(TX), 4);
-    assert_eq!(vsock.stats().tx_kicks, 4);
+    vsock.poll(ms(8));
+    assert_eq!(model.notifications(TX), 5);
+    assert_eq!(vsock.stats().tx_kicks, 5);
     let packets = model.drain_tx();
-    assert_eq!(packets.len(), 7);
-    assert_eq!(packets[6], rw_to_host(b"y", per, 0));
+    assert_eq!(packets.len(), 3);
+    assert_eq!(packets[2], rw_to_host(b"y", per, 0));
 }
 
 // ---------------------------------------------------------------------------------------
