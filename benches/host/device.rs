@@ -316,6 +316,14 @@ pub struct HostCounters {
     pub accepted: AtomicU64,
     /// RSTs the guest sent or the host sent after a guest shutdown.
     pub closed: AtomicU64,
+    /// Device loop iterations, for diagnosing a stuck run.
+    pub loops: AtomicU64,
+    /// The TX avail index the device last saw.
+    pub tx_avail_seen: AtomicU64,
+    /// Guest packets popped from the TX ring.
+    pub tx_popped: AtomicU64,
+    /// Where the device thread is: 1 waiting for DRIVER_OK, 2 set up, 3 running.
+    pub phase: AtomicU64,
 }
 
 /// One connection as the host sees it.
@@ -514,8 +522,12 @@ impl BenchDevice {
     /// What the device thread has done, for diagnosing a stuck run.
     pub fn debug_state(&self) -> String {
         format!(
-            "status {:#x}, queues {:?}, thread running {}",
+            "phase {}, status {:#x}, loops {}, tx avail seen {}, tx popped {}, queues {:?}, thread running {}",
+            self.counters.phase.load(Ordering::Relaxed),
             self.registers.status.load(Ordering::SeqCst),
+            self.counters.loops.load(Ordering::Relaxed),
+            self.counters.tx_avail_seen.load(Ordering::Relaxed),
+            self.counters.tx_popped.load(Ordering::Relaxed),
             self.registers.queues.lock().map(|q| *q).ok(),
             self.thread.as_ref().is_some_and(|t| !t.is_finished())
         )
@@ -554,6 +566,7 @@ fn run_device(
     role: HostRole,
 ) {
     const DRIVER_OK: u32 = 4;
+    counters.phase.store(1, Ordering::Relaxed);
     // Wait for the driver to finish bring-up.
     let queues = loop {
         if stop.load(Ordering::Relaxed) {
@@ -568,6 +581,7 @@ fn run_device(
         }
         std::thread::yield_now();
     };
+    counters.phase.store(2, Ordering::Relaxed);
     let mut rx = Ring::new(queues.0);
     let mut tx = Ring::new(queues.1);
     let mut host = Host {
@@ -580,11 +594,17 @@ fn run_device(
         pattern: (0..=255u8).cycle().take(70 * 1024).collect(),
     };
     let mut rx_pending: Option<u16> = None;
+    host.counters.phase.store(3, Ordering::Relaxed);
     while !stop.load(Ordering::Relaxed) {
+        host.counters.loops.fetch_add(1, Ordering::Relaxed);
+        host.counters
+            .tx_avail_seen
+            .store(u64::from(tx.avail_idx()), Ordering::Relaxed);
         let mut busy = false;
         // Guest → host.
         while let Some(head) = tx.pop_avail() {
             busy = true;
+            host.counters.tx_popped.fetch_add(1, Ordering::Relaxed);
             tx.chain(head, &mut host.segments);
             host.scratch.clear();
             for &(addr, len, _) in &host.segments {

@@ -133,6 +133,23 @@ fn check_stuck(started: Instant, what: &str) {
 
 struct Ours {
     epoch: Instant,
+    /// Our driver's settings: `Config::default()` unless `VSOCK_BENCH_QUEUE`,
+    /// `VSOCK_BENCH_RX` or `VSOCK_BENCH_TX` (buffer bytes, header included) say otherwise.
+    config: Config,
+}
+
+/// `Config::default()` with the overrides from the environment.
+fn our_config() -> Config {
+    fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
+        std::env::var(name).ok().and_then(|v| v.parse().ok())
+    }
+    let default = Config::default();
+    Config {
+        queue_size: env("VSOCK_BENCH_QUEUE").unwrap_or(default.queue_size),
+        rx_buffer_size: env("VSOCK_BENCH_RX").unwrap_or(default.rx_buffer_size),
+        tx_buffer_size: env("VSOCK_BENCH_TX").unwrap_or(default.tx_buffer_size),
+        ..default
+    }
 }
 
 impl Ours {
@@ -146,7 +163,7 @@ impl Ours {
         let mut rx_memory = vec![0u8; OUR_SOCKETS * OUR_RX_PER_SOCKET];
         let config = Config {
             connect_timeout: Duration::from_secs(30),
-            ..Config::default()
+            ..self.config
         };
         let mut vsock = VsockDevice::<BenchHal, BenchTransport>::new(
             transport,
@@ -209,8 +226,9 @@ impl Ours {
                 cycles
             }
             Kind::ManyConnections { connections, each } => {
-                let sockets: Vec<SocketHandle> =
-                    (0..connections).map(|_| self.connect(&mut vsock, &device)).collect();
+                let sockets: Vec<SocketHandle> = (0..connections)
+                    .map(|_| self.connect(&mut vsock, &device))
+                    .collect();
                 let mut sent = vec![0u64; connections];
                 let chunk = vec![0x5a_u8; 4096];
                 while sent.iter().any(|&s| s < each) {
@@ -563,7 +581,12 @@ fn main() {
     ];
     let ours = Ours {
         epoch: Instant::now(),
+        config: our_config(),
     };
+    println!(
+        "ours: queue {}, rx buffers {} B, tx buffers {} B",
+        ours.config.queue_size, ours.config.rx_buffer_size, ours.config.tx_buffer_size
+    );
     println!(
         "host benchmark: median of {} runs each, A/B alternating, device on its own thread",
         options.repetitions
