@@ -66,6 +66,11 @@
 //!
 //! [`virtio::find_vsock`] finds the virtio socket device over PCI (q35) or virtio-mmio
 //! (microvm) and [`hal::BootHal`] is the `virtio_drivers::Hal` to drive it with.
+//!
+//! # Heap
+//!
+//! [`heap`] is the global allocator, empty until a guest calls [`heap::init`] with an
+//! arena (only the benchmark guest does, for virtio-drivers' socket driver).
 
 // Every example uses a different part of this module.
 #![allow(dead_code)]
@@ -74,6 +79,7 @@
 compile_error!("the boot module supports x86_64 only (PVH boot under QEMU)");
 
 pub mod hal;
+pub mod heap;
 mod idt;
 pub mod paging;
 pub mod port;

@@ -1,0 +1,837 @@
+//! Benchmark guest: serves the workloads of `cargo xtask bench qemu` with one of three
+//! drivers, picked on the kernel command line, so that one ELF and one copy of the
+//! workload code serve every driver:
+//!
+//! | `driver=`     | what |
+//! | ------------- | ---- |
+//! | `ours`        | vsock-guest's `VsockDevice` with `Config::default()` and 256 KiB of receive memory per socket |
+//! | `theirs`      | virtio-drivers' `VsockConnectionManager` at its defaults: `VsockConnectionManager::new(VirtIOSocket::new(..))` (512-byte RX buffers, 8-entry queues, 1 KiB per connection) |
+//! | `theirs-best` | the same at its best settings: 64 KiB + 44-byte RX buffers, `new_with_capacity(.., 256 KiB)` |
+//!
+//! The host measures every time; the guest only serves. It listens on port 5000 (`port=`
+//! changes it) and prints `bench: ready` once it does. Each host connection starts with a
+//! one-line command; a trailing `seq=<n>` word is ignored by the guest and echoed in its
+//! log, so the host can match results to requests:
+//!
+//! - `send <total> <write>`: the guest sends `total` bytes of the pattern below in writes
+//!   of `write` bytes (at most 64 KiB), then waits for the host to close.
+//! - `recv <total> <chunk>`: the host sends `total` bytes of the pattern; the guest reads
+//!   them `chunk` bytes at a time, checks every byte and answers `ok <bytes> <bad>\n`,
+//!   then waits for the host to close.
+//! - `pingpong`: the guest sends back every byte it reads, until the host closes.
+//! - `cycles <n>`: the guest answers `go\n`; the next `n` connections that close without
+//!   a command are connect/close cycles, summed up in one log line after the last.
+//! - `exit`: the guest answers `bye\n`, waits for the host to close and exits QEMU with
+//!   status 33.
+//!
+//! After each command the guest logs one line, `bench: result "<command>" ok=1
+//! guest_us=<t> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`: the notifications
+//! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
+//! the workload, counted in a wrapper around the transport (so both drivers are counted
+//! the same way), and the driver's own counters (ours: `VsockDevice::stats()`; theirs:
+//! the packets its `poll` rejected). A failed workload logs `ok=0 error=<why>`.
+//!
+//! virtio-drivers' driver does not send credit updates by itself, so after every `recv`
+//! that returned bytes this guest calls `update_credit`, as a real user must; it also
+//! skips packets its `poll` rejects as malformed (vhost-device-vsock 0.3.0 sometimes hands
+//! the guest a zeroed header), as our driver does, and counts them.
+//!
+//! The data pattern: byte `i` of a stream is byte `i % 8` (little-endian) of
+//! `pattern_word(i / 8)`, so a lost, repeated or reordered chunk shows;
+//! `xtask/src/bench.rs` has the same function.
+#![cfg_attr(target_os = "none", no_std, no_main)]
+
+#[cfg(target_os = "none")]
+mod boot;
+
+#[cfg(target_os = "none")]
+boot::entry!(main);
+
+#[cfg(target_os = "none")]
+mod bench {
+    use crate::boot;
+    use core::fmt::{self, Write as _};
+    use core::sync::atomic::{AtomicU64, Ordering};
+    use log::{error, info, warn};
+    use spin::Mutex;
+    use virtio_drivers::device::socket::{
+        SocketError, VirtIOSocket, VsockAddr as TheirAddr, VsockConnectionManager, VsockEventType,
+    };
+    use virtio_drivers::transport::{
+        DeviceStatus, DeviceType, InterruptStatus, SomeTransport, Transport,
+    };
+    use virtio_drivers::PhysAddr;
+    use vsock_guest::{
+        Config, Instant, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
+    };
+    use zerocopy::{FromBytes, Immutable, IntoBytes};
+
+    /// The control port unless `port=` says otherwise.
+    const DEFAULT_PORT: u32 = 5000;
+    /// Socket slots for our driver: the listener, one session, and connections that are
+    /// still finishing their close.
+    const SOCKETS: usize = 16;
+    /// Receive memory per socket for our driver (what each connection advertises).
+    const RX_PER_SOCKET: usize = 256 * 1024;
+    /// Listen backlog for our driver.
+    const BACKLOG: usize = 8;
+    /// Heap for virtio-drivers' driver: its RX buffers (8 x 64 KiB at most) and one ring
+    /// buffer per connection (256 KiB at most).
+    const HEAP_SIZE: usize = 8 << 20;
+    /// virtio-drivers' largest useful RX buffer: a 64 KiB payload and the header.
+    const THEIR_BEST_RX: usize = 64 * 1024 + 44;
+    /// virtio-drivers' per-connection buffer at its best settings.
+    const THEIR_BEST_CAPACITY: u32 = 256 * 1024;
+    /// Largest write or read the workloads use.
+    const MAX_IO: usize = 64 * 1024;
+    /// Longest command line.
+    const MAX_LINE: usize = 128;
+    /// Connections virtio-drivers' manager accepted that the guest has not taken yet.
+    const PENDING: usize = 16;
+
+    static SLOTS: Mutex<[SocketSlot; SOCKETS]> = Mutex::new([SocketSlot::EMPTY; SOCKETS]);
+    static RX_MEMORY: Mutex<[u8; SOCKETS * RX_PER_SOCKET]> =
+        Mutex::new([0; SOCKETS * RX_PER_SOCKET]);
+    static HEAP: Mutex<[u8; HEAP_SIZE]> = Mutex::new([0; HEAP_SIZE]);
+    static BUFFER: Mutex<[u8; MAX_IO]> = Mutex::new([0; MAX_IO]);
+
+    fn now_micros() -> u64 {
+        boot::time::now_micros()
+    }
+
+    // ------------------------------------------------------------------ counting kicks
+
+    /// Notifications sent per virtqueue: 0 RX, 1 TX, 2 event.
+    static KICKS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+
+    fn kicks() -> [u64; 3] {
+        [0, 1, 2].map(|queue| KICKS[queue].load(Ordering::Relaxed))
+    }
+
+    /// The boot transport, counting every `notify` (a kick: an exit to the hypervisor).
+    pub struct CountingTransport(SomeTransport<'static>);
+
+    impl Transport for CountingTransport {
+        fn device_type(&self) -> DeviceType {
+            self.0.device_type()
+        }
+        fn read_device_features(&mut self) -> u64 {
+            self.0.read_device_features()
+        }
+        fn write_driver_features(&mut self, driver_features: u64) {
+            self.0.write_driver_features(driver_features)
+        }
+        fn max_queue_size(&mut self, queue: u16) -> u32 {
+            self.0.max_queue_size(queue)
+        }
+        fn notify(&mut self, queue: u16) {
+            if let Some(count) = KICKS.get(usize::from(queue)) {
+                count.fetch_add(1, Ordering::Relaxed);
+            }
+            self.0.notify(queue)
+        }
+        fn get_status(&self) -> DeviceStatus {
+            self.0.get_status()
+        }
+        fn set_status(&mut self, status: DeviceStatus) {
+            self.0.set_status(status)
+        }
+        fn set_guest_page_size(&mut self, guest_page_size: u32) {
+            self.0.set_guest_page_size(guest_page_size)
+        }
+        fn requires_legacy_layout(&self) -> bool {
+            self.0.requires_legacy_layout()
+        }
+        fn queue_set(
+            &mut self,
+            queue: u16,
+            size: u32,
+            descriptors: PhysAddr,
+            driver_area: PhysAddr,
+            device_area: PhysAddr,
+        ) {
+            self.0
+                .queue_set(queue, size, descriptors, driver_area, device_area)
+        }
+        fn queue_unset(&mut self, queue: u16) {
+            self.0.queue_unset(queue)
+        }
+        fn queue_used(&mut self, queue: u16) -> bool {
+            self.0.queue_used(queue)
+        }
+        fn ack_interrupt(&mut self) -> InterruptStatus {
+            self.0.ack_interrupt()
+        }
+        fn read_config_generation(&self) -> u32 {
+            self.0.read_config_generation()
+        }
+        fn read_config_space<T: FromBytes + IntoBytes>(
+            &self,
+            offset: usize,
+        ) -> virtio_drivers::Result<T> {
+            self.0.read_config_space(offset)
+        }
+        fn write_config_space<T: IntoBytes + Immutable>(
+            &mut self,
+            offset: usize,
+            value: T,
+        ) -> virtio_drivers::Result<()> {
+            self.0.write_config_space(offset, value)
+        }
+    }
+
+    // ------------------------------------------------------------------ the pattern
+
+    /// Word `index` of the data pattern (see the module documentation).
+    fn pattern_word(index: u64) -> u64 {
+        (index ^ 0x5555_5555_5555_5555)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(29)
+    }
+
+    fn pattern_byte(offset: u64) -> u8 {
+        pattern_word(offset / 8).to_le_bytes()[(offset % 8) as usize]
+    }
+
+    /// Fills `buf` with the pattern from stream offset `offset`.
+    fn fill_pattern(offset: u64, buf: &mut [u8]) {
+        let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+        let (first, rest) = buf.split_at_mut(head);
+        for (i, byte) in first.iter_mut().enumerate() {
+            *byte = pattern_byte(offset + i as u64);
+        }
+        let aligned = offset + head as u64;
+        let mut words = rest.chunks_exact_mut(8);
+        let mut index = aligned / 8;
+        for word in &mut words {
+            word.copy_from_slice(&pattern_word(index).to_le_bytes());
+            index += 1;
+        }
+        let tail = words.into_remainder();
+        for (i, byte) in tail.iter_mut().enumerate() {
+            *byte = pattern_byte(index * 8 + i as u64);
+        }
+    }
+
+    /// Counts the bytes of `buf` that differ from the pattern at stream offset `offset`.
+    fn count_mismatches(offset: u64, buf: &[u8]) -> u64 {
+        let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
+        let (first, rest) = buf.split_at(head);
+        let mut bad = 0;
+        for (i, &byte) in first.iter().enumerate() {
+            bad += u64::from(byte != pattern_byte(offset + i as u64));
+        }
+        let mut index = (offset + head as u64) / 8;
+        let mut words = rest.chunks_exact(8);
+        for word in &mut words {
+            let expected = pattern_word(index).to_le_bytes();
+            if word != expected {
+                bad += word.iter().zip(expected).filter(|(a, b)| **a != *b).count() as u64;
+            }
+            index += 1;
+        }
+        for (i, &byte) in words.remainder().iter().enumerate() {
+            bad += u64::from(byte != pattern_byte(index * 8 + i as u64));
+        }
+        bad
+    }
+
+    // ------------------------------------------------------------------ the drivers
+
+    /// What a read found.
+    enum Recv {
+        Data(usize),
+        /// Nothing now.
+        Empty,
+        /// The peer closed its side and everything it sent has been read.
+        Eof,
+    }
+
+    /// A driver failure, with the driver's own words.
+    #[derive(Clone, Copy, Debug)]
+    enum Failure {
+        Ours(vsock_guest::Error),
+        Theirs(virtio_drivers::Error),
+        Protocol(&'static str),
+    }
+
+    impl fmt::Display for Failure {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            match self {
+                Failure::Ours(e) => write!(f, "vsock-guest: {e}"),
+                Failure::Theirs(e) => write!(f, "virtio-drivers: {e}"),
+                Failure::Protocol(what) => f.write_str(what),
+            }
+        }
+    }
+
+    type Result<T> = core::result::Result<T, Failure>;
+
+    /// What the workloads need from a driver. Every call is non-blocking; `poll` makes
+    /// progress.
+    trait Driver {
+        type Conn: Copy;
+        fn poll(&mut self) -> Result<()>;
+        /// A new connection on the control port, if one is waiting.
+        fn accept(&mut self) -> Option<Self::Conn>;
+        /// Bytes taken (0: no room now).
+        fn send(&mut self, conn: Self::Conn, data: &[u8]) -> Result<usize>;
+        fn recv(&mut self, conn: Self::Conn, buf: &mut [u8]) -> Result<Recv>;
+        fn close(&mut self, conn: Self::Conn);
+        /// The driver's own counters, for the result line.
+        fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result;
+    }
+
+    type OurDevice = VsockDevice<'static, boot::hal::BootHal, CountingTransport>;
+
+    struct Ours {
+        device: OurDevice,
+        listener: SocketHandle,
+    }
+
+    impl Ours {
+        fn new(transport: CountingTransport, port: u32) -> Result<Self> {
+            let slots = spin::MutexGuard::leak(SLOTS.lock());
+            let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
+            let mut device = VsockDevice::new(transport, Config::default(), slots, rx_memory)
+                .map_err(Failure::Ours)?;
+            let listener = device.stream_socket().map_err(Failure::Ours)?;
+            device
+                .bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))
+                .map_err(Failure::Ours)?;
+            device.listen(listener, BACKLOG).map_err(Failure::Ours)?;
+            let config = Config::default();
+            info!(
+                "bench: driver ours (vsock-guest), Config::default(): {}-entry queues, {} B RX / {} B TX buffers, {} KiB receive memory per socket",
+                config.queue_size,
+                config.rx_buffer_size,
+                config.tx_buffer_size,
+                device.rx_buffer_per_socket() / 1024
+            );
+            Ok(Ours { device, listener })
+        }
+    }
+
+    impl Driver for Ours {
+        type Conn = SocketHandle;
+
+        fn poll(&mut self) -> Result<()> {
+            self.device.poll(Instant::from_micros(now_micros()));
+            Ok(())
+        }
+
+        fn accept(&mut self) -> Option<SocketHandle> {
+            match self.device.accept(self.listener) {
+                Ok((handle, _)) => Some(handle),
+                Err(vsock_guest::Error::WouldBlock) => None,
+                Err(e) => {
+                    warn!("bench: accept failed: {e}");
+                    None
+                }
+            }
+        }
+
+        fn send(&mut self, conn: SocketHandle, data: &[u8]) -> Result<usize> {
+            match self.device.send(conn, data) {
+                Ok(n) => Ok(n),
+                Err(vsock_guest::Error::WouldBlock) => Ok(0),
+                Err(e) => Err(Failure::Ours(e)),
+            }
+        }
+
+        fn recv(&mut self, conn: SocketHandle, buf: &mut [u8]) -> Result<Recv> {
+            match self.device.recv(conn, buf) {
+                Ok(0) => Ok(Recv::Eof),
+                Ok(n) => Ok(Recv::Data(n)),
+                Err(vsock_guest::Error::WouldBlock) => Ok(Recv::Empty),
+                Err(e) => Err(Failure::Ours(e)),
+            }
+        }
+
+        fn close(&mut self, conn: SocketHandle) {
+            if let Err(e) = self.device.close(conn) {
+                warn!("bench: close failed: {e}");
+            }
+        }
+
+        fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+            let stats = self.device.stats();
+            write!(
+                out,
+                "stats_rx_kicks={} stats_tx_kicks={} rx_packets={} tx_packets={} rx_dropped={}",
+                stats.rx_kicks,
+                stats.tx_kicks,
+                stats.rx_packets,
+                stats.tx_packets,
+                stats.rx_dropped
+            )
+        }
+    }
+
+    struct Theirs<const RX: usize> {
+        manager: VsockConnectionManager<boot::hal::BootHal, CountingTransport, RX>,
+        port: u32,
+        /// Connections the manager accepted, not yet taken by `accept`.
+        pending: heapless::Deque<TheirAddr, PENDING>,
+        /// Peers that disconnected; a read finds end of stream once the data is drained.
+        closed: heapless::Vec<TheirAddr, PENDING>,
+        /// Packets `poll` rejected as malformed and this guest skipped.
+        bad_packets: u64,
+        credit_updates: u64,
+    }
+
+    impl<const RX: usize> Theirs<RX> {
+        fn new(
+            manager: VsockConnectionManager<boot::hal::BootHal, CountingTransport, RX>,
+            port: u32,
+        ) -> Self {
+            let mut theirs = Theirs {
+                manager,
+                port,
+                pending: heapless::Deque::new(),
+                closed: heapless::Vec::new(),
+                bad_packets: 0,
+                credit_updates: 0,
+            };
+            theirs.manager.listen(port);
+            theirs
+        }
+
+        fn mark_closed(&mut self, peer: TheirAddr) {
+            if !self.closed.contains(&peer) && self.closed.push(peer).is_err() {
+                warn!("bench: too many closed connections");
+            }
+        }
+
+        fn forget_closed(&mut self, peer: TheirAddr) {
+            self.closed.retain(|p| *p != peer);
+        }
+    }
+
+    fn is_bad_packet(error: &virtio_drivers::Error) -> bool {
+        matches!(
+            error,
+            virtio_drivers::Error::SocketDeviceError(
+                SocketError::InvalidOperation
+                    | SocketError::UnknownOperation(_)
+                    | SocketError::InvalidNumber
+                    | SocketError::UnexpectedDataInPacket
+                    | SocketError::BufferTooShort
+            )
+        )
+    }
+
+    impl<const RX: usize> Driver for Theirs<RX> {
+        type Conn = TheirAddr;
+
+        fn poll(&mut self) -> Result<()> {
+            // `poll` handles one RX packet per call; take what is there, a batch at most.
+            for _ in 0..64 {
+                match self.manager.poll() {
+                    Ok(Some(event)) => {
+                        if event.destination.port != self.port {
+                            continue;
+                        }
+                        match event.event_type {
+                            VsockEventType::ConnectionRequest => {
+                                // The manager has accepted it (we listen on the port).
+                                self.forget_closed(event.source);
+                                if self.pending.push_back(event.source).is_err() {
+                                    warn!("bench: too many pending connections");
+                                }
+                            }
+                            VsockEventType::Disconnected { .. } => self.mark_closed(event.source),
+                            _ => {}
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) if is_bad_packet(&e) => self.bad_packets += 1,
+                    Err(e) => return Err(Failure::Theirs(e)),
+                }
+            }
+            Ok(())
+        }
+
+        fn accept(&mut self) -> Option<TheirAddr> {
+            self.pending.pop_front()
+        }
+
+        fn send(&mut self, conn: TheirAddr, data: &[u8]) -> Result<usize> {
+            match self.manager.send(conn, self.port, data) {
+                Ok(()) => Ok(data.len()),
+                Err(virtio_drivers::Error::SocketDeviceError(
+                    SocketError::InsufficientBufferSpaceInPeer,
+                )) => Ok(0),
+                Err(e) => Err(Failure::Theirs(e)),
+            }
+        }
+
+        fn recv(&mut self, conn: TheirAddr, buf: &mut [u8]) -> Result<Recv> {
+            match self.manager.recv(conn, self.port, buf) {
+                Ok(0) if self.closed.contains(&conn) => Ok(Recv::Eof),
+                Ok(0) => Ok(Recv::Empty),
+                Ok(n) => {
+                    // virtio-drivers leaves credit updates to its user. After the last
+                    // bytes of a closed connection the manager has dropped it already.
+                    match self.manager.update_credit(conn, self.port) {
+                        Ok(()) => self.credit_updates += 1,
+                        Err(virtio_drivers::Error::SocketDeviceError(
+                            SocketError::NotConnected,
+                        )) if self.closed.contains(&conn) => {}
+                        Err(e) => return Err(Failure::Theirs(e)),
+                    }
+                    Ok(Recv::Data(n))
+                }
+                Err(virtio_drivers::Error::SocketDeviceError(SocketError::NotConnected))
+                    if self.closed.contains(&conn) =>
+                {
+                    Ok(Recv::Eof)
+                }
+                Err(e) => Err(Failure::Theirs(e)),
+            }
+        }
+
+        fn close(&mut self, conn: TheirAddr) {
+            self.forget_closed(conn);
+            // The manager drops a connection itself once the peer shut it down (with an
+            // RST); otherwise close it now.
+            match self.manager.force_close(conn, self.port) {
+                Ok(())
+                | Err(virtio_drivers::Error::SocketDeviceError(SocketError::NotConnected)) => {}
+                Err(e) => warn!("bench: force_close failed: {e}"),
+            }
+        }
+
+        fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+            write!(
+                out,
+                "bad_packets={} credit_updates={}",
+                self.bad_packets, self.credit_updates
+            )
+        }
+    }
+
+    // ------------------------------------------------------------------ the workloads
+
+    /// Counters over a batch of connect/close cycles.
+    struct Cycles {
+        expected: u64,
+        done: u64,
+        started_us: u64,
+        kicks: [u64; 3],
+        line: heapless::String<MAX_LINE>,
+    }
+
+    fn send_all<D: Driver>(driver: &mut D, conn: D::Conn, data: &[u8]) -> Result<()> {
+        let mut offset = 0;
+        while offset < data.len() {
+            match driver.send(conn, &data[offset..])? {
+                0 => driver.poll()?,
+                n => offset += n,
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads and drops whatever comes until the peer closes.
+    fn wait_eof<D: Driver>(driver: &mut D, conn: D::Conn) -> Result<()> {
+        let mut scratch = [0u8; 256];
+        loop {
+            match driver.recv(conn, &mut scratch)? {
+                Recv::Data(_) => {}
+                Recv::Empty => driver.poll()?,
+                Recv::Eof => return Ok(()),
+            }
+        }
+    }
+
+    /// The command line: `Ok(None)` when the peer closed before sending anything (a
+    /// connect/close cycle). Bytes after the newline stay in `line[start..len]`.
+    fn read_command<D: Driver>(
+        driver: &mut D,
+        conn: D::Conn,
+        line: &mut [u8; MAX_LINE],
+    ) -> Result<Option<(usize, usize, usize)>> {
+        let mut len = 0;
+        loop {
+            if let Some(newline) = line[..len].iter().position(|&b| b == b'\n') {
+                return Ok(Some((newline, newline + 1, len)));
+            }
+            if len == line.len() {
+                return Err(Failure::Protocol("command line too long"));
+            }
+            match driver.recv(conn, &mut line[len..])? {
+                Recv::Data(n) => len += n,
+                Recv::Empty => driver.poll()?,
+                Recv::Eof if len == 0 => return Ok(None),
+                Recv::Eof => return Err(Failure::Protocol("closed inside the command line")),
+            }
+        }
+    }
+
+    fn number(word: Option<&str>, what: &'static str) -> Result<u64> {
+        word.and_then(|w| w.parse().ok())
+            .ok_or(Failure::Protocol(what))
+    }
+
+    /// What a finished command reports.
+    enum Outcome {
+        /// A workload ran: log a result line.
+        Done {
+            bad: u64,
+        },
+        /// `cycles`: counting starts.
+        Cycles(u64),
+        Exit,
+    }
+
+    /// Runs one command on `conn` (everything up to the host's close).
+    fn run_command<D: Driver>(
+        driver: &mut D,
+        conn: D::Conn,
+        command: &str,
+        leftover: &[u8],
+        buffer: &mut [u8; MAX_IO],
+        finished_us: &mut u64,
+    ) -> Result<Outcome> {
+        let mut words = command.split_ascii_whitespace();
+        let verb = words.next().unwrap_or("");
+        let outcome = match verb {
+            "send" => {
+                let total = number(words.next(), "send: byte count")?;
+                let write = number(words.next(), "send: write size")? as usize;
+                if write == 0 || write > MAX_IO {
+                    return Err(Failure::Protocol("send: write size not in 1..=65536"));
+                }
+                let mut sent = 0u64;
+                while sent < total {
+                    let n = (total - sent).min(write as u64) as usize;
+                    fill_pattern(sent, &mut buffer[..n]);
+                    send_all(driver, conn, &buffer[..n])?;
+                    sent += n as u64;
+                }
+                Outcome::Done { bad: 0 }
+            }
+            "recv" => {
+                let total = number(words.next(), "recv: byte count")?;
+                let chunk = number(words.next(), "recv: read size")? as usize;
+                if chunk == 0 || chunk > MAX_IO {
+                    return Err(Failure::Protocol("recv: read size not in 1..=65536"));
+                }
+                let mut got = leftover.len() as u64;
+                let mut bad = count_mismatches(0, leftover);
+                while got < total {
+                    let want = (total - got).min(chunk as u64) as usize;
+                    match driver.recv(conn, &mut buffer[..want])? {
+                        Recv::Data(n) => {
+                            bad += count_mismatches(got, &buffer[..n]);
+                            got += n as u64;
+                        }
+                        Recv::Empty => driver.poll()?,
+                        Recv::Eof => return Err(Failure::Protocol("recv: closed early")),
+                    }
+                }
+                let mut reply: heapless::String<64> = heapless::String::new();
+                let _ = writeln!(reply, "ok {got} {bad}");
+                send_all(driver, conn, reply.as_bytes())?;
+                Outcome::Done { bad }
+            }
+            "pingpong" => {
+                send_all(driver, conn, leftover)?;
+                let mut bytes = [0u8; 64];
+                loop {
+                    match driver.recv(conn, &mut bytes)? {
+                        Recv::Data(n) => send_all(driver, conn, &bytes[..n])?,
+                        Recv::Empty => driver.poll()?,
+                        Recv::Eof => break,
+                    }
+                }
+                *finished_us = now_micros();
+                return Ok(Outcome::Done { bad: 0 });
+            }
+            "cycles" => {
+                let n = number(words.next(), "cycles: count")?;
+                send_all(driver, conn, b"go\n")?;
+                Outcome::Cycles(n)
+            }
+            "exit" => {
+                send_all(driver, conn, b"bye\n")?;
+                Outcome::Exit
+            }
+            _ => return Err(Failure::Protocol("unknown command")),
+        };
+        *finished_us = now_micros();
+        wait_eof(driver, conn)?;
+        Ok(outcome)
+    }
+
+    fn log_result<D: Driver>(
+        driver: &D,
+        command: &str,
+        result: core::result::Result<u64, Failure>,
+        elapsed_us: u64,
+        kicks_before: [u64; 3],
+    ) {
+        let kicks_after = kicks();
+        let mut line: heapless::String<512> = heapless::String::new();
+        let _ = write!(line, "bench: result \"{command}\" ");
+        match result {
+            Ok(bad) => {
+                let _ = write!(line, "ok=1 bad={bad} ");
+            }
+            Err(e) => {
+                let _ = write!(line, "ok=0 error=\"{e}\" ");
+            }
+        }
+        let _ = write!(
+            line,
+            "guest_us={elapsed_us} kicks_rx={} kicks_tx={} kicks_event={} ",
+            kicks_after[0] - kicks_before[0],
+            kicks_after[1] - kicks_before[1],
+            kicks_after[2] - kicks_before[2],
+        );
+        let _ = driver.counters(&mut line);
+        info!("{line}");
+    }
+
+    fn serve<D: Driver>(mut driver: D, port: u32) -> ! {
+        let buffer = spin::MutexGuard::leak(BUFFER.lock());
+        let mut cycles = Cycles {
+            expected: 0,
+            done: 0,
+            started_us: 0,
+            kicks: [0; 3],
+            line: heapless::String::new(),
+        };
+        info!("bench: listening on port {port}");
+        info!("bench: ready");
+        loop {
+            if let Err(e) = driver.poll() {
+                error!("bench: poll failed: {e}");
+            }
+            let Some(conn) = driver.accept() else {
+                continue;
+            };
+            let kicks_before = kicks();
+            let started_us = now_micros();
+            let mut line = [0u8; MAX_LINE];
+            let (end, start, len) = match read_command(&mut driver, conn, &mut line) {
+                Ok(Some(command)) => command,
+                Ok(None) => {
+                    // A connect/close cycle.
+                    driver.close(conn);
+                    if cycles.done < cycles.expected {
+                        cycles.done += 1;
+                        if cycles.done == cycles.expected {
+                            let elapsed = now_micros() - cycles.started_us;
+                            let command = cycles.line.clone();
+                            log_result(&driver, &command, Ok(0), elapsed, cycles.kicks);
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    warn!("bench: reading a command failed: {e}");
+                    driver.close(conn);
+                    continue;
+                }
+            };
+            let command = core::str::from_utf8(&line[..end]).unwrap_or("").trim();
+            let mut finished_us = started_us;
+            let result = run_command(
+                &mut driver,
+                conn,
+                command,
+                &line[start..len],
+                buffer,
+                &mut finished_us,
+            );
+            driver.close(conn);
+            let elapsed = finished_us - started_us;
+            match result {
+                Ok(Outcome::Done { bad }) => {
+                    log_result(&driver, command, Ok(bad), elapsed, kicks_before)
+                }
+                Ok(Outcome::Cycles(n)) => {
+                    cycles = Cycles {
+                        expected: n,
+                        done: 0,
+                        started_us: now_micros(),
+                        kicks: kicks(),
+                        line: heapless::String::new(),
+                    };
+                    let _ = cycles.line.push_str(command);
+                }
+                Ok(Outcome::Exit) => {
+                    info!("bench: exit requested");
+                    boot::exit_success();
+                }
+                Err(e) => log_result(&driver, command, Err(e), elapsed, kicks_before),
+            }
+        }
+    }
+
+    pub fn run(info: &boot::BootInfo) -> ! {
+        let port = info
+            .cmdline_value("port")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(DEFAULT_PORT);
+        let name = info.cmdline_value("driver").unwrap_or("ours");
+        let Some(transport) = boot::virtio::find_vsock() else {
+            error!("bench: no virtio socket device");
+            boot::exit_failure();
+        };
+        let transport = CountingTransport(transport);
+        let failed = |e: Failure| -> ! {
+            error!("bench: bring-up of {name} failed: {e}");
+            boot::exit_failure();
+        };
+        match name {
+            "ours" => serve(
+                Ours::new(transport, port).unwrap_or_else(|e| failed(e)),
+                port,
+            ),
+            "theirs" | "theirs-best" => {
+                let arena: &'static mut [u8; HEAP_SIZE] = spin::MutexGuard::leak(HEAP.lock());
+                boot::heap::init(arena);
+                if name == "theirs" {
+                    let socket = VirtIOSocket::<boot::hal::BootHal, _>::new(transport)
+                        .unwrap_or_else(|e| failed(Failure::Theirs(e)));
+                    info!("bench: driver theirs (virtio-drivers VsockConnectionManager::new): 512 B RX buffers, 8-entry queues, 1 KiB per connection");
+                    serve(Theirs::new(VsockConnectionManager::new(socket), port), port)
+                } else {
+                    let socket =
+                        VirtIOSocket::<boot::hal::BootHal, _, THEIR_BEST_RX>::new(transport)
+                            .unwrap_or_else(|e| failed(Failure::Theirs(e)));
+                    info!(
+                        "bench: driver theirs-best (virtio-drivers): {THEIR_BEST_RX} B RX buffers, 8-entry queues, {} KiB per connection",
+                        THEIR_BEST_CAPACITY / 1024
+                    );
+                    serve(
+                        Theirs::new(
+                            VsockConnectionManager::new_with_capacity(socket, THEIR_BEST_CAPACITY),
+                            port,
+                        ),
+                        port,
+                    )
+                }
+            }
+            other => {
+                error!("bench: unknown driver={other} (ours, theirs, theirs-best)");
+                boot::exit_failure();
+            }
+        }
+    }
+}
+
+#[cfg(target_os = "none")]
+fn main(info: &boot::BootInfo) -> ! {
+    bench::run(info)
+}
+
+#[cfg(not(target_os = "none"))]
+fn main() {
+    println!(
+        "bench is a bare-metal guest for x86_64-unknown-none; run it with `cargo xtask bench qemu`"
+    );
+}
