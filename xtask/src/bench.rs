@@ -1,8 +1,19 @@
 //! `cargo xtask bench`: runs the benchmarks and keeps their results under `target/bench/`.
 
+use crate::cargo_tasks::build_example;
+use crate::host;
 use crate::process;
-use crate::setup::{cargo, project_root};
-use anyhow::Result;
+use crate::setup::{self, cargo, project_root, Tools};
+use crate::vm::{self, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::thread;
+use std::time::{Duration, Instant};
 
 /// Runs the host benchmark (`benches/host/`), printing its table and writing
 /// `target/bench/host.json`.
@@ -25,4 +36,1098 @@ pub fn host(quick: bool, full: bool, only: Option<&str>) -> Result<()> {
         command.args(["--only", only]);
     }
     process::run(&mut command)
+}
+
+// ---------------------------------------------------------------- QEMU
+
+/// Options of `cargo xtask bench qemu`.
+pub struct QemuOptions {
+    /// The QEMU machine (virtio-pci on q35, virtio-mmio on microvm).
+    pub machine: Machine,
+    /// Only this accelerator; by default TCG, and KVM too when /dev/kvm opens.
+    pub accel: Option<Accel>,
+    /// The smallest sizes the workloads allow (64 MiB transfers).
+    pub quick: bool,
+    /// Bigger transfers and more repetitions.
+    pub full: bool,
+    /// Only the workloads whose name contains this text.
+    pub only: Option<String>,
+}
+
+/// The benchmark guest's CID.
+const GUEST_CID: u32 = 3;
+/// The port the benchmark guest takes commands on (`examples/bench.rs`).
+const CONTROL_PORT: u32 = 5000;
+/// What the guest prints once it listens.
+const GUEST_READY: &str = "bench: ready";
+/// How long a guest may take from QEMU's start to listening.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// Time the backend gets after the guest is up (see `qemu_tests::BACKEND_SETTLE`:
+/// vhost-device-vsock 0.3.0 fails for good on a connection that arrives earlier).
+const BACKEND_SETTLE: Duration = Duration::from_millis(500);
+/// How long a connection may wait for the guest's answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a workload may go without any progress.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the guest may take to log its result line after the host is done.
+const RESULT_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long QEMU may take to exit once told to.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// Hard limit on every QEMU and backend process (the watchdog kills them after it).
+const PROCESS_LIMIT: Duration = Duration::from_secs(1800);
+/// Untimed round trips before the ping-pong is measured.
+const PING_PONG_WARMUP: u64 = 20;
+
+/// A driver configuration the benchmark guest runs (`driver=` on its command line).
+#[derive(Clone, Copy, Debug)]
+struct Driver {
+    /// The guest's `driver=` value, also the key in the JSON results.
+    arg: &'static str,
+    /// What the table calls it.
+    label: &'static str,
+    /// The settings, for the header.
+    settings: &'static str,
+}
+
+const DRIVERS: [Driver; 3] = [
+    Driver {
+        arg: "ours",
+        label: "ours",
+        settings: "vsock-guest VsockDevice, Config::default() (128-entry queues, 4 KiB buffers), 256 KiB receive memory per socket",
+    },
+    Driver {
+        arg: "theirs",
+        label: "theirs",
+        settings: "virtio-drivers 0.13 VsockConnectionManager::new: 512 B RX buffers, 8-entry queues, 1 KiB per connection; update_credit after every recv",
+    },
+    Driver {
+        arg: "theirs-best",
+        label: "theirs best",
+        settings: "virtio-drivers 0.13 at its best: 64 KiB + 44 B RX buffers, new_with_capacity(256 KiB); update_credit after every recv",
+    },
+];
+
+/// What a workload does, driven and timed by the host.
+#[derive(Clone, Copy, Debug)]
+enum Workload {
+    /// The guest sends `total` pattern bytes in `write`-byte writes; the host checks them.
+    GuestToHost { total: u64, write: usize },
+    /// The host sends `total` pattern bytes in `write`-byte writes; the guest reads them
+    /// `write` bytes at a time, checks them and answers.
+    HostToGuest { total: u64, write: usize },
+    /// 1-byte round trips, each timed on the host.
+    PingPong { round_trips: u64 },
+    /// Host connects to the guest and closes, `cycles` times.
+    ConnectClose { cycles: u64 },
+}
+
+/// One number a workload yields.
+#[derive(Clone, Copy, Debug)]
+struct Metric {
+    /// E.g. "MiB/s".
+    unit: &'static str,
+    /// Whether a bigger number is better (rates) or a smaller one (times).
+    higher_is_better: bool,
+}
+
+impl Workload {
+    fn name(&self) -> String {
+        match *self {
+            Workload::GuestToHost { total, write } => {
+                format!("guest->host {} MiB, {} writes", total >> 20, size(write))
+            }
+            Workload::HostToGuest { total, write } => {
+                format!("host->guest {} MiB, {} writes", total >> 20, size(write))
+            }
+            Workload::PingPong { round_trips } => format!("1-byte ping-pong x {round_trips}"),
+            Workload::ConnectClose { cycles } => format!("connect/close x {cycles}"),
+        }
+    }
+
+    fn metrics(&self) -> &'static [Metric] {
+        const RATE: Metric = Metric {
+            unit: "MiB/s",
+            higher_is_better: true,
+        };
+        match self {
+            Workload::GuestToHost { .. } | Workload::HostToGuest { .. } => &[RATE],
+            Workload::PingPong { .. } => &[
+                Metric {
+                    unit: "median us",
+                    higher_is_better: false,
+                },
+                Metric {
+                    unit: "p99 us",
+                    higher_is_better: false,
+                },
+            ],
+            Workload::ConnectClose { .. } => &[Metric {
+                unit: "cycles/s",
+                higher_is_better: true,
+            }],
+        }
+    }
+
+    /// What kicks are counted per: MiB moved or operations done.
+    fn kick_unit(&self) -> &'static str {
+        match self {
+            Workload::GuestToHost { .. } | Workload::HostToGuest { .. } => "MiB",
+            Workload::PingPong { .. } => "round trip",
+            Workload::ConnectClose { .. } => "cycle",
+        }
+    }
+}
+
+fn size(bytes: usize) -> String {
+    if bytes >= 1024 {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{bytes} B")
+    }
+}
+
+/// What the guest logged about one workload (`bench: result "..." ...`).
+#[derive(Clone, Debug, Default)]
+struct GuestReport {
+    /// Every `key=value` of the line.
+    fields: BTreeMap<String, String>,
+}
+
+impl GuestReport {
+    fn number(&self, key: &str) -> Option<u64> {
+        self.fields.get(key)?.parse().ok()
+    }
+
+    /// The report, or the guest's error when it logged `ok=0`.
+    fn checked(self) -> Result<Self> {
+        if self.number("ok") != Some(1) {
+            bail!(
+                "the guest failed: {}",
+                self.fields
+                    .get("error")
+                    .map_or("(no error logged)", String::as_str)
+            );
+        }
+        Ok(self)
+    }
+}
+
+/// One workload's measurement.
+#[derive(Clone, Debug)]
+struct Run {
+    /// One value per `Workload::metrics`.
+    values: Vec<f64>,
+    /// Wall time the host measured.
+    seconds: f64,
+    /// MiB moved or operations done, what kicks are counted per.
+    units: f64,
+    guest: GuestReport,
+    /// Why the run is partial (stopped at the time limit), if it is.
+    partial: Option<String>,
+    /// How many runs this one is the median of.
+    repetitions: usize,
+}
+
+impl Run {
+    fn kicks_per_unit(&self, key: &str) -> Option<f64> {
+        Some(self.guest.number(key)? as f64 / self.units)
+    }
+}
+
+/// Word `index` of the data pattern the guest sends and expects (`examples/bench.rs`):
+/// byte `i` of a stream is byte `i % 8` (little-endian) of `pattern_word(i / 8)`.
+fn pattern_word(index: u64) -> u64 {
+    (index ^ 0x5555_5555_5555_5555)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .rotate_left(29)
+}
+
+/// The first `total` bytes of the pattern, computed once before anything is timed: the
+/// host then sends slices of it and checks what it receives with a plain comparison, so
+/// the unoptimised xtask build costs the measurement nothing.
+fn pattern_stream(total: u64) -> Vec<u8> {
+    let mut stream = vec![0u8; total.next_multiple_of(8) as usize];
+    for (index, word) in stream.chunks_exact_mut(8).enumerate() {
+        word.copy_from_slice(&pattern_word(index as u64).to_le_bytes());
+    }
+    stream.truncate(total as usize);
+    stream
+}
+
+/// The first offset in `received` (which starts at stream offset `offset`) that differs
+/// from `expected`.
+fn first_mismatch(offset: u64, received: &[u8], expected: &[u8]) -> Option<u64> {
+    let expected = &expected[offset as usize..offset as usize + received.len()];
+    if received == expected {
+        return None;
+    }
+    let at = received.iter().zip(expected).position(|(a, b)| a != b)?;
+    Some(offset + at as u64)
+}
+
+/// The benchmark guest running one driver, with its backend.
+struct BenchVm {
+    backend: Backend,
+    guest: Guest,
+}
+
+impl BenchVm {
+    fn boot(
+        tools: &Tools,
+        kernel: &Path,
+        machine: Machine,
+        accel: Accel,
+        driver: Driver,
+        run: &str,
+    ) -> Result<Self> {
+        let dir = vm::run_dir(run)?;
+        let backend = Backend::start(tools, &dir, &[GUEST_CID], PROCESS_LIMIT)?;
+        let Some(slot) = backend.guest(GUEST_CID).cloned() else {
+            bail!("backend has no slot for cid {GUEST_CID}");
+        };
+        let config = GuestConfig {
+            kernel: kernel.to_path_buf(),
+            machine,
+            accel,
+            cmdline: format!("driver={} port={CONTROL_PORT}", driver.arg),
+            limit: PROCESS_LIMIT,
+        };
+        let mut guest = Guest::start(tools, &dir, &slot, &config)?;
+        guest.wait_for_serial(GUEST_READY, BOOT_TIMEOUT)?;
+        thread::sleep(BACKEND_SETTLE);
+        Ok(BenchVm { backend, guest })
+    }
+
+    fn uds(&self) -> &Path {
+        &self.guest.slot.uds
+    }
+
+    /// Waits for the guest's result line for `command` and parses it.
+    fn report(&mut self, command: &str) -> Result<GuestReport> {
+        let marker = format!("bench: result \"{command}\" ");
+        let deadline = Instant::now() + RESULT_TIMEOUT;
+        loop {
+            let log = self.guest.serial_log();
+            // Only whole lines: the guest may be halfway through writing this one.
+            if let Some(rest) = log
+                .split_inclusive('\n')
+                .filter(|line| line.ends_with('\n'))
+                .find_map(|line| line.split_once(&marker).map(|(_, rest)| rest.to_string()))
+            {
+                return parse_report(&rest);
+            }
+            if Instant::now() >= deadline || !self.guest.is_running() {
+                bail!("the guest did not log {marker:?}");
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Tells the guest to exit and waits for QEMU's exit status; stops everything.
+    fn exit(mut self) -> Result<()> {
+        let result = (|| -> Result<()> {
+            let mut stream = host::connect_accepted(self.uds(), CONTROL_PORT, CONNECT_TIMEOUT)?;
+            stream.set_read_timeout(Some(STALL_TIMEOUT))?;
+            stream.write_all(b"exit\n")?;
+            let line = read_line(&mut stream)?;
+            anyhow::ensure!(line == "bye", "the guest answered {line:?} to exit");
+            drop(stream);
+            match self.guest.wait_exit(EXIT_TIMEOUT).and_then(|s| s.code()) {
+                Some(GUEST_EXIT_SUCCESS) => Ok(()),
+                Some(code) => bail!("QEMU exited with status {code}"),
+                None => bail!("QEMU did not exit within {}s", EXIT_TIMEOUT.as_secs()),
+            }
+        })();
+        self.stop();
+        result
+    }
+
+    fn stop(&mut self) {
+        self.guest.stop();
+        self.backend.stop();
+    }
+}
+
+/// Parses `ok=1 bad=0 guest_us=.. kicks_rx=.. ...` (an `error="..."` value may hold
+/// spaces).
+fn parse_report(rest: &str) -> Result<GuestReport> {
+    let mut fields = BTreeMap::new();
+    let mut rest = rest.trim();
+    while !rest.is_empty() {
+        let Some((key, after)) = rest.split_once('=') else {
+            break;
+        };
+        let (value, next) = if let Some(quoted) = after.strip_prefix('"') {
+            match quoted.split_once('"') {
+                Some((value, next)) => (value, next),
+                None => (quoted, ""),
+            }
+        } else {
+            after.split_once(' ').unwrap_or((after, ""))
+        };
+        fields.insert(key.trim().to_string(), value.to_string());
+        rest = next.trim_start();
+    }
+    Ok(GuestReport { fields })
+}
+
+/// Reads one `\n`-terminated line, byte by byte (so nothing after it is consumed).
+fn read_line(stream: &mut UnixStream) -> Result<String> {
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte) {
+            Ok(0) => bail!(
+                "the guest closed after {:?}",
+                String::from_utf8_lossy(&line)
+            ),
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) if line.len() > 256 => bail!("line too long"),
+            Ok(_) => line.push(byte[0]),
+            Err(e) if stalled(&e) => bail!("no answer within {}s", STALL_TIMEOUT.as_secs()),
+            Err(e) => return Err(e).context("reading a line from the guest"),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+fn stalled(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+fn connect(vm: &BenchVm) -> Result<UnixStream> {
+    let stream = host::connect_accepted(vm.uds(), CONTROL_PORT, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(STALL_TIMEOUT))?;
+    stream.set_write_timeout(Some(STALL_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// Runs `workload` against the guest of `vm`; `seq` makes its command unique, `pattern`
+/// holds at least as many bytes as the workload moves. A workload still running after
+/// `limit` is stopped: its result is then measured over what it did by then, and marked
+/// partial.
+fn run_workload(
+    vm: &mut BenchVm,
+    workload: Workload,
+    seq: u32,
+    pattern: &[u8],
+    limit: Duration,
+) -> Result<Run> {
+    let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+    let limit_note = |done: String| {
+        format!(
+            "stopped at the {}s limit after {done}; measured over that",
+            limit.as_secs()
+        )
+    };
+    match workload {
+        Workload::GuestToHost { total, write } => {
+            let command = format!("send {total} {write} seq={seq}");
+            let mut stream = connect(vm)?;
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut got = 0u64;
+            let started = Instant::now();
+            stream.write_all(format!("{command}\n").as_bytes())?;
+            while got < total && started.elapsed() < limit {
+                let want = buf.len().min((total - got) as usize);
+                let n = match stream.read(&mut buf[..want]) {
+                    Ok(0) => bail!("the guest closed after {got} of {total} bytes"),
+                    Ok(n) => n,
+                    Err(e) if stalled(&e) => bail!(
+                        "stalled: no data for {}s after {got} of {total} bytes",
+                        STALL_TIMEOUT.as_secs()
+                    ),
+                    Err(e) => return Err(e).context("reading the guest's data"),
+                };
+                if let Some(at) = first_mismatch(got, &buf[..n], pattern) {
+                    bail!("byte {at} differs from the pattern");
+                }
+                got += n as u64;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            drop(stream);
+            let (guest, partial) = if got < total {
+                // The guest's send fails when the host goes away: its line has ok=0.
+                let guest = vm.report(&command).unwrap_or_default();
+                let note = limit_note(format!("{:.1} of {} MiB", mib(got), total >> 20));
+                (guest, Some(note))
+            } else {
+                (vm.report(&command)?.checked()?, None)
+            };
+            Ok(Run {
+                values: vec![mib(got) / seconds],
+                seconds,
+                units: mib(got),
+                guest,
+                partial,
+                repetitions: 1,
+            })
+        }
+        Workload::HostToGuest { total, write } => {
+            let command = format!("recv {total} {write} seq={seq}");
+            let mut stream = connect(vm)?;
+            let mut sent = 0u64;
+            let started = Instant::now();
+            stream.write_all(format!("{command}\n").as_bytes())?;
+            while sent < total && started.elapsed() < limit {
+                let n = write.min((total - sent) as usize);
+                match stream.write_all(&pattern[sent as usize..sent as usize + n]) {
+                    Ok(()) => {}
+                    Err(e) if stalled(&e) => bail!(
+                        "stalled: the guest took nothing for {}s after {sent} of {total} bytes",
+                        STALL_TIMEOUT.as_secs()
+                    ),
+                    Err(e) => return Err(e).context("sending to the guest"),
+                }
+                sent += n as u64;
+            }
+            if sent < total {
+                let seconds = started.elapsed().as_secs_f64();
+                drop(stream);
+                // The guest's read ends early: its line has ok=0.
+                let guest = vm.report(&command).unwrap_or_default();
+                let note = limit_note(format!(
+                    "{:.1} of {} MiB written to the backend",
+                    mib(sent),
+                    total >> 20
+                ));
+                return Ok(Run {
+                    values: vec![mib(sent) / seconds],
+                    seconds,
+                    units: mib(sent),
+                    guest,
+                    partial: Some(note),
+                    repetitions: 1,
+                });
+            }
+            let answer = read_line(&mut stream)?;
+            let seconds = started.elapsed().as_secs_f64();
+            drop(stream);
+            if answer != format!("ok {total} 0") {
+                bail!("the guest answered {answer:?} (expected \"ok {total} 0\")");
+            }
+            let guest = vm.report(&command)?.checked()?;
+            Ok(Run {
+                values: vec![mib(total) / seconds],
+                seconds,
+                units: mib(total),
+                guest,
+                partial: None,
+                repetitions: 1,
+            })
+        }
+        Workload::PingPong { round_trips } => {
+            let command = format!("pingpong seq={seq}");
+            let mut stream = connect(vm)?;
+            stream.write_all(format!("{command}\n").as_bytes())?;
+            let mut times = Vec::with_capacity(round_trips as usize);
+            let started = Instant::now();
+            let mut done = 0;
+            while done < PING_PONG_WARMUP + round_trips && started.elapsed() < limit {
+                let byte = [done as u8];
+                let sent_at = Instant::now();
+                stream.write_all(&byte)?;
+                let mut back = [0u8; 1];
+                match stream.read(&mut back) {
+                    Ok(1) if back == byte => {}
+                    Ok(1) => bail!(
+                        "round trip {done}: sent {:#04x}, got {:#04x}",
+                        byte[0],
+                        back[0]
+                    ),
+                    Ok(_) => bail!("the guest closed after {done} round trips"),
+                    Err(e) if stalled(&e) => bail!("stalled at round trip {done}"),
+                    Err(e) => return Err(e).context("reading the ping-pong byte"),
+                }
+                if done >= PING_PONG_WARMUP {
+                    times.push(sent_at.elapsed().as_secs_f64() * 1e6);
+                }
+                done += 1;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            drop(stream);
+            if times.is_empty() {
+                bail!("no round trip within {}s", limit.as_secs());
+            }
+            times.sort_by(f64::total_cmp);
+            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
+            let guest = vm.report(&command)?.checked()?;
+            let partial = (times.len() < round_trips as usize)
+                .then(|| limit_note(format!("{} of {round_trips} round trips", times.len())));
+            Ok(Run {
+                values: vec![at(0.5), at(0.99)],
+                seconds,
+                units: done as f64,
+                guest,
+                partial,
+                repetitions: 1,
+            })
+        }
+        Workload::ConnectClose { cycles } => {
+            let command = format!("cycles {cycles} seq={seq}");
+            let mut control = connect(vm)?;
+            control.write_all(format!("{command}\n").as_bytes())?;
+            let go = read_line(&mut control)?;
+            anyhow::ensure!(go == "go", "the guest answered {go:?} to {command:?}");
+            drop(control);
+            let started = Instant::now();
+            let mut done = 0;
+            while done < cycles && started.elapsed() < limit {
+                let mut stream = host::connect_accepted(vm.uds(), CONTROL_PORT, CONNECT_TIMEOUT)
+                    .with_context(|| format!("cycle {done}"))?;
+                stream.set_read_timeout(Some(STALL_TIMEOUT))?;
+                stream.shutdown(std::net::Shutdown::Write)?;
+                let mut byte = [0u8; 1];
+                match stream.read(&mut byte) {
+                    Ok(0) => {}
+                    Ok(_) => bail!("cycle {done}: the guest sent data"),
+                    Err(e) if stalled(&e) => bail!("cycle {done}: the guest did not close"),
+                    Err(e) => return Err(e).context(format!("cycle {done}")),
+                }
+                done += 1;
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            let (guest, partial) = if done < cycles {
+                // The guest logs its line after the last cycle only.
+                let note = limit_note(format!("{done} of {cycles} cycles"));
+                (GuestReport::default(), Some(note))
+            } else {
+                (vm.report(&command)?.checked()?, None)
+            };
+            Ok(Run {
+                values: vec![done as f64 / seconds],
+                seconds,
+                units: done as f64,
+                guest,
+                partial,
+                repetitions: 1,
+            })
+        }
+    }
+}
+
+/// An accelerator to run, with what the table says about it.
+struct AccelRun {
+    accel: Accel,
+    note: String,
+    /// KVM without hardware virtualisation: every exit is slow.
+    nested: bool,
+}
+
+/// The accelerators to run: the one asked for, else TCG, and KVM too when /dev/kvm opens.
+fn accelerators(requested: Option<Accel>) -> Vec<AccelRun> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hardware = cpuinfo
+        .lines()
+        .filter(|line| line.starts_with("flags"))
+        .any(|line| line.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    let kvm_opens = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let kvm_note = if hardware {
+        "KVM with hardware virtualisation (vmx/svm)".to_string()
+    } else {
+        "KVM, NESTED: /dev/kvm opens but the CPU shows no vmx/svm, so this is nested \
+         software virtualisation where every exit (kick) is expensive"
+            .to_string()
+    };
+    let tcg = AccelRun {
+        accel: Accel::Tcg,
+        note: "TCG, QEMU's binary translator".to_string(),
+        nested: false,
+    };
+    let kvm = AccelRun {
+        accel: Accel::Kvm,
+        note: kvm_note,
+        nested: !hardware,
+    };
+    match requested {
+        Some(Accel::Tcg) => vec![tcg],
+        Some(Accel::Kvm) => vec![kvm],
+        None if kvm_opens => vec![tcg, kvm],
+        None => {
+            println!("bench: /dev/kvm does not open; TCG only");
+            vec![tcg]
+        }
+    }
+}
+
+/// The workloads, smallest when `quick`.
+fn qemu_workloads(quick: bool, full: bool) -> Vec<Workload> {
+    let bulk: u64 = if full { 256 << 20 } else { 64 << 20 };
+    let (round_trips, cycles) = match (quick, full) {
+        (true, _) => (2000, 200),
+        (_, true) => (20_000, 2000),
+        _ => (10_000, 1000),
+    };
+    vec![
+        Workload::GuestToHost {
+            total: bulk,
+            write: 64 * 1024,
+        },
+        Workload::GuestToHost {
+            total: bulk,
+            write: 4096,
+        },
+        Workload::HostToGuest {
+            total: bulk,
+            write: 64 * 1024,
+        },
+        Workload::HostToGuest {
+            total: bulk,
+            write: 4096,
+        },
+        Workload::PingPong { round_trips },
+        Workload::ConnectClose { cycles },
+    ]
+}
+
+type Outcome = std::result::Result<Run, String>;
+
+/// What every driver's run shares.
+#[derive(Clone, Copy)]
+struct Plan<'a> {
+    tools: &'a Tools,
+    kernel: &'a Path,
+    machine: Machine,
+    workloads: &'a [Workload],
+    /// At least as many pattern bytes as the longest transfer.
+    pattern: &'a [u8],
+    /// How long one workload may run.
+    limit: Duration,
+    /// Runs per workload; the median counts.
+    repetitions: usize,
+}
+
+/// Runs every workload on one driver, booting a fresh guest after a failure; returns one
+/// outcome per workload.
+fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> Vec<Outcome> {
+    let Plan {
+        tools,
+        kernel,
+        machine,
+        workloads,
+        pattern,
+        limit,
+        repetitions,
+    } = *plan;
+    let mut outcomes = Vec::new();
+    let mut vm: Option<BenchVm> = None;
+    let mut boots = 0;
+    for (index, &workload) in workloads.iter().enumerate() {
+        let mut runs: Vec<Run> = Vec::new();
+        let mut failure = None;
+        for repetition in 0..repetitions {
+            if vm.is_none() {
+                boots += 1;
+                let run = format!("bench-{accel}-{machine}-{}-{boots}", driver.arg);
+                let started = Instant::now();
+                match BenchVm::boot(tools, kernel, machine, accel, driver, &run) {
+                    Ok(booted) => {
+                        println!(
+                            "  {accel}/{}: guest up in {:.1}s",
+                            driver.arg,
+                            started.elapsed().as_secs_f64()
+                        );
+                        vm = Some(booted);
+                    }
+                    Err(e) => {
+                        let error = format!("boot failed: {e:#}");
+                        println!("  {accel}/{}: {error}", driver.arg);
+                        outcomes.extend(workloads[index..].iter().map(|_| Err(error.clone())));
+                        return outcomes;
+                    }
+                }
+            }
+            let Some(running) = vm.as_mut() else {
+                break;
+            };
+            let seq = (index * 100 + repetition) as u32;
+            let outcome = run_workload(running, workload, seq, pattern, limit);
+            match &outcome {
+                Ok(run) => {
+                    let values: Vec<String> = workload
+                        .metrics()
+                        .iter()
+                        .zip(&run.values)
+                        .map(|(metric, value)| format!("{value:.1} {}", metric.unit))
+                        .collect();
+                    println!(
+                        "  {accel}/{}: {}: {} in {:.2}s; kicks per {}: rx {:.2}, tx {:.2}{}",
+                        driver.arg,
+                        workload.name(),
+                        values.join(", "),
+                        run.seconds,
+                        workload.kick_unit(),
+                        run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
+                        run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN),
+                        run.partial
+                            .as_ref()
+                            .map_or(String::new(), |note| format!(" (PARTIAL: {note})")),
+                    );
+                }
+                Err(e) => {
+                    println!(
+                        "  {accel}/{}: {}: FAILED: {e:#}",
+                        driver.arg,
+                        workload.name()
+                    );
+                    let log = running.guest.serial_log();
+                    let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                    for line in tail.iter().rev() {
+                        println!("      guest: {line}");
+                    }
+                }
+            }
+            if outcome.as_ref().map_or(true, |run| run.partial.is_some()) {
+                // Whatever state the guest is in, the next workload gets a fresh one.
+                running.stop();
+                vm = None;
+            }
+            match outcome {
+                // A run stopped at the time limit is not repeated.
+                Ok(run) if run.partial.is_some() => {
+                    runs = vec![run];
+                    break;
+                }
+                Ok(run) => runs.push(run),
+                Err(e) => {
+                    failure = Some(format!("{e:#}"));
+                    break;
+                }
+            }
+        }
+        outcomes.push(match failure {
+            Some(error) => Err(error),
+            None => median_run(workload, runs),
+        });
+    }
+    if let Some(running) = vm {
+        if let Err(e) = running.exit() {
+            println!("  {accel}/{}: exit: {e:#}", driver.arg);
+        }
+    }
+    outcomes
+}
+
+/// The run with the median first metric.
+fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
+    let better_first = workload.metrics()[0].higher_is_better;
+    runs.sort_by(|a, b| {
+        let order = a.values[0].total_cmp(&b.values[0]);
+        if better_first {
+            order.reverse()
+        } else {
+            order
+        }
+    });
+    let count = runs.len();
+    let mut median = runs
+        .into_iter()
+        .nth(count / 2)
+        .ok_or_else(|| "no run".to_string())?;
+    median.repetitions = count;
+    Ok(median)
+}
+
+fn ratio(metric: Metric, ours: &Outcome, theirs: &Outcome, index: usize) -> Option<f64> {
+    let ours = ours.as_ref().ok()?.values[index];
+    let theirs = theirs.as_ref().ok()?.values[index];
+    Some(if metric.higher_is_better {
+        ours / theirs
+    } else {
+        theirs / ours
+    })
+}
+
+/// `cargo xtask bench qemu`: the workloads on every driver and accelerator, a table per
+/// accelerator, and `target/bench/qemu.json`.
+pub fn qemu(options: &QemuOptions) -> Result<()> {
+    let tools = setup::ensure_all()?;
+    let kernel = build_example("bench")?;
+    let workloads: Vec<Workload> = qemu_workloads(options.quick, options.full)
+        .into_iter()
+        .filter(|w| {
+            options
+                .only
+                .as_ref()
+                .is_none_or(|only| w.name().contains(only.as_str()))
+        })
+        .collect();
+    anyhow::ensure!(!workloads.is_empty(), "no workload matches --only");
+    let machine = options.machine;
+    let longest = workloads
+        .iter()
+        .map(|w| match *w {
+            Workload::GuestToHost { total, .. } | Workload::HostToGuest { total, .. } => total,
+            _ => 0,
+        })
+        .max()
+        .unwrap_or(0);
+    let pattern = pattern_stream(longest);
+    // Every workload is bounded: the slowest (virtio-drivers' defaults from host to guest)
+    // need about a minute on TCG for 64 MiB, and much longer on nested KVM, where every
+    // kick costs about a millisecond.
+    let repetitions = match (options.quick, options.full) {
+        (true, _) => 1,
+        (_, true) => 5,
+        _ => 3,
+    };
+    let limit_for = |nested: bool| {
+        Duration::from_secs(match (options.quick, options.full, nested) {
+            (true, _, false) => 90,
+            (true, _, true) => 30,
+            (_, true, _) => 600,
+            _ => 240,
+        })
+    };
+    println!("bench: guest {} on {machine}", kernel.display());
+    for driver in DRIVERS {
+        println!("bench: {:<12} {}", driver.label, driver.settings);
+    }
+    let mut json_runs = Vec::new();
+    let mut tables = Vec::new();
+    for AccelRun {
+        accel,
+        note,
+        nested,
+    } in accelerators(options.accel)
+    {
+        let plan = Plan {
+            tools: &tools,
+            kernel: &kernel,
+            machine,
+            workloads: &workloads,
+            pattern: &pattern,
+            limit: limit_for(nested),
+            repetitions,
+        };
+        println!("\n=== {accel} ({note})");
+        println!(
+            "  every workload stops after {}s at most (then measured over what it did, marked *)",
+            plan.limit.as_secs()
+        );
+        let started = Instant::now();
+        let outcomes: Vec<Vec<Outcome>> = DRIVERS
+            .iter()
+            .map(|&driver| run_driver(&plan, accel, driver))
+            .collect();
+        println!(
+            "  {accel}: all drivers in {:.0}s",
+            started.elapsed().as_secs_f64()
+        );
+        let table = render_table(&plan, accel, &note, &outcomes);
+        println!("\n{table}");
+        tables.push(table);
+        let mut run = json_run(machine, accel, &note, &workloads, &outcomes);
+        run["nested_virtualisation"] = nested.into();
+        run["workload_limit_seconds"] = plan.limit.as_secs().into();
+        json_runs.push(run);
+    }
+    if tables.len() > 1 {
+        println!("=== all results again, one table per accelerator\n");
+        for table in &tables {
+            println!("{table}");
+        }
+    }
+    let dir = project_root().join("target").join("bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join("qemu.json");
+    let json = serde_json::json!({
+        "benchmark": "qemu",
+        "machine": machine.to_string(),
+        "quick": options.quick,
+        "full": options.full,
+        "drivers": DRIVERS.iter().map(|d| serde_json::json!({
+            "name": d.arg, "settings": d.settings,
+        })).collect::<Vec<_>>(),
+        "runs": json_runs,
+    });
+    std::fs::write(&path, serde_json::to_string_pretty(&json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("results written to {}", path.display());
+    Ok(())
+}
+
+fn render_table(plan: &Plan<'_>, accel: Accel, note: &str, outcomes: &[Vec<Outcome>]) -> String {
+    let (machine, workloads) = (plan.machine, plan.workloads);
+    let mut out = String::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut cell =
+        |outcome: &Outcome, index: usize, driver: Driver, workload: Workload| match outcome {
+            Ok(Run {
+                partial: Some(partial),
+                values,
+                ..
+            }) => {
+                if index == 0 {
+                    notes.push(format!(
+                        "* {} on {}: {partial}",
+                        driver.label,
+                        workload.name()
+                    ));
+                }
+                format!("{:.1}*", values[index])
+            }
+            Ok(run) => format!("{:.1}", run.values[index]),
+            Err(e) => {
+                let tag = format!("[{}]", notes.len() + 1);
+                notes.push(format!(
+                    "{tag} {} on {}: {e}",
+                    driver.label,
+                    workload.name()
+                ));
+                format!("failed{tag}")
+            }
+        };
+    let _ = writeln!(
+        out,
+        "QEMU benchmark: -machine {machine} -accel {accel} ({note})"
+    );
+    let _ = writeln!(
+        out,
+        "times measured on the host; {} per workload; each workload stopped after {}s at most",
+        if plan.repetitions == 1 {
+            "one run".to_string()
+        } else {
+            format!("median of {} runs", plan.repetitions)
+        },
+        plan.limit.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "{:<48} {:>12} {:>12} {:>12} {:>7} {:>7}",
+        "workload", "ours", "theirs", "theirs best", "x def", "x best"
+    );
+    for (w, &workload) in workloads.iter().enumerate() {
+        for (index, &metric) in workload.metrics().iter().enumerate() {
+            let ours = &outcomes[0][w];
+            let theirs = &outcomes[1][w];
+            let best = &outcomes[2][w];
+            // Report each failure once, on the workload's first metric.
+            let cells: Vec<String> = [(ours, DRIVERS[0]), (theirs, DRIVERS[1]), (best, DRIVERS[2])]
+                .iter()
+                .map(|(outcome, driver)| match (outcome, index) {
+                    (Err(_), i) if i > 0 => "failed".to_string(),
+                    _ => cell(outcome, index, *driver, workload),
+                })
+                .collect();
+            let show = |r: Option<f64>| r.map_or("-".to_string(), |r| format!("{r:.2}x"));
+            let _ = writeln!(
+                out,
+                "{:<48} {:>12} {:>12} {:>12} {:>7} {:>7}",
+                format!("{} ({})", workload.name(), metric.unit),
+                cells[0],
+                cells[1],
+                cells[2],
+                show(ratio(metric, ours, theirs, index)),
+                show(ratio(metric, ours, best, index)),
+            );
+        }
+    }
+    let _ = writeln!(
+        out,
+        "x = how many times better ours is: ours/theirs for rates, theirs/ours for times"
+    );
+    let _ = writeln!(
+        out,
+        "\nkicks (guest->device notifications, counted on the guest), rx/tx per unit"
+    );
+    let _ = writeln!(
+        out,
+        "{:<48} {:>16} {:>16} {:>16}",
+        "workload (per unit)", "ours", "theirs", "theirs best"
+    );
+    for (w, &workload) in workloads.iter().enumerate() {
+        let kicks: Vec<String> = (0..3)
+            .map(|d| match &outcomes[d][w] {
+                Ok(run) => format!(
+                    "{:.2}/{:.2}",
+                    run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
+                    run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN)
+                ),
+                Err(_) => "failed".to_string(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<48} {:>16} {:>16} {:>16}",
+            format!("{} (per {})", workload.name(), workload.kick_unit()),
+            kicks[0],
+            kicks[1],
+            kicks[2]
+        );
+    }
+    if !notes.is_empty() {
+        let _ = writeln!(out);
+        for note in notes {
+            let _ = writeln!(out, "{note}");
+        }
+    }
+    out
+}
+
+fn json_run(
+    machine: Machine,
+    accel: Accel,
+    note: &str,
+    workloads: &[Workload],
+    outcomes: &[Vec<Outcome>],
+) -> serde_json::Value {
+    let results: Vec<serde_json::Value> = workloads
+        .iter()
+        .enumerate()
+        .map(|(w, workload)| {
+            let per_driver: serde_json::Map<String, serde_json::Value> = DRIVERS
+                .iter()
+                .zip(outcomes)
+                .map(|(driver, outcomes)| {
+                    let value = match &outcomes[w] {
+                        Ok(run) => serde_json::json!({
+                            "values": workload.metrics().iter().zip(&run.values)
+                                .map(|(m, v)| (m.unit.to_string(), serde_json::json!(v)))
+                                .collect::<serde_json::Map<_, _>>(),
+                            "seconds": run.seconds,
+                            "kicks_per": workload.kick_unit(),
+                            "kicks_rx_per_unit": run.kicks_per_unit("kicks_rx"),
+                            "kicks_tx_per_unit": run.kicks_per_unit("kicks_tx"),
+                            "guest": run.guest.fields,
+                            "partial": run.partial,
+                            "median_of": run.repetitions,
+                        }),
+                        Err(e) => serde_json::json!({ "error": e }),
+                    };
+                    (driver.arg.to_string(), value)
+                })
+                .collect();
+            let ratios: serde_json::Map<String, serde_json::Value> = workload
+                .metrics()
+                .iter()
+                .enumerate()
+                .map(|(index, &metric)| {
+                    (
+                        metric.unit.to_string(),
+                        serde_json::json!({
+                            "higher_is_better": metric.higher_is_better,
+                            "ours_better_by_vs_theirs": ratio(metric, &outcomes[0][w], &outcomes[1][w], index),
+                            "ours_better_by_vs_theirs_best": ratio(metric, &outcomes[0][w], &outcomes[2][w], index),
+                        }),
+                    )
+                })
+                .collect();
+            serde_json::json!({
+                "workload": workload.name(),
+                "drivers": per_driver,
+                "ratios": ratios,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "machine": machine.to_string(),
+        "accel": accel.to_string(),
+        "accel_note": note,
+        "results": results,
+    })
 }

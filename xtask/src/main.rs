@@ -4,6 +4,7 @@
 //! - `demo`: boot the echo guest, talk to it from the host, print the result.
 //! - `test`: every check and test, host-side then in QEMU; `.ci/run` runs this.
 //! - `bench host`: our driver against virtio-drivers' on a host-side device.
+//! - `bench qemu`: the same drivers in a QEMU guest against vhost-device-vsock.
 //! - `run-kernel`: the runner for `cargo run --example <name> --target x86_64-unknown-none`.
 
 mod bench;
@@ -34,6 +35,8 @@ struct Cli {
 enum BenchTarget {
     /// On the host, against a device thread in the same process.
     Host,
+    /// In a QEMU guest against vhost-device-vsock, driven and timed from the host.
+    Qemu,
 }
 
 #[derive(Subcommand)]
@@ -71,18 +74,25 @@ enum Command {
     },
     /// Benchmarks, ours side by side with virtio-drivers' socket driver.
     Bench {
-        /// Where to run: `host` (device model in the same process).
+        /// Where to run: `host` (device model in the same process) or `qemu` (guest
+        /// under QEMU with vhost-device-vsock).
         #[arg(value_enum)]
         target: BenchTarget,
         /// Fewer bytes and repetitions, for a quick look.
         #[arg(long, conflicts_with = "full")]
         quick: bool,
-        /// 256 MiB for every transfer, 64-byte writes included.
+        /// 256 MiB for every transfer (host: 64-byte writes included).
         #[arg(long)]
         full: bool,
         /// Only the workloads whose name contains this text.
         #[arg(long)]
         only: Option<String>,
+        /// `qemu` only: the QEMU machine (transport).
+        #[arg(long, value_enum, default_value_t = Machine::Q35)]
+        machine: Machine,
+        /// `qemu` only: one accelerator; by default TCG, and KVM too when /dev/kvm opens.
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
     },
     /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
     /// guest exits through `boot::exit_success`. Used as the cargo runner.
@@ -141,8 +151,26 @@ fn run(command: Command) -> Result<ExitCode> {
             quick,
             full,
             only,
+            ..
         } => {
             bench::host(quick, full, only.as_deref())?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            target: BenchTarget::Qemu,
+            quick,
+            full,
+            only,
+            machine,
+            accel,
+        } => {
+            bench::qemu(&bench::QemuOptions {
+                machine,
+                accel,
+                quick,
+                full,
+                only,
+            })?;
             Ok(ExitCode::SUCCESS)
         }
         Command::RunKernel {
