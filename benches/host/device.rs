@@ -503,7 +503,18 @@ impl BenchDevice {
             let registers = Arc::clone(&registers);
             let counters = Arc::clone(&counters);
             let stop = Arc::clone(&stop);
-            std::thread::spawn(move || run_device(&registers, counters, &stop, role))
+            // Everything the device thread needs is allocated here: it never allocates
+            // while it runs.
+            let host = Host {
+                role,
+                conns: Vec::with_capacity(256),
+                control: VecDeque::with_capacity(4096),
+                counters: Arc::clone(&counters),
+                scratch: Vec::with_capacity(128 * 1024),
+                segments: Vec::with_capacity(256),
+                pattern: (0..70 * 1024).map(|i| i as u8).collect(),
+            };
+            std::thread::spawn(move || run_device(&registers, counters, &stop, host))
         };
         let transport = BenchTransport {
             registers: Arc::clone(&registers),
@@ -563,7 +574,7 @@ fn run_device(
     registers: &Registers,
     counters: Arc<HostCounters>,
     stop: &AtomicBool,
-    role: HostRole,
+    mut host: Host,
 ) {
     const DRIVER_OK: u32 = 4;
     counters.phase.store(1, Ordering::Relaxed);
@@ -584,15 +595,7 @@ fn run_device(
     counters.phase.store(2, Ordering::Relaxed);
     let mut rx = Ring::new(queues.0);
     let mut tx = Ring::new(queues.1);
-    let mut host = Host {
-        role,
-        conns: Vec::new(),
-        control: VecDeque::new(),
-        counters,
-        scratch: Vec::with_capacity(128 * 1024),
-        segments: Vec::new(),
-        pattern: (0..=255u8).cycle().take(70 * 1024).collect(),
-    };
+    host.counters = counters;
     let mut rx_pending: Option<u16> = None;
     host.counters.phase.store(3, Ordering::Relaxed);
     while !stop.load(Ordering::Relaxed) {
