@@ -118,6 +118,42 @@ pub fn host_steps(miri: bool) -> Vec<Step> {
     steps
 }
 
+/// The fuzz targets' stable replay: fixed pseudo-random inputs and every saved input
+/// (`fuzz/regressions/`), as tests of the `fuzz/` crate.
+pub fn fuzz_replay_step() -> Step {
+    let mut command = cargo();
+    command.args([
+        "test",
+        "--release",
+        "--quiet",
+        "--manifest-path",
+        "fuzz/Cargo.toml",
+    ]);
+    Step {
+        name: "fuzz targets replayed (stable)".to_string(),
+        command,
+    }
+}
+
+/// Fuzz targets in `fuzz/`, each run briefly under libFuzzer.
+pub const FUZZ_TARGETS: &[&str] = &["rx_packets", "config_space"];
+
+/// `cargo fuzz run <target>` for `seconds`, with the pinned cargo-fuzz and nightly.
+pub fn fuzz_step(cargo_fuzz: &std::path::Path, target: &str, seconds: u32) -> Step {
+    let mut command = Command::new(cargo_fuzz);
+    command
+        .current_dir(project_root().join("fuzz"))
+        .env_remove("CARGO")
+        .env_remove("RUSTC")
+        .env("RUSTUP_TOOLCHAIN", "nightly")
+        .args(["fuzz", "run", target, "--"])
+        .arg(format!("-max_total_time={seconds}"));
+    Step {
+        name: format!("fuzz {target} for {seconds}s (nightly)"),
+        command,
+    }
+}
+
 /// The library's host tests under Miri, on the nightly toolchain.
 fn miri_step() -> Step {
     let mut command = nightly_cargo();

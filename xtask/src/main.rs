@@ -65,6 +65,9 @@ enum Command {
         /// Skip the Miri run of the host tests.
         #[arg(long)]
         no_miri: bool,
+        /// Seconds to run each fuzz target under libFuzzer (0: only the stable replay).
+        #[arg(long, default_value_t = 30)]
+        fuzz_seconds: u32,
         /// Only the host-side steps.
         #[arg(long, conflicts_with = "qemu_only")]
         host_only: bool,
@@ -143,9 +146,17 @@ fn run(command: Command) -> Result<ExitCode> {
             accel,
             machine,
             no_miri,
+            fuzz_seconds,
             host_only,
             qemu_only,
-        } => test(accel, machine, !no_miri, !qemu_only, !host_only),
+        } => test(
+            accel,
+            machine,
+            !no_miri,
+            fuzz_seconds,
+            !qemu_only,
+            !host_only,
+        ),
         Command::Bench {
             target: BenchTarget::Host,
             quick,
@@ -189,6 +200,7 @@ fn test(
     accel: Option<Accel>,
     machines: Vec<Machine>,
     miri: bool,
+    fuzz_seconds: u32,
     host: bool,
     qemu: bool,
 ) -> Result<ExitCode> {
@@ -196,10 +208,19 @@ fn test(
     let mut passed = 0;
     let mut failed_names = Vec::new();
     if host {
-        if miri {
+        // Miri and cargo-fuzz both need the nightly toolchain.
+        if miri || fuzz_seconds > 0 {
             cargo_tasks::ensure_miri()?;
         }
-        for step in cargo_tasks::host_steps(miri) {
+        let mut steps = cargo_tasks::host_steps(miri);
+        steps.push(cargo_tasks::fuzz_replay_step());
+        if fuzz_seconds > 0 {
+            let cargo_fuzz = setup::ensure_cargo_fuzz()?;
+            for target in cargo_tasks::FUZZ_TARGETS {
+                steps.push(cargo_tasks::fuzz_step(&cargo_fuzz, target, fuzz_seconds));
+            }
+        }
+        for step in steps {
             let name = step.name.clone();
             if step.run()? {
                 passed += 1;

@@ -87,19 +87,35 @@ pub fn ensure_qemu() -> Result<PathBuf> {
 
 /// Finds the pinned backend in `target/tools`, installing it with `cargo install` first.
 pub fn ensure_backend() -> Result<PathBuf> {
+    ensure_crate_binary(BACKEND_CRATE, BACKEND_VERSION)
+}
+
+/// cargo-fuzz, for the fuzzing step of the tests.
+const CARGO_FUZZ_CRATE: &str = "cargo-fuzz";
+/// Its pinned version.
+const CARGO_FUZZ_VERSION: &str = "0.13.2";
+
+/// Finds the pinned cargo-fuzz in `target/tools`, installing it first.
+pub fn ensure_cargo_fuzz() -> Result<PathBuf> {
+    ensure_crate_binary(CARGO_FUZZ_CRATE, CARGO_FUZZ_VERSION)
+}
+
+/// The binary of crate `name` at `version` in `target/tools/bin`, installed from
+/// crates.io with `cargo install --locked` when it is missing or another version.
+fn ensure_crate_binary(name: &str, version: &str) -> Result<PathBuf> {
     let root = tools_dir();
-    let binary = root.join("bin").join(BACKEND_CRATE);
-    if binary.exists() && installed_version(&root).as_deref() == Some(BACKEND_VERSION) {
+    let binary = root.join("bin").join(name);
+    if binary.exists() && installed_version(&root, name).as_deref() == Some(version) {
         return Ok(binary);
     }
     println!(
-        "setup: installing {BACKEND_CRATE} {BACKEND_VERSION} from crates.io into {}",
+        "setup: installing {name} {version} from crates.io into {}",
         root.display()
     );
     process::run(
         cargo()
             .args(["install", "--locked", "--quiet", "--force"])
-            .args([BACKEND_CRATE, "--version", BACKEND_VERSION, "--root"])
+            .args([name, "--version", version, "--root"])
             .arg(&root),
     )?;
     anyhow::ensure!(
@@ -110,10 +126,10 @@ pub fn ensure_backend() -> Result<PathBuf> {
     Ok(binary)
 }
 
-/// The backend version recorded by `cargo install` in `<root>/.crates.toml`.
-fn installed_version(root: &Path) -> Option<String> {
+/// The version of crate `name` recorded by `cargo install` in `<root>/.crates.toml`.
+fn installed_version(root: &Path, name: &str) -> Option<String> {
     let manifest = std::fs::read_to_string(root.join(".crates.toml")).ok()?;
-    let prefix = format!("\"{BACKEND_CRATE} ");
+    let prefix = format!("\"{name} ");
     let start = manifest.find(&prefix)? + prefix.len();
     let version = manifest[start..].split_whitespace().next()?;
     Some(version.to_string())
