@@ -5,6 +5,12 @@
 //! rule they check (BEHAVIOUR.md); rules covered by `tests/rules.rs` and
 //! `tests/flow_control.rs` are only touched where a call needs them.
 
+mod common;
+
+use common::{
+    control, listen_on, ms, new_transport, pattern, rst_for, rw, start_connect, stream_header,
+    Device, Storage, GUEST_PORT, HOST_BUF_ALLOC as PEER_BUF_ALLOC, HOST_PORT, MAX_TX_PAYLOAD,
+};
 use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
 use core::time::Duration;
@@ -13,34 +19,24 @@ use virtio_drivers::transport::DeviceStatus;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 use vsock_guest::io::BlockingStream;
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
-use vsock_guest::wire::{Header, Op, SocketType};
+use vsock_guest::wire::{Header, Op};
 use vsock_guest::{
     Config, Error, Instant, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
     VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_PORT_ANY,
 };
 
-type Device<'a> = VsockDevice<'a, FakeHal, FakeTransport>;
-
-const GUEST_CID: u32 = 3;
+/// `common::GUEST_CID` as the socket API spells CIDs.
+const GUEST_CID: u32 = common::GUEST_CID as u32;
 const HOST_CID: u32 = VMADDR_CID_HOST;
 /// Another guest on the same host.
 const SIBLING_CID: u32 = 4;
-const FEATURES: u64 = (1 << 32) | (1 << 29) | 1; // VERSION_1 | RING_EVENT_IDX | STREAM
-/// The port the guest listens on.
-const GUEST_PORT: u32 = 1234;
-/// The host's port, where a test needs only one.
-const HOST_PORT: u32 = 5000;
-/// The peer's receive buffer, where a test does not care.
-const PEER_BUF_ALLOC: u32 = 256 * 1024;
 /// Receive buffer per socket (`buf_alloc` the guest advertises) in these tests.
 const PER: u32 = 16 * 1024;
 /// First ephemeral port (B21).
 const EPHEMERAL: u32 = 49152;
-/// Largest payload of one transmitted packet with the default `tx_buffer_size`.
-const MAX_TX_PAYLOAD: usize = 4096;
 
 // ---------------------------------------------------------------------------------------
-// Helpers (copied in spirit from tests/flow_control.rs, generalised to any tuple).
+// Helpers (those of tests/common, generalised to any tuple).
 // ---------------------------------------------------------------------------------------
 
 /// One connection as the wire sees it: our port, the peer's address.
@@ -67,34 +63,12 @@ impl Tuple {
 
     /// A packet the peer sends on this connection, advertising PEER_BUF_ALLOC and 0.
     fn peer_sends(self, op: Op) -> Header {
-        Header {
-            src_cid: u64::from(self.peer.cid),
-            dst_cid: u64::from(self.guest_cid),
-            src_port: self.peer.port,
-            dst_port: self.guest_port,
-            len: 0,
-            socket_type: SocketType::Stream as u16,
-            op: op as u16,
-            flags: 0,
-            buf_alloc: PEER_BUF_ALLOC,
-            fwd_cnt: 0,
-        }
+        stream_header(self.peer_end(), self.guest_end(), op, PEER_BUF_ALLOC, 0)
     }
 
     /// The control packet the guest must send on this connection.
     fn to_peer(self, op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
-        Header {
-            src_cid: u64::from(self.guest_cid),
-            dst_cid: u64::from(self.peer.cid),
-            src_port: self.guest_port,
-            dst_port: self.peer.port,
-            len: 0,
-            socket_type: SocketType::Stream as u16,
-            op: op as u16,
-            flags: 0,
-            buf_alloc,
-            fwd_cnt,
-        }
+        stream_header(self.guest_end(), self.peer_end(), op, buf_alloc, fwd_cnt)
     }
 
     /// The SHUTDOWN the guest must send with `flags` (RECEIVE = 1, SEND = 2: B32).
@@ -115,13 +89,17 @@ impl Tuple {
 
     /// The RW packet the guest must send with `payload`.
     fn rw_to_peer(self, payload: &[u8], buf_alloc: u32, fwd_cnt: u32) -> Packet {
-        Packet {
-            header: Header {
-                len: payload.len() as u32,
-                ..self.to_peer(Op::Rw, buf_alloc, fwd_cnt)
-            },
-            payload: payload.to_vec(),
-        }
+        rw(self.to_peer(Op::Rw, buf_alloc, fwd_cnt), payload)
+    }
+
+    /// The guest's end of this connection, as a header names it.
+    fn guest_end(self) -> (u64, u32) {
+        (u64::from(self.guest_cid), self.guest_port)
+    }
+
+    /// The peer's end of this connection, as a header names it.
+    fn peer_end(self) -> (u64, u32) {
+        (u64::from(self.peer.cid), self.peer.port)
     }
 
     /// The same connection after the guest's CID changed.
@@ -130,44 +108,9 @@ impl Tuple {
     }
 }
 
-/// The RST answering `header` for no socket: addresses swapped, no credit (B13).
-fn rst_for(header: &Header) -> Header {
-    Header {
-        src_cid: header.dst_cid,
-        dst_cid: header.src_cid,
-        src_port: header.dst_port,
-        dst_port: header.src_port,
-        len: 0,
-        socket_type: header.socket_type,
-        op: Op::Rst as u16,
-        flags: 0,
-        buf_alloc: 0,
-        fwd_cnt: 0,
-    }
-}
-
-fn ms(millis: u64) -> Instant {
-    Instant::from_millis(millis)
-}
-
+/// The instant `micros` microseconds after time zero.
 fn us(micros: u64) -> Instant {
     Instant::from_micros(micros)
-}
-
-/// Takes everything on the tx ring, checks that none of it carries a payload, and returns
-/// the headers.
-fn control(model: &mut DeviceModel) -> Vec<Header> {
-    model
-        .drain_tx()
-        .into_iter()
-        .map(|packet| {
-            assert!(
-                packet.payload.is_empty(),
-                "control packet with payload: {packet:?}"
-            );
-            packet.header
-        })
-        .collect()
 }
 
 /// Asserts that nothing went out.
@@ -177,44 +120,15 @@ fn assert_silent(model: &mut DeviceModel) {
 }
 
 /// The caller's memory for a device: `sockets` slots of PER bytes each.
-struct Storage {
-    slots: Vec<SocketSlot>,
-    rx_memory: Vec<u8>,
-}
-
 fn storage(sockets: usize) -> Storage {
-    Storage {
-        slots: (0..sockets).map(|_| SocketSlot::EMPTY).collect(),
-        rx_memory: vec![0u8; sockets * PER as usize],
-    }
+    common::storage(sockets, sockets * PER as usize)
 }
 
-fn new_transport() -> (FakeTransport, DeviceModel) {
-    let transport = FakeTransport::new(u64::from(GUEST_CID), FEATURES);
-    let model = DeviceModel::new(&transport);
-    (transport, model)
-}
-
+/// Brings the driver up (`common::bring_up`) and checks that each socket gets PER bytes.
 fn bring_up<'a>(transport: &FakeTransport, config: Config, storage: &'a mut Storage) -> Device<'a> {
-    let vsock = VsockDevice::<FakeHal, _>::new(
-        transport.clone(),
-        config,
-        &mut storage.slots,
-        &mut storage.rx_memory,
-    )
-    .expect("bring-up");
+    let vsock = common::bring_up(transport, config, storage);
     assert_eq!(vsock.rx_buffer_per_socket(), PER as usize);
     vsock
-}
-
-/// A socket bound to `port` on any CID, listening with `backlog`.
-fn listen_on(vsock: &mut Device<'_>, port: u32, backlog: usize) -> SocketHandle {
-    let listener = vsock.stream_socket().unwrap();
-    vsock
-        .bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))
-        .unwrap();
-    vsock.listen(listener, backlog).unwrap();
-    listener
 }
 
 /// The peer of `tuple` connects; checks the RESPONSE (B15: at once, with our credit).
@@ -257,11 +171,6 @@ fn connect_to(
     assert_silent(model);
     assert_eq!(vsock.readiness(socket), Ok(Readiness::WRITABLE));
     (socket, tuple)
-}
-
-/// A recognisable byte stream.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
 }
 
 /// Readiness of a connection that failed or ended by RST with an error still pending.
@@ -796,13 +705,8 @@ fn listen_needs_a_bound_unconnected_socket() {
     assert_eq!(vsock.readiness(unbound), Ok(Readiness::empty()));
     // A connecting or connected socket cannot listen (POSIX listen(2): EINVAL).
     vsock.poll(ms(1));
-    let connecting = vsock.stream_socket().unwrap();
-    assert_eq!(
-        vsock.connect(connecting, VsockAddr::new(HOST_CID, HOST_PORT)),
-        Err(Error::InProgress)
-    );
     let tuple = Tuple::new(EPHEMERAL, HOST_CID, HOST_PORT);
-    assert_eq!(control(&mut model), [tuple.to_peer(Op::Request, PER, 0)]);
+    let connecting = start_connect(&mut vsock, &mut model, tuple.peer, tuple.guest_port, PER);
     assert_eq!(vsock.listen(connecting, 4), Err(Error::InvalidArgument));
     model.deliver(&tuple.peer_sends(Op::Response), &[]).unwrap();
     vsock.poll(ms(2));
@@ -1195,13 +1099,8 @@ fn b20_connect_targets_host_hypervisor_siblings_and_any_but_not_local_or_own_cid
     .into_iter()
     .enumerate()
     {
-        let s = vsock.stream_socket().unwrap();
-        assert_eq!(
-            vsock.connect(s, VsockAddr::new(cid, 7)),
-            Err(Error::InProgress)
-        );
         let tuple = Tuple::new(EPHEMERAL + 1 + i as u32, cid, 7);
-        assert_eq!(control(&mut model), [tuple.to_peer(Op::Request, PER, 0)]);
+        let s = start_connect(&mut vsock, &mut model, tuple.peer, tuple.guest_port, PER);
         model.deliver(&tuple.peer_sends(Op::Response), &[]).unwrap();
         vsock.poll(ms(2));
         assert_silent(&mut model);
@@ -1380,13 +1279,8 @@ fn b36_closing_or_aborting_a_connecting_socket_sends_rst_and_cancels_the_timer()
     let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     for (port, end) in [(EPHEMERAL, "close"), (EPHEMERAL + 1, "abort")] {
         vsock.poll(ms(0));
-        let s = vsock.stream_socket().unwrap();
-        assert_eq!(
-            vsock.connect(s, VsockAddr::new(HOST_CID, HOST_PORT)),
-            Err(Error::InProgress)
-        );
         let tuple = Tuple::new(port, HOST_CID, HOST_PORT);
-        assert_eq!(control(&mut model), [tuple.to_peer(Op::Request, PER, 0)]);
+        let s = start_connect(&mut vsock, &mut model, tuple.peer, tuple.guest_port, PER);
         vsock.poll(ms(5));
         if end == "close" {
             vsock.close(s).unwrap();
@@ -1442,10 +1336,8 @@ fn b21_ephemeral_ports_are_not_reused_while_the_old_connection_may_still_see_rst
     );
     vsock.close(probe).unwrap();
     // ...but implicit binds keep moving forward, also past a refused connect.
-    let d = vsock.stream_socket().unwrap();
-    assert_eq!(vsock.connect(d, host), Err(Error::InProgress));
     let td = Tuple::new(EPHEMERAL + 3, HOST_CID, HOST_PORT);
-    assert_eq!(control(&mut model), [td.to_peer(Op::Request, PER, 0)]);
+    let d = start_connect(&mut vsock, &mut model, host, td.guest_port, PER);
     model.deliver(&td.peer_sends(Op::Rst), &[]).unwrap();
     vsock.poll(ms(8002));
     vsock.close(d).unwrap();
@@ -2033,15 +1925,13 @@ fn b40_transport_reset_fails_every_connection_silently_and_listeners_answer_on_t
         ms(1),
     );
     // One connecting.
-    let c = vsock.stream_socket().unwrap();
-    assert_eq!(
-        vsock.connect(c, VsockAddr::new(HOST_CID, 7000)),
-        Err(Error::InProgress)
-    );
     let connecting = Tuple::new(EPHEMERAL, HOST_CID, 7000);
-    assert_eq!(
-        control(&mut model),
-        [connecting.to_peer(Op::Request, PER, 0)]
+    let c = start_connect(
+        &mut vsock,
+        &mut model,
+        connecting.peer,
+        connecting.guest_port,
+        PER,
     );
     // One bound, not connected.
     let u = vsock.stream_socket().unwrap();
@@ -2323,10 +2213,11 @@ fn control_and_data(model: &mut DeviceModel) -> Vec<Header> {
 /// header; returns the device in a mutex and the connection.
 fn io_setup<'a>(
     transport: &FakeTransport,
-    model: &mut DeviceModel,
+    model: &RefCell<DeviceModel>,
     storage: &'a mut Storage,
     host_buf_alloc: u32,
 ) -> (spin::Mutex<Device<'a>>, SocketHandle) {
+    let model = &mut *model.borrow_mut();
     let mut vsock = bring_up(transport, Config::default(), storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
@@ -2361,7 +2252,7 @@ fn io_write_all_sends_rw_packets_within_the_peer_credit_and_waits_for_more() {
     let (transport, model) = new_transport();
     let model = RefCell::new(model);
     let mut storage = storage(2);
-    let (device, conn) = io_setup(&transport, &mut model.borrow_mut(), &mut storage, 1000);
+    let (device, conn) = io_setup(&transport, &model, &mut storage, 1000);
     let tuple = Tuple::host();
     let sent = RefCell::new(Vec::new());
     // The host reads what arrives and reports it in a CREDIT_UPDATE three ticks later.
@@ -2420,12 +2311,7 @@ fn io_read_exact_gets_delivered_data_and_read_returns_zero_at_end_of_stream() {
     let (transport, model) = new_transport();
     let model = RefCell::new(model);
     let mut storage = storage(4);
-    let (device, conn) = io_setup(
-        &transport,
-        &mut model.borrow_mut(),
-        &mut storage,
-        PEER_BUF_ALLOC,
-    );
+    let (device, conn) = io_setup(&transport, &model, &mut storage, PEER_BUF_ALLOC);
     let tuple = Tuple::host();
     let tick = Cell::new(0);
     let clock = scripted_clock(&tick, |now| {
@@ -2485,7 +2371,7 @@ fn io_with_timeout_gives_timed_out_for_read_and_write() {
     let model = RefCell::new(model);
     let mut storage = storage(2);
     // The host gives no credit at all, and sends nothing.
-    let (device, conn) = io_setup(&transport, &mut model.borrow_mut(), &mut storage, 0);
+    let (device, conn) = io_setup(&transport, &model, &mut storage, 0);
     let tuple = Tuple::host();
     let tick = Cell::new(0);
     let clock = scripted_clock(&tick, |_| {});
@@ -2520,12 +2406,7 @@ fn io_read_ready_and_write_ready_follow_readiness() {
     let (transport, model) = new_transport();
     let model = RefCell::new(model);
     let mut storage = storage(3);
-    let (device, conn) = io_setup(
-        &transport,
-        &mut model.borrow_mut(),
-        &mut storage,
-        PEER_BUF_ALLOC,
-    );
+    let (device, conn) = io_setup(&transport, &model, &mut storage, PEER_BUF_ALLOC);
     let tuple = Tuple::host();
     let tick = Cell::new(0);
     let mut stream = BlockingStream::new(&device, conn, scripted_clock(&tick, |_| {}));
@@ -2579,12 +2460,7 @@ fn io_errors_of_the_socket_come_through_read_and_write() {
     let (transport, model) = new_transport();
     let model = RefCell::new(model);
     let mut storage = storage(2);
-    let (device, conn) = io_setup(
-        &transport,
-        &mut model.borrow_mut(),
-        &mut storage,
-        PEER_BUF_ALLOC,
-    );
+    let (device, conn) = io_setup(&transport, &model, &mut storage, PEER_BUF_ALLOC);
     let tuple = Tuple::host();
     let tick = Cell::new(0);
     let mut stream = BlockingStream::new(&device, conn, scripted_clock(&tick, |_| {}));

@@ -1,32 +1,43 @@
 //! The driver's queues driven by the device model: the model plays the device, delivers
 //! packets into the driver's rx buffers and checks what the driver puts on the tx ring.
 
+mod common;
+
+use common::{
+    bring_up, listen, new_transport, storage, stream_header, Device, FEATURES, GUEST_CID,
+    GUEST_PORT, HOST_CID,
+};
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
 use vsock_guest::wire::{Header, Op, SocketType};
 use vsock_guest::{
-    Config, Error, Instant, Readiness, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
+    Config, Error, Instant, Readiness, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
 };
 
-const GUEST_CID: u64 = 3;
-const HOST_CID: u64 = 2;
-const FEATURES: u64 = (1 << 32) | (1 << 29) | 1; // VERSION_1 | RING_EVENT_IDX | STREAM
 const RX_PER_SOCKET: usize = 64 * 1024;
 
+/// A packet the host sends from `host_port` to `guest_port`, advertising 32 KiB of
+/// receive buffer.
 fn host_header(op: Op, host_port: u32, guest_port: u32) -> Header {
-    Header {
-        src_cid: HOST_CID,
-        dst_cid: GUEST_CID,
-        src_port: host_port,
-        dst_port: guest_port,
-        len: 0,
-        socket_type: SocketType::Stream as u16,
-        op: op as u16,
-        flags: 0,
-        buf_alloc: 32 * 1024,
-        fwd_cnt: 0,
-    }
+    stream_header(
+        (HOST_CID, host_port),
+        (GUEST_CID, guest_port),
+        op,
+        32 * 1024,
+        0,
+    )
 }
 
+/// A socket bound to GUEST_PORT on our own CID, listening with a backlog of 1.
+fn listen_on_own_cid(vsock: &mut Device<'_>) -> SocketHandle {
+    let listener = vsock.stream_socket().unwrap();
+    vsock
+        .bind(listener, VsockAddr::new(GUEST_CID as u32, GUEST_PORT))
+        .unwrap();
+    vsock.listen(listener, 1).unwrap();
+    listener
+}
+
+/// Takes the tx ring, checks that it held exactly one packet, and returns that packet.
 fn expect_one(model: &mut DeviceModel) -> Packet {
     let mut packets = model.drain_tx();
     assert_eq!(
@@ -39,17 +50,9 @@ fn expect_one(model: &mut DeviceModel) -> Packet {
 
 #[test]
 fn listen_accept_echo_and_peer_close() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * RX_PER_SOCKET];
-    let mut vsock = VsockDevice::<FakeHal, _>::new(
-        transport.clone(),
-        Config::default(),
-        &mut slots,
-        &mut rx_memory,
-    )
-    .expect("bring-up");
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * RX_PER_SOCKET);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     assert_eq!(vsock.local_cid(), 3);
     // B1: features negotiated; B3: event and rx buffers posted, DRIVER_OK set.
     assert_eq!(transport.state().driver_features, FEATURES);
@@ -57,11 +60,7 @@ fn listen_accept_echo_and_peer_close() {
     assert_eq!(model.available(0), 128, "every rx buffer posted");
     assert_eq!(model.available(2), 4, "four event buffers posted");
 
-    let listener = vsock.stream_socket().unwrap();
-    vsock
-        .bind(listener, VsockAddr::new(VMADDR_CID_ANY, 1234))
-        .unwrap();
-    vsock.listen(listener, 4).unwrap();
+    let listener = listen(&mut vsock);
 
     // B15/B16: REQUEST → RESPONSE at once, peer credit from the REQUEST.
     model
@@ -204,20 +203,10 @@ fn listen_accept_echo_and_peer_close() {
 
 #[test]
 fn b33_peer_reset_after_data_keeps_data_then_reports_reset() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 4096];
-    let mut vsock = VsockDevice::<FakeHal, _>::new(
-        transport.clone(),
-        Config::default(),
-        &mut slots,
-        &mut rx_memory,
-    )
-    .unwrap();
-    let listener = vsock.stream_socket().unwrap();
-    vsock.bind(listener, VsockAddr::new(3, 1234)).unwrap();
-    vsock.listen(listener, 1).unwrap();
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 4096);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let listener = listen_on_own_cid(&mut vsock);
     model
         .deliver(&host_header(Op::Request, 7000, 1234), &[])
         .unwrap();
@@ -266,20 +255,10 @@ fn b33_peer_reset_after_data_keeps_data_then_reports_reset() {
 
 #[test]
 fn malformed_device_input_is_dropped_and_the_driver_keeps_working() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 4096];
-    let mut vsock = VsockDevice::<FakeHal, _>::new(
-        transport.clone(),
-        Config::default(),
-        &mut slots,
-        &mut rx_memory,
-    )
-    .unwrap();
-    let listener = vsock.stream_socket().unwrap();
-    vsock.bind(listener, VsockAddr::new(3, 1234)).unwrap();
-    vsock.listen(listener, 1).unwrap();
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 4096);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let _listener = listen_on_own_cid(&mut vsock);
 
     // B10: header shorter than 44 bytes, len beyond what was written, wrong dst_cid,
     // unknown op: all dropped without a reply.

@@ -3,167 +3,33 @@
 //! `buf_alloc`, `fwd_cnt`, `len`, payload), and so is every result the caller gets.
 //! Each test is named after the rule it checks (BEHAVIOUR.md).
 
+mod common;
+
+use common::{
+    accept_host, bring_up, control, from_host, listen, ms, new_transport, pattern, rst_for, rw,
+    rw_to_host, serve_host, start_connect, storage, to_host, GUEST_CID, HOST_BUF_ALLOC, HOST_CID,
+    HOST_PORT, MAX_TX_PAYLOAD,
+};
 use core::time::Duration;
 use vsock_guest::conn::{CREDIT_PROBE_FIRST, CREDIT_PROBE_MAX};
-use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
 use vsock_guest::wire::{Header, Op, ShutdownFlags, SocketType};
-use vsock_guest::{
-    Config, Error, Instant, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
-    VMADDR_CID_ANY,
-};
+use vsock_guest::{Config, Error, Instant, Readiness, Shutdown, VsockAddr};
 
-type Device<'a> = VsockDevice<'a, FakeHal, FakeTransport>;
-
-const GUEST_CID: u64 = 3;
-const HOST_CID: u64 = 2;
-const FEATURES: u64 = (1 << 32) | (1 << 29) | 1; // VERSION_1 | RING_EVENT_IDX | STREAM
-/// The port the guest listens on.
-const GUEST_PORT: u32 = 1234;
-/// The host's port of the connection under test.
-const HOST_PORT: u32 = 5000;
-/// The host's receive buffer, where a test does not care.
-const HOST_BUF_ALLOC: u32 = 256 * 1024;
-/// Largest payload of one transmitted packet with the default `tx_buffer_size`.
-const MAX_TX_PAYLOAD: usize = 4096;
 /// Largest payload that fits one receive buffer with the default `rx_buffer_size`.
 const MAX_RX_PAYLOAD: usize = 4096 - 44;
-
-/// A packet the host sends on the connection HOST_PORT → GUEST_PORT.
-fn from_host(op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src_cid: HOST_CID,
-        dst_cid: GUEST_CID,
-        src_port: HOST_PORT,
-        dst_port: GUEST_PORT,
-        len: 0,
-        socket_type: SocketType::Stream as u16,
-        op: op as u16,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
-    }
-}
-
-/// The packet the guest must send on the connection GUEST_PORT → HOST_PORT.
-fn to_host(op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port: GUEST_PORT,
-        dst_port: HOST_PORT,
-        len: 0,
-        socket_type: SocketType::Stream as u16,
-        op: op as u16,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
-    }
-}
-
-/// The RST answering `header`, sent for no socket: addresses swapped, no credit (B13).
-fn rst_for(header: &Header) -> Header {
-    Header {
-        src_cid: header.dst_cid,
-        dst_cid: header.src_cid,
-        src_port: header.dst_port,
-        dst_port: header.src_port,
-        len: 0,
-        socket_type: header.socket_type,
-        op: Op::Rst as u16,
-        flags: 0,
-        buf_alloc: 0,
-        fwd_cnt: 0,
-    }
-}
-
-fn ms(millis: u64) -> Instant {
-    Instant::from_millis(millis)
-}
 
 /// `at` plus `millis` milliseconds, minus `micros_early` microseconds.
 fn after(at: Instant, millis: u64, micros_early: u64) -> Instant {
     Instant::from_micros(at.as_micros() + millis * 1000 - micros_early)
 }
 
-/// A recognisable byte stream.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
-}
-
-/// Takes everything on the tx ring, checks that none of it carries a payload, and returns
-/// the headers.
-fn control(model: &mut DeviceModel) -> Vec<Header> {
-    model
-        .drain_tx()
-        .into_iter()
-        .map(|packet| {
-            assert!(
-                packet.payload.is_empty(),
-                "control packet with payload: {packet:?}"
-            );
-            packet.header
-        })
-        .collect()
-}
-
-fn bring_up<'a>(
-    transport: &FakeTransport,
-    config: Config,
-    slots: &'a mut [SocketSlot],
-    rx_memory: &'a mut [u8],
-) -> Device<'a> {
-    VsockDevice::<FakeHal, _>::new(transport.clone(), config, slots, rx_memory).expect("bring-up")
-}
-
-fn listen(vsock: &mut Device<'_>) -> SocketHandle {
-    let listener = vsock.stream_socket().unwrap();
-    vsock
-        .bind(listener, VsockAddr::new(VMADDR_CID_ANY, GUEST_PORT))
-        .unwrap();
-    vsock.listen(listener, 4).unwrap();
-    listener
-}
-
-/// The host connects from HOST_PORT with receive buffer `host_buf_alloc`; checks the
-/// RESPONSE and accepts the connection.
-fn accept_host(
-    vsock: &mut Device<'_>,
-    model: &mut DeviceModel,
-    listener: SocketHandle,
-    host_buf_alloc: u32,
-    now: Instant,
-) -> SocketHandle {
-    model
-        .deliver(&from_host(Op::Request, host_buf_alloc, 0), &[])
-        .unwrap();
-    vsock.poll(now);
-    let per = vsock.rx_buffer_per_socket() as u32;
-    assert_eq!(control(model), [to_host(Op::Response, per, 0)]);
-    let (conn, peer) = vsock.accept(listener).unwrap();
-    assert_eq!(peer, VsockAddr::new(HOST_CID as u32, HOST_PORT));
-    conn
-}
-
-/// The RW packet the guest must send with `payload`.
-fn rw_to_host(payload: &[u8], buf_alloc: u32, fwd_cnt: u32) -> Packet {
-    Packet {
-        header: Header {
-            len: payload.len() as u32,
-            ..to_host(Op::Rw, buf_alloc, fwd_cnt)
-        },
-        payload: payload.to_vec(),
-    }
-}
-
 #[test]
 fn b29_credit_probe_asks_once_then_backs_off_until_credit_arrives() {
     assert_eq!(CREDIT_PROBE_FIRST, Duration::from_millis(10));
     assert_eq!(CREDIT_PROBE_MAX, Duration::from_secs(1));
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 16 * 1024];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 16 * 1024;
     let listener = listen(&mut vsock);
     // The host has 1000 bytes of receive buffer.
@@ -310,11 +176,9 @@ fn b29_credit_probe_asks_once_then_backs_off_until_credit_arrives() {
 
 #[test]
 fn b29_credit_probe_stops_when_the_peer_stops_receiving() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 16 * 1024];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 16 * 1024;
     let listener = listen(&mut vsock);
     let conn = accept_host(&mut vsock, &mut model, listener, 100, ms(100));
@@ -344,14 +208,10 @@ fn b29_credit_probe_stops_when_the_peer_stops_receiving() {
 
 #[test]
 fn b29_credit_request_is_answered_with_our_buf_alloc_and_fwd_cnt() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 16 * 1024];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 16 * 1024;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // Before any data: fwd_cnt 0.
     model
@@ -419,14 +279,10 @@ fn b29_credit_request_is_answered_with_our_buf_alloc_and_fwd_cnt() {
 /// 1-based numbers of the packets after which a CREDIT_UPDATE went out, each checked
 /// exactly.
 fn b28_update_points(per_socket: usize, packet_len: usize, packets: usize) -> Vec<usize> {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * per_socket];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * per_socket);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = per_socket as u32;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
     let data = pattern(packet_len);
     let mut buf = vec![0u8; packet_len];
     let mut points = Vec::new();
@@ -471,16 +327,12 @@ fn b28_credit_update_only_when_peer_view_falls_below_64_kib() {
 
 #[test]
 fn b28_one_way_host_to_guest_stream_never_stalls() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
+    let (transport, mut model) = new_transport();
     let per_socket = 16 * 1024;
-    let mut rx_memory = vec![0u8; 2 * per_socket];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let mut storage = storage(2, 2 * per_socket);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = per_socket as u32;
     let threshold = (per / 2).min(64 * 1024);
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // The host behaves like Linux: sends while it has credit, never asks for more.
     let total = 8 * per_socket + 777;
@@ -553,11 +405,9 @@ fn b28_one_way_host_to_guest_stream_never_stalls() {
 
 #[test]
 fn b9_every_packet_carries_our_cid_type_buf_alloc_and_fwd_cnt() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 8192;
     let mut buf = [0u8; 256];
 
@@ -572,28 +422,14 @@ fn b9_every_packet_carries_our_cid_type_buf_alloc_and_fwd_cnt() {
         dst_port: 49152,
         ..from_host(op, HOST_BUF_ALLOC, fwd_cnt)
     };
-    let client = vsock.stream_socket().unwrap();
-    assert_eq!(
-        vsock.connect(client, VsockAddr::new(2, 6000)),
-        Err(Error::InProgress)
-    );
-    assert_eq!(control(&mut model), [ours(Op::Request, 0)]);
+    let client = start_connect(&mut vsock, &mut model, VsockAddr::new(2, 6000), 49152, per);
     model.deliver(&theirs(Op::Response, 0), &[]).unwrap();
     model.deliver(&theirs(Op::Rw, 0), &pattern(100)).unwrap();
     vsock.poll(ms(1));
     assert_eq!(control(&mut model), []);
     assert_eq!(vsock.recv(client, &mut buf[..60]), Ok(60));
     assert_eq!(vsock.send(client, b"ping"), Ok(4));
-    assert_eq!(
-        model.drain_tx(),
-        [Packet {
-            header: Header {
-                len: 4,
-                ..ours(Op::Rw, 60)
-            },
-            payload: b"ping".to_vec()
-        }]
-    );
+    assert_eq!(model.drain_tx(), [rw(ours(Op::Rw, 60), b"ping")]);
     model.deliver(&theirs(Op::CreditRequest, 4), &[]).unwrap();
     vsock.poll(ms(2));
     assert_eq!(control(&mut model), [ours(Op::CreditUpdate, 60)]);
@@ -669,19 +505,16 @@ fn b9_every_packet_carries_our_cid_type_buf_alloc_and_fwd_cnt() {
     assert_eq!(control(&mut model), [to_host(Op::Rst, per, 7)]);
 
     // A connect that times out: the RST that tells the host to forget it (B19).
-    let late = vsock.stream_socket().unwrap();
-    assert_eq!(
-        vsock.connect(late, VsockAddr::new(2, 6001)),
-        Err(Error::InProgress)
-    );
-    let late_header = |op: Op| Header {
-        src_port: 49153,
-        dst_port: 6001,
-        ..to_host(op, per, 0)
-    };
-    assert_eq!(control(&mut model), [late_header(Op::Request)]);
+    let late = start_connect(&mut vsock, &mut model, VsockAddr::new(2, 6001), 49153, per);
     vsock.poll(ms(11 + 2000));
-    assert_eq!(control(&mut model), [late_header(Op::Rst)]);
+    assert_eq!(
+        control(&mut model),
+        [Header {
+            src_port: 49153,
+            dst_port: 6001,
+            ..to_host(Op::Rst, per, 0)
+        }]
+    );
     assert_eq!(vsock.take_error(late), Ok(Some(Error::TimedOut)));
     vsock.close(late).unwrap();
 
@@ -711,27 +544,22 @@ fn b9_every_packet_carries_our_cid_type_buf_alloc_and_fwd_cnt() {
     assert_eq!(vsock.send(after_reset, b"new"), Ok(3));
     assert_eq!(
         model.drain_tx(),
-        [Packet {
-            header: Header {
+        [rw(
+            Header {
                 src_cid: 7,
-                len: 3,
                 ..to_host(Op::Rw, per, 0)
             },
-            payload: b"new".to_vec()
-        }]
+            b"new"
+        )]
     );
 }
 
 #[test]
 fn b13_packet_for_no_socket_gets_rst_and_b14_rst_for_no_socket_gets_none() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // RW to a port nobody has: RST with source and destination swapped, no credit.
     let stray = Header {
@@ -827,14 +655,10 @@ fn b13_packet_for_no_socket_gets_rst_and_b14_rst_for_no_socket_gets_none() {
 
 #[test]
 fn b30_peer_overrunning_its_credit_is_reset_and_caller_sees_connection_reset() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 4096];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 4096);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 4096;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // Exactly the credit: accepted.
     let data = pattern(4097);
@@ -887,15 +711,13 @@ fn b30_peer_overrunning_its_credit_is_reset_and_caller_sees_connection_reset() {
 
 #[test]
 fn b7_tx_full_send_would_block_rx_still_processed_replies_wait() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 16 * 1024];
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 16 * 1024);
     let config = Config {
         queue_size: 8,
         ..Config::default()
     };
-    let mut vsock = bring_up(&transport, config, &mut slots, &mut rx_memory);
+    let mut vsock = bring_up(&transport, config, &mut storage);
     let per = 16 * 1024;
     assert_eq!(model.available(0), 8);
     let listener = listen(&mut vsock);
@@ -969,30 +791,25 @@ fn b7_tx_full_send_would_block_rx_still_processed_replies_wait() {
     assert_eq!(vsock.send(conn2, b"x"), Ok(1));
     assert_eq!(
         model.drain_tx(),
-        [Packet {
-            header: Header {
+        [rw(
+            Header {
                 dst_port: 5001,
-                len: 1,
                 ..to_host(Op::Rw, per, 0)
             },
-            payload: b"x".to_vec()
-        }]
+            b"x"
+        )]
     );
 }
 
 #[test]
 fn b7_full_reply_queue_stops_rx_until_tx_drains() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 16 * 1024];
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
     let config = Config {
         queue_size: 8,
         ..Config::default()
     };
-    let mut vsock = bring_up(&transport, config, &mut slots, &mut rx_memory);
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, config);
     vsock.poll(ms(2)); // reclaims the RESPONSE's buffer
     let data = pattern(8 * MAX_TX_PAYLOAD);
     assert_eq!(vsock.send(conn, &data), Ok(8 * MAX_TX_PAYLOAD));

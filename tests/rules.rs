@@ -10,32 +10,23 @@
 //! test plays the device itself on the rings in DMA memory, reached through
 //! [`FakeHal::phys_to_ptr`] exactly as the model reaches them.
 
+mod common;
+
+use common::{
+    accept_from, accept_host, accept_request, bring_up, control, from_host, from_port, listen,
+    listen_on, ms, new_transport, pattern, rst_for, rw, rw_to_host, serve_host, start_connect,
+    storage, to_host, FEATURES, GUEST_CID, GUEST_PORT, HOST_BUF_ALLOC, HOST_CID, MAX_TX_PAYLOAD,
+    RING_EVENT_IDX, VERSION_1,
+};
 use std::sync::{Arc, Mutex};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
 use virtio_drivers::PhysAddr;
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
 use vsock_guest::wire::{Header, Op, SocketType, HEADER_LEN};
 use vsock_guest::{
-    Config, Error, Instant, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
-    VMADDR_CID_ANY,
+    Config, Error, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
 };
 use zerocopy::{FromBytes, Immutable, IntoBytes};
-
-type Device<'a> = VsockDevice<'a, FakeHal, FakeTransport>;
-
-const GUEST_CID: u64 = 3;
-const HOST_CID: u64 = 2;
-const VERSION_1: u64 = 1 << 32;
-const RING_EVENT_IDX: u64 = 1 << 29;
-const FEATURES: u64 = VERSION_1 | RING_EVENT_IDX | 1; // VERSION_1 | RING_EVENT_IDX | STREAM
-/// The port the guest listens on.
-const GUEST_PORT: u32 = 1234;
-/// The host's port of the connection under test.
-const HOST_PORT: u32 = 5000;
-/// The host's receive buffer, where a test does not care.
-const HOST_BUF_ALLOC: u32 = 256 * 1024;
-/// Largest payload of one transmitted packet with the default `tx_buffer_size`.
-const MAX_TX_PAYLOAD: usize = 4096;
 
 const RX: usize = 0;
 const TX: usize = 1;
@@ -46,47 +37,7 @@ const DESC_F_INDIRECT: u16 = 4;
 const USED_F_NO_NOTIFY: u16 = 1;
 
 // ---------------------------------------------------------------------------------------
-// Packets (the helpers of tests/flow_control.rs).
-
-/// A packet the host sends on the connection HOST_PORT → GUEST_PORT.
-fn from_host(op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src_cid: HOST_CID,
-        dst_cid: GUEST_CID,
-        src_port: HOST_PORT,
-        dst_port: GUEST_PORT,
-        len: 0,
-        socket_type: SocketType::Stream as u16,
-        op: op as u16,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
-    }
-}
-
-/// The packet the guest must send on the connection GUEST_PORT → HOST_PORT.
-fn to_host(op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src_cid: GUEST_CID,
-        dst_cid: HOST_CID,
-        src_port: GUEST_PORT,
-        dst_port: HOST_PORT,
-        len: 0,
-        socket_type: SocketType::Stream as u16,
-        op: op as u16,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
-    }
-}
-
-/// `header` as sent from host port `port` (to GUEST_PORT).
-fn from_port(port: u32, header: Header) -> Header {
-    Header {
-        src_port: port,
-        ..header
-    }
-}
+// Packets (besides those of tests/common).
 
 /// `header` as sent to host port `port` (from GUEST_PORT).
 fn to_port(port: u32, header: Header) -> Header {
@@ -96,147 +47,9 @@ fn to_port(port: u32, header: Header) -> Header {
     }
 }
 
-/// The RST answering `header`, sent for no socket: addresses swapped, no credit (B13).
-fn rst_for(header: &Header) -> Header {
-    Header {
-        src_cid: header.dst_cid,
-        dst_cid: header.src_cid,
-        src_port: header.dst_port,
-        dst_port: header.src_port,
-        len: 0,
-        socket_type: header.socket_type,
-        op: Op::Rst as u16,
-        flags: 0,
-        buf_alloc: 0,
-        fwd_cnt: 0,
-    }
-}
-
 /// A SHUTDOWN with `flags`.
 fn with_flags(flags: u32, header: Header) -> Header {
     Header { flags, ..header }
-}
-
-fn ms(millis: u64) -> Instant {
-    Instant::from_millis(millis)
-}
-
-/// A recognisable byte stream.
-fn pattern(len: usize) -> Vec<u8> {
-    (0..len).map(|i| (i % 251) as u8).collect()
-}
-
-/// Takes everything on the tx ring, checks that none of it carries a payload, and returns
-/// the headers.
-fn control(model: &mut DeviceModel) -> Vec<Header> {
-    model
-        .drain_tx()
-        .into_iter()
-        .map(|packet| {
-            assert!(
-                packet.payload.is_empty(),
-                "control packet with payload: {packet:?}"
-            );
-            packet.header
-        })
-        .collect()
-}
-
-/// The RW packet `header` (with `len` set) and `payload`.
-fn rw(header: Header, payload: &[u8]) -> Packet {
-    Packet {
-        header: Header {
-            len: payload.len() as u32,
-            ..header
-        },
-        payload: payload.to_vec(),
-    }
-}
-
-/// The RW packet the guest must send to HOST_PORT with `payload`.
-fn rw_to_host(payload: &[u8], buf_alloc: u32, fwd_cnt: u32) -> Packet {
-    rw(to_host(Op::Rw, buf_alloc, fwd_cnt), payload)
-}
-
-fn bring_up<'a>(
-    transport: &FakeTransport,
-    config: Config,
-    slots: &'a mut [SocketSlot],
-    rx_memory: &'a mut [u8],
-) -> Device<'a> {
-    VsockDevice::<FakeHal, _>::new(transport.clone(), config, slots, rx_memory).expect("bring-up")
-}
-
-fn listen_on(vsock: &mut Device<'_>, port: u32) -> SocketHandle {
-    let listener = vsock.stream_socket().unwrap();
-    vsock
-        .bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))
-        .unwrap();
-    vsock.listen(listener, 4).unwrap();
-    listener
-}
-
-fn listen(vsock: &mut Device<'_>) -> SocketHandle {
-    listen_on(vsock, GUEST_PORT)
-}
-
-/// The host connects with `request` (a REQUEST header); checks the RESPONSE (our
-/// `buf_alloc`, addresses swapped) and accepts the connection.
-fn accept_request(
-    vsock: &mut Device<'_>,
-    model: &mut DeviceModel,
-    listener: SocketHandle,
-    request: Header,
-    now: Instant,
-) -> SocketHandle {
-    model.deliver(&request, &[]).unwrap();
-    vsock.poll(now);
-    let per = vsock.rx_buffer_per_socket() as u32;
-    assert_eq!(
-        control(model),
-        [Header {
-            src_cid: GUEST_CID,
-            dst_cid: request.src_cid,
-            src_port: request.dst_port,
-            dst_port: request.src_port,
-            len: 0,
-            socket_type: SocketType::Stream as u16,
-            op: Op::Response as u16,
-            flags: 0,
-            buf_alloc: per,
-            fwd_cnt: 0,
-        }]
-    );
-    let (conn, peer) = vsock.accept(listener).unwrap();
-    assert_eq!(
-        peer,
-        VsockAddr::new(request.src_cid as u32, request.src_port)
-    );
-    conn
-}
-
-/// The host connects from `host_port` to GUEST_PORT with receive buffer `host_buf_alloc`.
-fn accept_from(
-    vsock: &mut Device<'_>,
-    model: &mut DeviceModel,
-    listener: SocketHandle,
-    host_port: u32,
-    host_buf_alloc: u32,
-    now: Instant,
-) -> SocketHandle {
-    let request = from_port(host_port, from_host(Op::Request, host_buf_alloc, 0));
-    accept_request(vsock, model, listener, request, now)
-}
-
-/// The host connects from HOST_PORT.
-fn accept_host(
-    vsock: &mut Device<'_>,
-    model: &mut DeviceModel,
-    listener: SocketHandle,
-    host_buf_alloc: u32,
-    now: Instant,
-) -> SocketHandle {
-    accept_from(vsock, model, listener, HOST_PORT, host_buf_alloc, now)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -519,14 +332,10 @@ fn b3_init_order_cid_then_event_and_rx_buffers_then_driver_ok() {
 
 #[test]
 fn b39_unknown_event_ids_are_ignored_and_every_event_buffer_is_reposted() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
     assert_eq!(model.notifications(EVENT), 1, "at bring-up");
 
     // Three rounds of events with ids the driver does not know: more events than buffers,
@@ -615,14 +424,10 @@ impl EventDevice {
 
 #[test]
 fn b39_events_of_a_wrong_length_are_ignored_and_their_buffers_reposted() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
     let mut events = EventDevice { next: 0 };
     assert_eq!(events.available(&transport), 4);
 
@@ -657,17 +462,15 @@ fn b39_events_of_a_wrong_length_are_ignored_and_their_buffers_reposted() {
 
 #[test]
 fn b4_one_descriptor_per_packet_on_both_queues_header_and_payload_contiguous() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
     let config = Config {
         queue_size: 16,
         rx_buffer_size: 1024,
         tx_buffer_size: HEADER_LEN + 512,
         ..Config::default()
     };
-    let mut vsock = bring_up(&transport, config, &mut slots, &mut rx_memory);
+    let mut vsock = bring_up(&transport, config, &mut storage);
     let per = 8192;
 
     // Rx: 16 device-writable buffers of the configured 1024 bytes, not chained, not
@@ -766,18 +569,14 @@ fn b4_one_descriptor_per_packet_on_both_queues_header_and_payload_contiguous() {
 
 #[test]
 fn b6_bad_used_entries_are_dropped_buffers_reposted_and_the_driver_keeps_working() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 16 * 1024];
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
     let config = Config {
         queue_size: 16,
         ..Config::default()
     };
-    let mut vsock = bring_up(&transport, config, &mut slots, &mut rx_memory);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, config);
     let per = 16 * 1024;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
     let mut buf = [0u8; 64];
     let rw_bytes = |payload: &[u8]| {
         let mut bytes = vec![0u8; HEADER_LEN + payload.len()];
@@ -883,11 +682,9 @@ fn b6_bad_used_entries_are_dropped_buffers_reposted_and_the_driver_keeps_working
 
 #[test]
 fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want_one() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 64 * 1024];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 64 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     assert_eq!(
         transport.state().driver_features & RING_EVENT_IDX,
         RING_EVENT_IDX
@@ -976,17 +773,13 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
 
 #[test]
 fn b8_event_idx_rx_reposting_notifies_only_when_the_device_ran_dry() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 4096];
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 4096);
     let config = Config {
         queue_size: 16,
         ..Config::default()
     };
-    let mut vsock = bring_up(&transport, config, &mut slots, &mut rx_memory);
-    let listener = listen(&mut vsock);
-    let _conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
+    let (mut vsock, _, _conn) = serve_host(&transport, &mut model, &mut storage, config);
     assert_eq!(model.notifications(RX), 1, "at bring-up");
     let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
 
@@ -1030,13 +823,12 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
     // EVENT_IDX not offered: the used ring's NO_NOTIFY flag is the device's hint.
     let transport = FakeTransport::new(GUEST_CID, VERSION_1 | 1);
     let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 64 * 1024];
+    let mut storage = storage(2, 2 * 64 * 1024);
     let config = Config {
         queue_size: 16,
         ..Config::default()
     };
-    let mut vsock = bring_up(&transport, config, &mut slots, &mut rx_memory);
+    let mut vsock = bring_up(&transport, config, &mut storage);
     assert_eq!(transport.state().driver_features, VERSION_1 | 1);
     let per = 64 * 1024;
     let listener = listen(&mut vsock);
@@ -1110,14 +902,11 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
 
 #[test]
 fn b10_packets_for_another_cid_are_dropped_without_reply() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let (mut vsock, listener, conn) =
+        serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // Data, an RST and a SHUTDOWN for the connection's tuple, and a REQUEST for the
     // listener, each with a dst_cid that is not ours: 4, the host's, ANY, and ours with
@@ -1155,11 +944,9 @@ fn b10_packets_for_another_cid_are_dropped_without_reply() {
 
 #[test]
 fn b10_control_ops_with_payload_reset_the_connection() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
     let mut buf = [0u8; 32];
@@ -1227,17 +1014,7 @@ fn b10_control_ops_with_payload_reset_the_connection() {
     assert_eq!(vsock.accept(listener), Err(Error::WouldBlock));
 
     // While connecting: a RESPONSE with a payload fails the connect (B18).
-    let client = vsock.stream_socket().unwrap();
-    assert_eq!(
-        vsock.connect(client, VsockAddr::new(2, 7001)),
-        Err(Error::InProgress)
-    );
-    let ours = |op: Op| Header {
-        src_port: 49152,
-        dst_port: 7001,
-        ..to_host(op, per, 0)
-    };
-    assert_eq!(control(&mut model), [ours(Op::Request)]);
+    let client = start_connect(&mut vsock, &mut model, VsockAddr::new(2, 7001), 49152, per);
     let response = Header {
         src_port: 7001,
         dst_port: 49152,
@@ -1245,21 +1022,25 @@ fn b10_control_ops_with_payload_reset_the_connection() {
     };
     model.deliver(&response, b"!").unwrap();
     vsock.poll(ms(101));
-    assert_eq!(control(&mut model), [ours(Op::Rst)]);
+    assert_eq!(
+        control(&mut model),
+        [Header {
+            src_port: 49152,
+            dst_port: 7001,
+            ..to_host(Op::Rst, per, 0)
+        }]
+    );
     assert_eq!(vsock.take_error(client), Ok(Some(Error::ConnectionReset)));
     assert_eq!(vsock.send(client, b"x"), Err(Error::ConnectionReset));
 }
 
 #[test]
 fn b10_unknown_ops_are_dropped_silently() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let (mut vsock, listener, conn) =
+        serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // Unknown ops on the connection's tuple, to the listener, to no socket, and with an
     // unknown socket type too (dropped, not answered as B11: the op is checked first).
@@ -1300,13 +1081,9 @@ fn b10_unknown_ops_are_dropped_silently() {
 
 #[test]
 fn b10_len_is_checked_against_the_bytes_written() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let packet = |len: u32, payload: &[u8]| {
         let mut bytes = vec![0u8; HEADER_LEN + payload.len()];
         Header {
@@ -1339,14 +1116,11 @@ fn b10_len_is_checked_against_the_bytes_written() {
 
 #[test]
 fn b11_unknown_socket_type_gets_rst_carrying_that_type() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let (mut vsock, listener, conn) =
+        serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     // A REQUEST of type 9 and of SEQPACKET (2, not implemented) to the listener, and data
     // of type 0 on the connection's tuple: each gets an RST of its own type, addresses
@@ -1416,14 +1190,12 @@ fn b11_unknown_socket_type_gets_rst_carrying_that_type() {
 
 #[test]
 fn b12_connections_are_looked_up_by_the_full_tuple() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 8];
-    let mut rx_memory = vec![0u8; 8 * 4096];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(8, 8 * 4096);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 4096;
-    let l1234 = listen_on(&mut vsock, 1234);
-    let l1235 = listen_on(&mut vsock, 1235);
+    let l1234 = listen_on(&mut vsock, 1234, 4);
+    let l1235 = listen_on(&mut vsock, 1235, 4);
 
     // A: host 5000 → 1234. B: host 5000 → 1235 (same host port). C: host 5001 → 1234
     // (same guest port). D: sibling CID 5, port 5000 → 1234 (same ports as A).
@@ -1525,11 +1297,9 @@ fn b12_connections_are_looked_up_by_the_full_tuple() {
 
 #[test]
 fn b17_duplicate_request_is_dropped_and_the_connection_untouched() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
 
@@ -1598,11 +1368,9 @@ fn b17_duplicate_request_is_dropped_and_the_connection_untouched() {
 
 #[test]
 fn b26_peer_credit_is_refreshed_from_every_header() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
     // The host starts with 100 bytes of buffer.
@@ -1654,12 +1422,10 @@ fn b26_peer_credit_is_refreshed_from_every_header() {
 
 #[test]
 fn b27_fwd_cnt_counts_consumed_bytes_and_buf_alloc_is_the_receive_capacity() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
+    let (transport, mut model) = new_transport();
     // 3 slots sharing 15002 bytes: 5000 each (the remainder is not advertised).
-    let mut slots = [const { SocketSlot::EMPTY }; 3];
-    let mut rx_memory = vec![0u8; 15_002];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let mut storage = storage(3, 15_002);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     assert_eq!(vsock.rx_buffer_per_socket(), 5000);
     let per = 5000;
     let listener = listen(&mut vsock);
@@ -1729,20 +1495,8 @@ fn b27_fwd_cnt_counts_consumed_bytes_and_buf_alloc_is_the_receive_capacity() {
     assert_eq!(&buf[..5000], &data[..5000]);
     vsock.close(conn2).unwrap();
     assert_eq!(control(&mut model), []);
-    // And a connection we open advertises the same.
-    let client = vsock.stream_socket().unwrap();
-    assert_eq!(
-        vsock.connect(client, VsockAddr::new(2, 6000)),
-        Err(Error::InProgress)
-    );
-    assert_eq!(
-        control(&mut model),
-        [Header {
-            src_port: 49152,
-            dst_port: 6000,
-            ..to_host(Op::Request, per, 0)
-        }]
-    );
+    // And a connection we open advertises the same (checked by `start_connect`).
+    start_connect(&mut vsock, &mut model, VsockAddr::new(2, 6000), 49152, per);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1750,11 +1504,9 @@ fn b27_fwd_cnt_counts_consumed_bytes_and_buf_alloc_is_the_receive_capacity() {
 
 #[test]
 fn b32_local_shutdown_flags_on_the_wire_are_receive_1_send_2_and_sticky() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
     let mut buf = [0u8; 16];
@@ -1851,14 +1603,10 @@ fn b32_local_shutdown_flags_on_the_wire_are_receive_1_send_2_and_sticky() {
 
 #[test]
 fn b32_peer_shutdown_flags_are_sticky_and_add_up() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
     let peer_shutdown = |flags: u32| with_flags(flags, from_host(Op::Shutdown, HOST_BUF_ALLOC, 0));
 
     // RECEIVE (1): our send is a broken pipe. A later SHUTDOWN without flags, or with
@@ -1888,14 +1636,10 @@ fn b32_peer_shutdown_flags_are_sticky_and_add_up() {
 
 #[test]
 fn b33_peer_send_shutdown_recv_drains_then_eof_and_we_may_still_send() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 2];
-    let mut rx_memory = vec![0u8; 2 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 8192);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     model
         .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), b"last words")
@@ -1937,14 +1681,11 @@ fn b33_peer_send_shutdown_recv_drains_then_eof_and_we_may_still_send() {
 
 #[test]
 fn b34_both_peer_flags_rst_data_stays_readable_and_the_same_port_reconnects() {
-    let transport = FakeTransport::new(GUEST_CID, FEATURES);
-    let mut model = DeviceModel::new(&transport);
-    let mut slots = [const { SocketSlot::EMPTY }; 4];
-    let mut rx_memory = vec![0u8; 4 * 8192];
-    let mut vsock = bring_up(&transport, Config::default(), &mut slots, &mut rx_memory);
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4, 4 * 8192);
+    let (mut vsock, listener, old) =
+        serve_host(&transport, &mut model, &mut storage, Config::default());
     let per = 8192;
-    let listener = listen(&mut vsock);
-    let old = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
 
     model
         .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), b"old data")
