@@ -1725,3 +1725,68 @@ fn b34_both_peer_flags_rst_data_stays_readable_and_the_same_port_reconnects() {
     assert_eq!(vsock.send(new, b"hello again"), Ok(11));
     assert_eq!(model.drain_tx(), [rw_to_host(b"hello again", per, 3)]);
 }
+
+// ---------------------------------------------------------------------------------------
+// B5, B16, B31.
+
+#[test]
+fn b5_the_header_is_a_copy_taken_once_from_device_memory() {
+    // What the device wrote: a header and a payload in one buffer.
+    let sent = Header {
+        len: 3,
+        ..from_host(Op::Rw, HOST_BUF_ALLOC, 7)
+    };
+    let mut buffer = vec![0u8; HEADER_LEN + 3];
+    sent.emit(&mut buffer).unwrap();
+    buffer[HEADER_LEN..].copy_from_slice(b"abc");
+    let header = {
+        let (header, payload) = Header::parse_packet(&buffer, buffer.len()).unwrap();
+        assert_eq!(payload, b"abc");
+        header
+    };
+    // A device rewriting the buffer afterwards cannot change what was validated.
+    buffer.fill(0xff);
+    assert_eq!(header, sent);
+}
+
+#[test]
+fn b16_an_accepted_connection_takes_its_peer_credit_from_the_request() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let per = vsock.rx_buffer_per_socket() as u32;
+    let listener = listen(&mut vsock);
+    // The host's REQUEST advertises 1000 bytes of receive buffer and nothing else does.
+    let conn = accept_host(&mut vsock, &mut model, listener, 1000, ms(1));
+    let data = pattern(3000);
+    assert_eq!(vsock.send(conn, &data), Ok(1000));
+    vsock.poll(ms(2));
+    assert_eq!(model.drain_tx(), [rw_to_host(&data[..1000], per, 0)]);
+}
+
+#[test]
+fn b31_rx_buffers_are_reposted_as_soon_as_their_payload_is_copied() {
+    const RX: usize = 0;
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let (mut vsock, _listener, conn) =
+        serve_host(&transport, &mut model, &mut storage, Config::default());
+    let posted = model.available(RX);
+    assert_eq!(posted, 128);
+    // Three times as many 1-byte packets as there are rx buffers, the application reading
+    // nothing: each buffer is reposted once its byte is in the socket's receive ring.
+    let bytes = pattern(3 * posted);
+    for (i, byte) in bytes.iter().enumerate() {
+        model
+            .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), &[*byte])
+            .unwrap();
+        if i % 64 == 63 {
+            vsock.poll(ms(2 + i as u64));
+            assert_eq!(model.available(RX), posted, "all reposted after packet {i}");
+        }
+    }
+    assert_eq!(vsock.recv_queue(conn), Ok(bytes.len()));
+    let mut out = vec![0u8; bytes.len()];
+    assert_eq!(vsock.recv(conn, &mut out), Ok(bytes.len()));
+    assert_eq!(out, bytes);
+}
