@@ -31,6 +31,10 @@
 //! the same way), and the driver's own counters (ours: `VsockDevice::stats()`; theirs:
 //! the packets its `poll` rejected). A failed workload logs `ok=0 error=<why>`.
 //!
+//! Before the driver starts, the guest times plain memory work (the pattern fill and a
+//! memcpy of 4 MiB) and logs `bench: reference fill_us=.. copy_us=.. bytes=..`, which the
+//! host prints beside the results.
+//!
 //! virtio-drivers' driver does not send credit updates by itself, so after every `recv`
 //! that returned bytes this guest calls `update_credit`, as a real user must; it also
 //! skips packets its `poll` rejects as malformed (vhost-device-vsock 0.3.0 sometimes hands
@@ -86,8 +90,11 @@ mod bench {
     const MAX_IO: usize = 64 * 1024;
     /// Longest command line.
     const MAX_LINE: usize = 128;
-    /// Connections virtio-drivers' manager accepted that the guest has not taken yet.
-    const PENDING: usize = 16;
+    /// Connections virtio-drivers' manager accepted that the guest has not taken yet, and
+    /// peers whose disconnection the guest remembers. Its manager accepts and closes
+    /// connections inside `poll`, so a burst of connect/close cycles can be over before
+    /// the guest looks at them.
+    const PENDING: usize = 64;
 
     static SLOTS: Mutex<[SocketSlot; SOCKETS]> = Mutex::new([SocketSlot::EMPTY; SOCKETS]);
     static RX_MEMORY: Mutex<[u8; SOCKETS * RX_PER_SOCKET]> =
@@ -373,8 +380,9 @@ mod bench {
         port: u32,
         /// Connections the manager accepted, not yet taken by `accept`.
         pending: heapless::Deque<TheirAddr, PENDING>,
-        /// Peers that disconnected; a read finds end of stream once the data is drained.
-        closed: heapless::Vec<TheirAddr, PENDING>,
+        /// Peers that disconnected, oldest first; a read finds end of stream once the
+        /// data is drained.
+        closed: heapless::Deque<TheirAddr, PENDING>,
         /// Packets `poll` rejected as malformed and this guest skipped.
         bad_packets: u64,
         credit_updates: u64,
@@ -389,7 +397,7 @@ mod bench {
                 manager,
                 port,
                 pending: heapless::Deque::new(),
-                closed: heapless::Vec::new(),
+                closed: heapless::Deque::new(),
                 bad_packets: 0,
                 credit_updates: 0,
             };
@@ -397,14 +405,30 @@ mod bench {
             theirs
         }
 
+        fn is_closed(&self, peer: TheirAddr) -> bool {
+            self.closed.iter().any(|p| *p == peer)
+        }
+
         fn mark_closed(&mut self, peer: TheirAddr) {
-            if !self.closed.contains(&peer) && self.closed.push(peer).is_err() {
-                warn!("bench: too many closed connections");
+            if self.is_closed(peer) {
+                return;
             }
+            if self.closed.is_full() {
+                // Forget the oldest: long gone, or its reader will get NotConnected.
+                self.closed.pop_front();
+            }
+            let _ = self.closed.push_back(peer);
         }
 
         fn forget_closed(&mut self, peer: TheirAddr) {
-            self.closed.retain(|p| *p != peer);
+            let kept = self.closed.len();
+            for _ in 0..kept {
+                if let Some(p) = self.closed.pop_front() {
+                    if p != peer {
+                        let _ = self.closed.push_back(p);
+                    }
+                }
+            }
         }
     }
 
@@ -468,7 +492,7 @@ mod bench {
 
         fn recv(&mut self, conn: TheirAddr, buf: &mut [u8]) -> Result<Recv> {
             match self.manager.recv(conn, self.port, buf) {
-                Ok(0) if self.closed.contains(&conn) => Ok(Recv::Eof),
+                Ok(0) if self.is_closed(conn) => Ok(Recv::Eof),
                 Ok(0) => Ok(Recv::Empty),
                 Ok(n) => {
                     // virtio-drivers leaves credit updates to its user. After the last
@@ -477,13 +501,13 @@ mod bench {
                         Ok(()) => self.credit_updates += 1,
                         Err(virtio_drivers::Error::SocketDeviceError(
                             SocketError::NotConnected,
-                        )) if self.closed.contains(&conn) => {}
+                        )) if self.is_closed(conn) => {}
                         Err(e) => return Err(Failure::Theirs(e)),
                     }
                     Ok(Recv::Data(n))
                 }
                 Err(virtio_drivers::Error::SocketDeviceError(SocketError::NotConnected))
-                    if self.closed.contains(&conn) =>
+                    if self.is_closed(conn) =>
                 {
                     Ok(Recv::Eof)
                 }
@@ -694,6 +718,30 @@ mod bench {
         info!("{line}");
     }
 
+    /// Measures what plain memory work costs in this guest, before any driver runs: the
+    /// pattern fill of `REFERENCE_BYTES` (what `send` does per byte) and a copy of as many
+    /// bytes between two fresh halves of the heap arena, in 64 KiB blocks. Logged as
+    /// `bench: reference fill_us=.. copy_us=.. bytes=..` for the host's table.
+    fn reference(arena: &mut [u8; HEAP_SIZE], buffer: &mut [u8; MAX_IO]) {
+        const REFERENCE_BYTES: usize = HEAP_SIZE / 2;
+        let started = now_micros();
+        let mut offset = 0;
+        while offset < REFERENCE_BYTES {
+            fill_pattern(offset as u64, &mut buffer[..]);
+            core::hint::black_box(&mut buffer[..]);
+            offset += MAX_IO;
+        }
+        let fill_us = now_micros() - started;
+        let (from, to) = arena.split_at_mut(REFERENCE_BYTES);
+        let started = now_micros();
+        for (source, target) in from.chunks(MAX_IO).zip(to.chunks_mut(MAX_IO)) {
+            target.copy_from_slice(core::hint::black_box(source));
+        }
+        core::hint::black_box(&mut to[..]);
+        let copy_us = now_micros() - started;
+        info!("bench: reference fill_us={fill_us} copy_us={copy_us} bytes={REFERENCE_BYTES}");
+    }
+
     fn serve<D: Driver>(mut driver: D, port: u32) -> ! {
         let buffer = spin::MutexGuard::leak(BUFFER.lock());
         let mut cycles = Cycles {
@@ -709,65 +757,74 @@ mod bench {
             if let Err(e) = driver.poll() {
                 error!("bench: poll failed: {e}");
             }
-            let Some(conn) = driver.accept() else {
-                continue;
-            };
-            let kicks_before = kicks();
-            let started_us = now_micros();
-            let mut line = [0u8; MAX_LINE];
-            let (end, start, len) = match read_command(&mut driver, conn, &mut line) {
-                Ok(Some(command)) => command,
-                Ok(None) => {
-                    // A connect/close cycle.
-                    driver.close(conn);
-                    if cycles.done < cycles.expected {
-                        cycles.done += 1;
-                        if cycles.done == cycles.expected {
-                            let elapsed = now_micros() - cycles.started_us;
-                            let command = cycles.line.clone();
-                            log_result(&driver, &command, Ok(0), elapsed, cycles.kicks);
-                        }
-                    }
-                    continue;
-                }
-                Err(e) => {
-                    warn!("bench: reading a command failed: {e}");
-                    driver.close(conn);
-                    continue;
-                }
-            };
-            let command = core::str::from_utf8(&line[..end]).unwrap_or("").trim();
-            let mut finished_us = started_us;
-            let result = run_command(
-                &mut driver,
-                conn,
-                command,
-                &line[start..len],
-                buffer,
-                &mut finished_us,
-            );
-            driver.close(conn);
-            let elapsed = finished_us - started_us;
-            match result {
-                Ok(Outcome::Done { bad }) => {
-                    log_result(&driver, command, Ok(bad), elapsed, kicks_before)
-                }
-                Ok(Outcome::Cycles(n)) => {
-                    cycles = Cycles {
-                        expected: n,
-                        done: 0,
-                        started_us: now_micros(),
-                        kicks: kicks(),
-                        line: heapless::String::new(),
-                    };
-                    let _ = cycles.line.push_str(command);
-                }
-                Ok(Outcome::Exit) => {
-                    info!("bench: exit requested");
-                    boot::exit_success();
-                }
-                Err(e) => log_result(&driver, command, Err(e), elapsed, kicks_before),
+            // Serve every waiting connection before polling again.
+            while let Some(conn) = driver.accept() {
+                serve_connection(&mut driver, conn, &mut cycles, buffer);
             }
+        }
+    }
+
+    /// Serves one connection from accept to close.
+    fn serve_connection<D: Driver>(
+        driver: &mut D,
+        conn: D::Conn,
+        cycles: &mut Cycles,
+        buffer: &mut [u8; MAX_IO],
+    ) {
+        let kicks_before = kicks();
+        let started_us = now_micros();
+        let mut line = [0u8; MAX_LINE];
+        let (end, start, len) = match read_command(driver, conn, &mut line) {
+            Ok(Some(command)) => command,
+            Ok(None) => {
+                // A connect/close cycle.
+                driver.close(conn);
+                if cycles.done < cycles.expected {
+                    cycles.done += 1;
+                    if cycles.done == cycles.expected {
+                        let elapsed = now_micros() - cycles.started_us;
+                        log_result(driver, &cycles.line, Ok(0), elapsed, cycles.kicks);
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                warn!("bench: reading a command failed: {e}");
+                driver.close(conn);
+                return;
+            }
+        };
+        let command = core::str::from_utf8(&line[..end]).unwrap_or("").trim();
+        let mut finished_us = started_us;
+        let result = run_command(
+            driver,
+            conn,
+            command,
+            &line[start..len],
+            buffer,
+            &mut finished_us,
+        );
+        driver.close(conn);
+        let elapsed = finished_us - started_us;
+        match result {
+            Ok(Outcome::Done { bad }) => {
+                log_result(driver, command, Ok(bad), elapsed, kicks_before)
+            }
+            Ok(Outcome::Cycles(n)) => {
+                *cycles = Cycles {
+                    expected: n,
+                    done: 0,
+                    started_us: now_micros(),
+                    kicks: kicks(),
+                    line: heapless::String::new(),
+                };
+                let _ = cycles.line.push_str(command);
+            }
+            Ok(Outcome::Exit) => {
+                info!("bench: exit requested");
+                boot::exit_success();
+            }
+            Err(e) => log_result(driver, command, Err(e), elapsed, kicks_before),
         }
     }
 
@@ -782,6 +839,8 @@ mod bench {
             boot::exit_failure();
         };
         let transport = CountingTransport(transport);
+        let arena: &'static mut [u8; HEAP_SIZE] = spin::MutexGuard::leak(HEAP.lock());
+        reference(arena, &mut BUFFER.lock());
         let failed = |e: Failure| -> ! {
             error!("bench: bring-up of {name} failed: {e}");
             boot::exit_failure();
@@ -792,7 +851,6 @@ mod bench {
                 port,
             ),
             "theirs" | "theirs-best" => {
-                let arena: &'static mut [u8; HEAP_SIZE] = spin::MutexGuard::leak(HEAP.lock());
                 boot::heap::init(arena);
                 if name == "theirs" {
                     let socket = VirtIOSocket::<boot::hal::BootHal, _>::new(transport)

@@ -269,6 +269,30 @@ fn first_mismatch(offset: u64, received: &[u8], expected: &[u8]) -> Option<u64> 
 struct BenchVm {
     backend: Backend,
     guest: Guest,
+    /// What plain memory work costs in this guest, measured before the driver starts.
+    reference: Option<Reference>,
+}
+
+/// The guest's `bench: reference` line: MiB/s of the pattern fill and of a memcpy.
+#[derive(Clone, Copy, Debug)]
+struct Reference {
+    fill_mib_s: f64,
+    copy_mib_s: f64,
+}
+
+impl Reference {
+    fn parse(log: &str) -> Option<Self> {
+        let rest = log
+            .lines()
+            .find_map(|line| line.split_once("bench: reference ").map(|(_, r)| r))?;
+        let fields = parse_report(rest).ok()?;
+        let bytes = fields.number("bytes")? as f64 / (1 << 20) as f64;
+        let rate = |key: &str| Some(bytes / (fields.number(key)?.max(1) as f64 / 1e6));
+        Some(Reference {
+            fill_mib_s: rate("fill_us")?,
+            copy_mib_s: rate("copy_us")?,
+        })
+    }
 }
 
 impl BenchVm {
@@ -295,7 +319,12 @@ impl BenchVm {
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
         guest.wait_for_serial(GUEST_READY, BOOT_TIMEOUT)?;
         thread::sleep(BACKEND_SETTLE);
-        Ok(BenchVm { backend, guest })
+        let reference = Reference::parse(&guest.serial_log());
+        Ok(BenchVm {
+            backend,
+            guest,
+            reference,
+        })
     }
 
     fn uds(&self) -> &Path {
@@ -703,7 +732,15 @@ struct Plan<'a> {
 
 /// Runs every workload on one driver, booting a fresh guest after a failure; returns one
 /// outcome per workload.
-fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> Vec<Outcome> {
+/// One driver's results.
+struct DriverResults {
+    /// One per workload.
+    outcomes: Vec<Outcome>,
+    /// The guest's memory reference from its first boot.
+    reference: Option<Reference>,
+}
+
+fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
     let Plan {
         tools,
         kernel,
@@ -714,6 +751,7 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> Vec<Outcome> {
         repetitions,
     } = *plan;
     let mut outcomes = Vec::new();
+    let mut reference = None;
     let mut vm: Option<BenchVm> = None;
     let mut boots = 0;
     for (index, &workload) in workloads.iter().enumerate() {
@@ -726,18 +764,26 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> Vec<Outcome> {
                 let started = Instant::now();
                 match BenchVm::boot(tools, kernel, machine, accel, driver, &run) {
                     Ok(booted) => {
+                        let rate =
+                            |r: Option<f64>| r.map_or("?".into(), |r| format!("{r:.0} MiB/s"));
                         println!(
-                            "  {accel}/{}: guest up in {:.1}s",
+                            "  {accel}/{}: guest up in {:.1}s; in the guest: pattern fill {}, memcpy {}",
                             driver.arg,
-                            started.elapsed().as_secs_f64()
+                            started.elapsed().as_secs_f64(),
+                            rate(booted.reference.map(|r| r.fill_mib_s)),
+                            rate(booted.reference.map(|r| r.copy_mib_s)),
                         );
+                        reference = reference.or(booted.reference);
                         vm = Some(booted);
                     }
                     Err(e) => {
                         let error = format!("boot failed: {e:#}");
                         println!("  {accel}/{}: {error}", driver.arg);
                         outcomes.extend(workloads[index..].iter().map(|_| Err(error.clone())));
-                        return outcomes;
+                        return DriverResults {
+                            outcomes,
+                            reference,
+                        };
                     }
                 }
             }
@@ -781,8 +827,9 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> Vec<Outcome> {
                     }
                 }
             }
-            if outcome.as_ref().map_or(true, |run| run.partial.is_some()) {
-                // Whatever state the guest is in, the next workload gets a fresh one.
+            if outcome.is_err() {
+                // Whatever state the guest is in, the next workload gets a fresh one. (A
+                // run stopped at the limit ends its connection like any other.)
                 running.stop();
                 vm = None;
             }
@@ -809,7 +856,10 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> Vec<Outcome> {
             println!("  {accel}/{}: exit: {e:#}", driver.arg);
         }
     }
-    outcomes
+    DriverResults {
+        outcomes,
+        reference,
+    }
 }
 
 /// The run with the median first metric.
@@ -878,7 +928,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
     let limit_for = |nested: bool| {
         Duration::from_secs(match (options.quick, options.full, nested) {
             (true, _, false) => 90,
-            (true, _, true) => 30,
+            (true, _, true) => 20,
             (_, true, _) => 600,
             _ => 240,
         })
@@ -910,18 +960,26 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             plan.limit.as_secs()
         );
         let started = Instant::now();
-        let outcomes: Vec<Vec<Outcome>> = DRIVERS
+        let results: Vec<DriverResults> = DRIVERS
             .iter()
             .map(|&driver| run_driver(&plan, accel, driver))
             .collect();
+        let reference = results.iter().find_map(|r| r.reference);
+        let outcomes: Vec<Vec<Outcome>> = results.into_iter().map(|r| r.outcomes).collect();
         println!(
             "  {accel}: all drivers in {:.0}s",
             started.elapsed().as_secs_f64()
         );
-        let table = render_table(&plan, accel, &note, &outcomes);
+        let table = render_table(&plan, accel, &note, reference, &outcomes);
         println!("\n{table}");
         tables.push(table);
         let mut run = json_run(machine, accel, &note, &workloads, &outcomes);
+        if let Some(r) = reference {
+            run["guest_reference_mib_s"] = serde_json::json!({
+                "pattern_fill": r.fill_mib_s,
+                "memcpy": r.copy_mib_s,
+            });
+        }
         run["nested_virtualisation"] = nested.into();
         run["workload_limit_seconds"] = plan.limit.as_secs().into();
         json_runs.push(run);
@@ -951,10 +1009,26 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
     Ok(())
 }
 
-fn render_table(plan: &Plan<'_>, accel: Accel, note: &str, outcomes: &[Vec<Outcome>]) -> String {
+/// Three significant digits at least, one decimal at most above 100.
+fn number(value: f64) -> String {
+    match value.abs() {
+        v if v >= 100.0 => format!("{value:.1}"),
+        v if v >= 10.0 => format!("{value:.2}"),
+        _ => format!("{value:.3}"),
+    }
+}
+
+fn render_table(
+    plan: &Plan<'_>,
+    accel: Accel,
+    note: &str,
+    reference: Option<Reference>,
+    outcomes: &[Vec<Outcome>],
+) -> String {
     let (machine, workloads) = (plan.machine, plan.workloads);
     let mut out = String::new();
     let mut notes: Vec<String> = Vec::new();
+    let mut failures = 0;
     let mut cell =
         |outcome: &Outcome, index: usize, driver: Driver, workload: Workload| match outcome {
             Ok(Run {
@@ -969,11 +1043,12 @@ fn render_table(plan: &Plan<'_>, accel: Accel, note: &str, outcomes: &[Vec<Outco
                         workload.name()
                     ));
                 }
-                format!("{:.1}*", values[index])
+                format!("{}*", number(values[index]))
             }
-            Ok(run) => format!("{:.1}", run.values[index]),
+            Ok(run) => number(run.values[index]),
             Err(e) => {
-                let tag = format!("[{}]", notes.len() + 1);
+                failures += 1;
+                let tag = format!("[{failures}]");
                 notes.push(format!(
                     "{tag} {} on {}: {e}",
                     driver.label,
@@ -996,6 +1071,13 @@ fn render_table(plan: &Plan<'_>, accel: Accel, note: &str, outcomes: &[Vec<Outco
         },
         plan.limit.as_secs()
     );
+    if let Some(r) = reference {
+        let _ = writeln!(
+            out,
+            "reference, in the guest before any driver runs: pattern fill {:.0} MiB/s, memcpy {:.0} MiB/s",
+            r.fill_mib_s, r.copy_mib_s
+        );
+    }
     let _ = writeln!(
         out,
         "{:<48} {:>12} {:>12} {:>12} {:>7} {:>7}",
