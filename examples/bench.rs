@@ -25,7 +25,7 @@
 //!   status 33.
 //!
 //! After each command the guest logs one line, `bench: result "<command>" ok=1
-//! guest_us=<t> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`: the notifications
+//! guest_us=<t> bytes=<n> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`: the notifications
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
 //! the same way), and the driver's own counters (ours: `VsockDevice::stats()`; theirs:
@@ -609,6 +609,14 @@ mod bench {
         Exit,
     }
 
+    /// How far a command got, also when it failed.
+    struct Progress {
+        /// When the workload itself was done (before waiting for the host to close).
+        finished_us: u64,
+        /// Payload bytes sent (handed to the driver) or received and checked.
+        bytes: u64,
+    }
+
     /// Runs one command on `conn` (everything up to the host's close).
     fn run_command<D: Driver>(
         driver: &mut D,
@@ -616,7 +624,7 @@ mod bench {
         command: &str,
         leftover: &[u8],
         buffer: &mut [u8; MAX_IO],
-        finished_us: &mut u64,
+        progress: &mut Progress,
     ) -> Result<Outcome> {
         let mut words = command.split_ascii_whitespace();
         let verb = words.next().unwrap_or("");
@@ -633,6 +641,7 @@ mod bench {
                     fill_pattern(sent, &mut buffer[..n]);
                     send_all(driver, conn, &buffer[..n])?;
                     sent += n as u64;
+                    progress.bytes = sent;
                 }
                 Outcome::Done { bad: 0 }
             }
@@ -650,6 +659,7 @@ mod bench {
                         Recv::Data(n) => {
                             bad += count_mismatches(got, &buffer[..n]);
                             got += n as u64;
+                            progress.bytes = got;
                         }
                         Recv::Empty => driver.poll()?,
                         Recv::Eof => return Err(Failure::Protocol("recv: closed early")),
@@ -670,7 +680,7 @@ mod bench {
                         Recv::Eof => break,
                     }
                 }
-                *finished_us = now_micros();
+                progress.finished_us = now_micros();
                 return Ok(Outcome::Done { bad: 0 });
             }
             "cycles" => {
@@ -684,7 +694,7 @@ mod bench {
             }
             _ => return Err(Failure::Protocol("unknown command")),
         };
-        *finished_us = now_micros();
+        progress.finished_us = now_micros();
         wait_eof(driver, conn)?;
         Ok(outcome)
     }
@@ -694,6 +704,7 @@ mod bench {
         command: &str,
         result: core::result::Result<u64, Failure>,
         elapsed_us: u64,
+        bytes: u64,
         kicks_before: [u64; 3],
     ) {
         let kicks_after = kicks();
@@ -709,7 +720,7 @@ mod bench {
         }
         let _ = write!(
             line,
-            "guest_us={elapsed_us} kicks_rx={} kicks_tx={} kicks_event={} ",
+            "guest_us={elapsed_us} bytes={bytes} kicks_rx={} kicks_tx={} kicks_event={} ",
             kicks_after[0] - kicks_before[0],
             kicks_after[1] - kicks_before[1],
             kicks_after[2] - kicks_before[2],
@@ -783,7 +794,7 @@ mod bench {
                     cycles.done += 1;
                     if cycles.done == cycles.expected {
                         let elapsed = now_micros() - cycles.started_us;
-                        log_result(driver, &cycles.line, Ok(0), elapsed, cycles.kicks);
+                        log_result(driver, &cycles.line, Ok(0), elapsed, 0, cycles.kicks);
                     }
                 }
                 return;
@@ -795,20 +806,27 @@ mod bench {
             }
         };
         let command = core::str::from_utf8(&line[..end]).unwrap_or("").trim();
-        let mut finished_us = started_us;
+        let mut progress = Progress {
+            finished_us: started_us,
+            bytes: 0,
+        };
         let result = run_command(
             driver,
             conn,
             command,
             &line[start..len],
             buffer,
-            &mut finished_us,
+            &mut progress,
         );
+        if result.is_err() {
+            progress.finished_us = now_micros();
+        }
         driver.close(conn);
-        let elapsed = finished_us - started_us;
+        let elapsed = progress.finished_us - started_us;
+        let bytes = progress.bytes;
         match result {
             Ok(Outcome::Done { bad }) => {
-                log_result(driver, command, Ok(bad), elapsed, kicks_before)
+                log_result(driver, command, Ok(bad), elapsed, bytes, kicks_before)
             }
             Ok(Outcome::Cycles(n)) => {
                 *cycles = Cycles {
@@ -824,7 +842,7 @@ mod bench {
                 info!("bench: exit requested");
                 boot::exit_success();
             }
-            Err(e) => log_result(driver, command, Err(e), elapsed, kicks_before),
+            Err(e) => log_result(driver, command, Err(e), elapsed, bytes, kicks_before),
         }
     }
 

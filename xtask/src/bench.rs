@@ -230,7 +230,8 @@ struct Run {
 
 impl Run {
     fn kicks_per_unit(&self, key: &str) -> Option<f64> {
-        Some(self.guest.number(key)? as f64 / self.units)
+        let kicks = self.guest.number(key)? as f64;
+        (self.units > 0.0).then(|| kicks / self.units)
     }
 }
 
@@ -513,17 +514,30 @@ fn run_workload(
             if sent < total {
                 let seconds = started.elapsed().as_secs_f64();
                 drop(stream);
-                // The guest's read ends early: its line has ok=0.
+                // The guest's read ends early: its line has ok=0 and the bytes it got.
                 let guest = vm.report(&command).unwrap_or_default();
-                let note = limit_note(format!(
-                    "{:.1} of {} MiB written to the backend",
-                    mib(sent),
-                    total >> 20
-                ));
+                let (moved, note) = match guest.number("bytes") {
+                    Some(received) => (
+                        received,
+                        limit_note(format!(
+                            "the guest had received {:.1} of {} MiB",
+                            mib(received),
+                            total >> 20
+                        )),
+                    ),
+                    None => (
+                        sent,
+                        limit_note(format!(
+                            "{:.1} of {} MiB written to the backend (the guest's count is missing)",
+                            mib(sent),
+                            total >> 20
+                        )),
+                    ),
+                };
                 return Ok(Run {
-                    values: vec![mib(sent) / seconds],
+                    values: vec![mib(moved) / seconds],
                     seconds,
-                    units: mib(sent),
+                    units: mib(moved),
                     guest,
                     partial: Some(note),
                     repetitions: 1,
