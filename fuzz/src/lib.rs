@@ -252,6 +252,14 @@ impl World<'_> {
         }
     }
 
+    /// A CID put in config space: the guest may take it at any later poll (several
+    /// resets may take effect within one `settle`), so its packets may carry it.
+    fn offer_cid(&mut self, cid: u64) {
+        if cid > 2 && cid < 0xFFFF_FFFF && !self.cids.contains(&cid) {
+            self.cids.push(cid);
+        }
+    }
+
     fn poll(&mut self) {
         self.vsock.poll(self.now());
         self.note_cid();
@@ -326,8 +334,14 @@ impl World<'_> {
             FuzzOp::Event(id) => {
                 let _ = self.host.model_mut().push_event(id);
             }
-            FuzzOp::SetCid(cid) => self.host.model_mut().set_guest_cid(cid),
-            FuzzOp::TransportReset(cid) => self.host.transport_reset(cid),
+            FuzzOp::SetCid(cid) => {
+                self.offer_cid(cid);
+                self.host.model_mut().set_guest_cid(cid);
+            }
+            FuzzOp::TransportReset(cid) => {
+                self.offer_cid(cid);
+                self.host.transport_reset(cid);
+            }
             FuzzOp::ConsumeTx(n) => {
                 for _ in 0..n {
                     match self.host.model_mut().pop_tx_bytes() {
