@@ -295,6 +295,18 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
         self.device.reclaim_tx();
+        // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
+        // must find it (B40).
+        while let Some(event) = self.device.next_event() {
+            match event {
+                Some(EVENT_TRANSPORT_RESET) => {
+                    self.device.reread_guest_cid();
+                    self.sockets.on_transport_reset(self.device.guest_cid());
+                }
+                Some(other) => log::debug!("vsock: ignoring event {other}"),
+                None => {}
+            }
+        }
         self.sockets.drain_pending(&mut self.device);
         // B7: keep taking rx while replies can be queued.
         while !self.sockets.pending.is_full() {
@@ -306,16 +318,6 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 break;
             }
             self.sockets.drain_pending(&mut self.device);
-        }
-        while let Some(event) = self.device.next_event() {
-            match event {
-                Some(EVENT_TRANSPORT_RESET) => {
-                    self.device.reread_guest_cid();
-                    self.sockets.on_transport_reset(self.device.guest_cid());
-                }
-                Some(other) => log::debug!("vsock: ignoring event {other}"),
-                None => {}
-            }
         }
         self.sockets.fire_timers(now);
         self.sockets.drain_pending(&mut self.device);

@@ -1790,3 +1790,31 @@ fn b31_rx_buffers_are_reposted_as_soon_as_their_payload_is_copied() {
     assert_eq!(vsock.recv(conn, &mut out), Ok(bytes.len()));
     assert_eq!(out, bytes);
 }
+
+#[test]
+fn b40_a_request_to_the_new_cid_in_the_same_poll_as_the_reset_is_answered() {
+    const NEW_CID: u64 = 7;
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let per = vsock.rx_buffer_per_socket() as u32;
+    let listener = listen(&mut vsock);
+    // The device moves us to CID 7, reports the reset, and the host connects to the new
+    // CID at once: all of it waits for the same poll.
+    model.set_guest_cid(NEW_CID);
+    model.push_event(0).unwrap();
+    let request = Header {
+        dst_cid: NEW_CID,
+        ..from_host(Op::Request, HOST_BUF_ALLOC, 0)
+    };
+    model.deliver(&request, &[]).unwrap();
+    vsock.poll(ms(1));
+    assert_eq!(vsock.local_cid(), NEW_CID as u32);
+    let response = Header {
+        src_cid: NEW_CID,
+        ..to_host(Op::Response, per, 0)
+    };
+    assert_eq!(control(&mut model), [response]);
+    let (_conn, peer) = vsock.accept(listener).unwrap();
+    assert_eq!(peer, VsockAddr::new(HOST_CID as u32, common::HOST_PORT));
+}
