@@ -93,7 +93,7 @@ const DRIVERS: [Driver; 3] = [
     Driver {
         arg: "ours",
         label: "ours",
-        settings: "vsock-guest VsockDevice, Config::default() (128-entry queues, 4 KiB buffers), 256 KiB receive memory per socket",
+        settings: "vsock-guest VsockDevice, Config::default(), 256 KiB receive memory per socket",
     },
     Driver {
         arg: "theirs",
@@ -272,6 +272,8 @@ struct BenchVm {
     guest: Guest,
     /// What plain memory work costs in this guest, measured before the driver starts.
     reference: Option<Reference>,
+    /// How the guest describes its driver (`bench: driver ...`).
+    description: Option<String>,
 }
 
 /// The guest's `bench: reference` line: MiB/s of the pattern fill and of a memcpy.
@@ -320,11 +322,17 @@ impl BenchVm {
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
         guest.wait_for_serial(GUEST_READY, BOOT_TIMEOUT)?;
         thread::sleep(BACKEND_SETTLE);
-        let reference = Reference::parse(&guest.serial_log());
+        let log = guest.serial_log();
+        let reference = Reference::parse(&log);
+        let description = log.lines().find_map(|line| {
+            line.split_once("bench: driver ")
+                .map(|(_, d)| d.to_string())
+        });
         Ok(BenchVm {
             backend,
             guest,
             reference,
+            description,
         })
     }
 
@@ -673,7 +681,8 @@ fn accelerators(requested: Option<Accel>) -> Vec<AccelRun> {
         "KVM with hardware virtualisation (vmx/svm)".to_string()
     } else {
         "KVM, NESTED: /dev/kvm opens but the CPU shows no vmx/svm, so this is nested \
-         software virtualisation where every exit (kick) is expensive"
+         software virtualisation: exits are expensive and plain memory work in the guest is \
+         slow too, see the reference line"
             .to_string()
     };
     let tcg = AccelRun {
@@ -752,6 +761,8 @@ struct DriverResults {
     outcomes: Vec<Outcome>,
     /// The guest's memory reference from its first boot.
     reference: Option<Reference>,
+    /// How the guest described its driver.
+    description: Option<String>,
 }
 
 fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
@@ -766,6 +777,7 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
     } = *plan;
     let mut outcomes = Vec::new();
     let mut reference = None;
+    let mut description = None;
     let mut vm: Option<BenchVm> = None;
     let mut boots = 0;
     for (index, &workload) in workloads.iter().enumerate() {
@@ -788,6 +800,7 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
                             rate(booted.reference.map(|r| r.copy_mib_s)),
                         );
                         reference = reference.or(booted.reference);
+                        description = description.or(booted.description.clone());
                         vm = Some(booted);
                     }
                     Err(e) => {
@@ -797,6 +810,7 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
                         return DriverResults {
                             outcomes,
                             reference,
+                            description,
                         };
                     }
                 }
@@ -873,6 +887,7 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
     DriverResults {
         outcomes,
         reference,
+        description,
     }
 }
 
@@ -932,8 +947,8 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
         .unwrap_or(0);
     let pattern = pattern_stream(longest);
     // Every workload is bounded: the slowest (virtio-drivers' defaults from host to guest)
-    // need about a minute on TCG for 64 MiB, and much longer on nested KVM, where every
-    // kick costs about a millisecond.
+    // need about a minute on TCG for 64 MiB, and far longer on nested KVM, where exits
+    // cost milliseconds and even plain memory work in the guest runs at a few MiB/s.
     let repetitions = match (options.quick, options.full) {
         (true, _) => 1,
         (_, true) => 5,
@@ -979,12 +994,22 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             .map(|&driver| run_driver(&plan, accel, driver))
             .collect();
         let reference = results.iter().find_map(|r| r.reference);
+        let descriptions: Vec<String> = results
+            .iter()
+            .filter_map(|r| r.description.clone())
+            .collect();
         let outcomes: Vec<Vec<Outcome>> = results.into_iter().map(|r| r.outcomes).collect();
         println!(
             "  {accel}: all drivers in {:.0}s",
             started.elapsed().as_secs_f64()
         );
-        let table = render_table(&plan, accel, &note, reference, &outcomes);
+        let mut table = render_table(&plan, accel, &note, reference, &outcomes);
+        if !descriptions.is_empty() {
+            let _ = writeln!(table, "\nthe drivers, as the guest describes them:");
+        }
+        for description in &descriptions {
+            let _ = writeln!(table, "  {description}");
+        }
         println!("\n{table}");
         tables.push(table);
         let mut run = json_run(machine, accel, &note, &workloads, &outcomes);
@@ -995,6 +1020,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             });
         }
         run["nested_virtualisation"] = nested.into();
+        run["drivers_as_the_guest_reported"] = descriptions.clone().into();
         run["workload_limit_seconds"] = plan.limit.as_secs().into();
         json_runs.push(run);
     }
