@@ -508,9 +508,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 .queue_control(handle.index as usize, Op::CreditRequest, 0);
             self.sockets.drain_pending(&mut self.device);
         }
-        // Data waits for the batch notification or the next `poll` (B8); a request for
-        // credit goes out now.
-        if sent == 0 {
+        // Data waits for the batch notification or the next `poll` (B8), unless this send
+        // ran out of credit or queue space: then only the device can make room, so it
+        // hears now.
+        if sent < data.len() {
             self.device.flush();
         } else {
             self.device.flush_tx_batch();

@@ -1818,3 +1818,29 @@ fn b40_a_request_to_the_new_cid_in_the_same_poll_as_the_reset_is_answered() {
     let (_conn, peer) = vsock.accept(listener).unwrap();
     assert_eq!(peer, VsockAddr::new(HOST_CID as u32, common::HOST_PORT));
 }
+
+#[test]
+fn b8_a_send_that_runs_out_of_credit_notifies_at_once() {
+    const TX: usize = 1;
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let listener = listen(&mut vsock);
+    // The host has room for two packets only.
+    let conn = accept_host(
+        &mut vsock,
+        &mut model,
+        listener,
+        2 * MAX_TX_PAYLOAD as u32,
+        ms(1),
+    );
+    let before = model.notifications(TX);
+    let data = pattern(3 * MAX_TX_PAYLOAD);
+    // Everything fits: the packet waits for the batch or the poll.
+    assert_eq!(vsock.send(conn, &data[..10]), Ok(10));
+    assert_eq!(model.notifications(TX), before);
+    // Out of credit part way: only the device can make room, so it hears now.
+    assert_eq!(vsock.send(conn, &data[10..]), Ok(2 * MAX_TX_PAYLOAD - 10));
+    assert_eq!(model.notifications(TX), before + 1);
+    assert_eq!(model.drain_tx().len(), 3);
+}
