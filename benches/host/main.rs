@@ -491,16 +491,21 @@ fn median(samples: &mut [Sample]) -> Sample {
     samples[samples.len() / 2]
 }
 
-/// The time a plain memcpy takes for `total` bytes in 64 KiB copies.
-fn memcpy_seconds(total: u64) -> f64 {
-    let source = vec![0x33_u8; 64 * 1024];
-    let mut target = vec![0u8; 64 * 1024];
+/// The time a plain memcpy takes for `total` bytes in copies of `block` bytes, from one
+/// place to the next slot of a 512 KiB ring (as the driver's buffers are reused).
+fn memcpy_seconds(total: u64, block: usize) -> f64 {
+    const RING: usize = 512 * 1024;
+    let source = vec![0x33_u8; block];
+    let mut ring = vec![0u8; RING.max(block)];
+    let slots = ring.len() / block;
     let started = Instant::now();
     let mut copied = 0;
+    let mut slot = 0;
     while copied < total {
-        target.copy_from_slice(std::hint::black_box(&source));
-        std::hint::black_box(&mut target);
-        copied += source.len() as u64;
+        ring[slot * block..(slot + 1) * block].copy_from_slice(std::hint::black_box(&source));
+        std::hint::black_box(&mut ring);
+        slot = (slot + 1) % slots;
+        copied += block as u64;
     }
     started.elapsed().as_secs_f64()
 }
@@ -591,12 +596,17 @@ fn main() {
         "host benchmark: median of {} runs each, A/B alternating, device on its own thread",
         options.repetitions
     );
-    let memcpy = memcpy_seconds(mib(256));
-    println!(
-        "reference: memcpy of 64 KiB blocks: {:.3} ns/byte ({:.0} MiB/s)\n",
-        memcpy * 1e9 / mib(256) as f64,
-        mib(256) as f64 / memcpy / (1 << 20) as f64
-    );
+    for block in [64 * 1024, 4096, 64] {
+        let total = if block == 64 { small } else { mib(256) };
+        let seconds = memcpy_seconds(total, block);
+        println!(
+            "reference: memcpy in {} blocks: {:.3} ns/byte ({:.0} MiB/s)",
+            size(block),
+            seconds * 1e9 / total as f64,
+            total as f64 / seconds / (1 << 20) as f64
+        );
+    }
+    println!();
     println!(
         "{:<40} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
         "workload", "ours", "theirs", "theirs best", "x def", "x best", "ns/unit", "kicks/MiB"
