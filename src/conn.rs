@@ -136,6 +136,13 @@ impl Connection {
         }
     }
 
+    /// Whether our sending direction is shut, by us or by the peer (B33, B35): `send`
+    /// fails with `BrokenPipe`.
+    pub fn sending_shut(&self) -> bool {
+        self.local_shutdown.contains(ShutdownFlags::SEND)
+            || self.peer_shutdown.contains(ShutdownFlags::RECEIVE)
+    }
+
     /// Whether packets of this tuple still belong to this connection.
     pub const fn is_live(&self) -> bool {
         !matches!(self.state, State::Closed)

@@ -477,9 +477,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
             State::Closed => return Err(Error::BrokenPipe),
         }
-        if conn.local_shutdown.contains(ShutdownFlags::SEND)
-            || conn.peer_shutdown.contains(ShutdownFlags::RECEIVE)
-        {
+        if conn.sending_shut() {
             return Err(Error::BrokenPipe);
         }
         if data.is_empty() {
@@ -657,8 +655,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 // WRITABLE: `send` would not return `WouldBlock`, either because it can
                 // take bytes or because it fails at once (as poll(2) reports POLLOUT).
                 let send_fails = matches!(conn.state, State::Closed | State::Closing { .. })
-                    || conn.local_shutdown.contains(ShutdownFlags::SEND)
-                    || conn.peer_shutdown.contains(ShutdownFlags::RECEIVE);
+                    || conn.sending_shut();
                 let send_takes = conn.state == State::Connected
                     && conn.credit.peer_free() > 0
                     && self.device.can_send();
