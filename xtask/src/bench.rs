@@ -8,7 +8,6 @@ use crate::vm::{self, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SU
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::fs::OpenOptions;
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -667,16 +666,7 @@ struct AccelRun {
 
 /// The accelerators to run: the one asked for, else TCG, and KVM too when /dev/kvm opens.
 fn accelerators(requested: Option<Accel>) -> Vec<AccelRun> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let hardware = cpuinfo
-        .lines()
-        .filter(|line| line.starts_with("flags"))
-        .any(|line| line.split_whitespace().any(|f| f == "vmx" || f == "svm"));
-    let kvm_opens = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
+    let (hardware, kvm_opens) = vm::virtualisation();
     let kvm_note = if hardware {
         "KVM with hardware virtualisation (vmx/svm)".to_string()
     } else {

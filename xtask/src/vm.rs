@@ -54,15 +54,9 @@ impl fmt::Display for Accel {
     }
 }
 
-/// Picks the accelerator: the one asked for, else KVM only when the CPU has hardware
-/// virtualisation (`vmx`/`svm`) and /dev/kvm opens, else TCG. A /dev/kvm without
-/// `vmx`/`svm` is software nested virtualisation, where every exit is slow and TCG is
-/// faster. Prints the choice and why.
-pub fn choose_accel(requested: Option<Accel>) -> Accel {
-    if let Some(accel) = requested {
-        println!("accel: {accel} (asked for with --accel)");
-        return accel;
-    }
+/// What the host offers: whether the CPU shows hardware virtualisation (`vmx`/`svm` in
+/// /proc/cpuinfo), and whether /dev/kvm opens for reading and writing.
+pub fn virtualisation() -> (bool, bool) {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let hardware = cpuinfo
         .lines()
@@ -73,6 +67,19 @@ pub fn choose_accel(requested: Option<Accel>) -> Accel {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
+    (hardware, kvm_opens)
+}
+
+/// Picks the accelerator: the one asked for, else KVM only when the CPU has hardware
+/// virtualisation (`vmx`/`svm`) and /dev/kvm opens, else TCG. A /dev/kvm without
+/// `vmx`/`svm` is software nested virtualisation, where every exit is slow and TCG is
+/// faster. Prints the choice and why.
+pub fn choose_accel(requested: Option<Accel>) -> Accel {
+    if let Some(accel) = requested {
+        println!("accel: {accel} (asked for with --accel)");
+        return accel;
+    }
+    let (hardware, kvm_opens) = virtualisation();
     let (accel, why) = match (hardware, kvm_opens) {
         (true, true) => (Accel::Kvm, "the CPU has vmx/svm and /dev/kvm opens"),
         (true, false) => (Accel::Tcg, "/dev/kvm does not open"),
