@@ -892,19 +892,11 @@ impl Sockets<'_> {
         }
     }
 
-    /// An RST answering `header`, addresses swapped (B13).
+    /// An RST answering `header`, addresses swapped (B13), from our current CID.
     fn rst_for(&self, header: &Header) -> Header {
         Header {
             src_cid: u64::from(self.guest_cid),
-            dst_cid: header.src_cid,
-            src_port: header.dst_port,
-            dst_port: header.src_port,
-            len: 0,
-            socket_type: header.socket_type,
-            op: Op::Rst as u16,
-            flags: 0,
-            buf_alloc: 0,
-            fwd_cnt: 0,
+            ..header.rst_reply()
         }
     }
 

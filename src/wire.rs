@@ -191,6 +191,23 @@ impl Header {
         Ok(())
     }
 
+    /// The RST that answers this packet: source and destination swapped, same type, no
+    /// payload and no credit fields (B13: an RST for no connection).
+    pub const fn rst_reply(&self) -> Header {
+        Header {
+            src_cid: self.dst_cid,
+            dst_cid: self.src_cid,
+            src_port: self.dst_port,
+            dst_port: self.src_port,
+            len: 0,
+            socket_type: self.socket_type,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        }
+    }
+
     /// The operation, if it is a known one.
     pub const fn op(&self) -> Option<Op> {
         Op::from_raw(self.op)
@@ -245,6 +262,37 @@ mod tests {
         assert_eq!(&raw[36..40], &[0, 0, 4, 0]);
         assert_eq!(&raw[40..44], &[0xF0, 0xFF, 0xFF, 0xFF]);
         assert_eq!(Header::parse(&raw), Ok(sample()));
+    }
+
+    #[test]
+    fn b13_rst_reply_swaps_addresses_keeps_the_type_and_carries_nothing_else() {
+        let packet = Header {
+            src_cid: 2,
+            dst_cid: 3,
+            src_port: 5000,
+            dst_port: 1234,
+            len: 17,
+            socket_type: 9,
+            op: Op::Rw as u16,
+            flags: 3,
+            buf_alloc: 4096,
+            fwd_cnt: 77,
+        };
+        assert_eq!(
+            packet.rst_reply(),
+            Header {
+                src_cid: 3,
+                dst_cid: 2,
+                src_port: 1234,
+                dst_port: 5000,
+                len: 0,
+                socket_type: 9,
+                op: Op::Rst as u16,
+                flags: 0,
+                buf_alloc: 0,
+                fwd_cnt: 0,
+            }
+        );
     }
 
     #[test]

@@ -958,19 +958,7 @@ impl HostPeer {
 
     /// An RST answering `header` (addresses swapped), for no connection.
     fn queue_rst_for(&mut self, header: &Header) {
-        let rst = Header {
-            src_cid: header.dst_cid,
-            dst_cid: header.src_cid,
-            src_port: header.dst_port,
-            dst_port: header.src_port,
-            len: 0,
-            socket_type: header.socket_type,
-            op: Op::Rst as u16,
-            flags: 0,
-            buf_alloc: 0,
-            fwd_cnt: 0,
-        };
-        self.queue_packet(&rst, &[], None);
+        self.queue_packet(&header.rst_reply(), &[], None);
     }
 
     /// Validates and answers one tx buffer of the driver.
