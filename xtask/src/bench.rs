@@ -51,6 +51,12 @@ pub struct QemuOptions {
     pub full: bool,
     /// Only the workloads whose name contains this text.
     pub only: Option<String>,
+    /// Only these drivers (`ours`, `theirs`, `theirs-best`); all when empty.
+    pub drivers: Vec<String>,
+    /// Runs per workload instead of the default for `quick`/`full`.
+    pub repetitions: Option<usize>,
+    /// Extra words for the guest's command line (see `examples/bench.rs`).
+    pub guest_args: String,
 }
 
 /// The benchmark guest's CID.
@@ -298,14 +304,14 @@ impl Reference {
 }
 
 impl BenchVm {
-    fn boot(
-        tools: &Tools,
-        kernel: &Path,
-        machine: Machine,
-        accel: Accel,
-        driver: Driver,
-        run: &str,
-    ) -> Result<Self> {
+    fn boot(plan: &Plan<'_>, accel: Accel, driver: Driver, run: &str) -> Result<Self> {
+        let Plan {
+            tools,
+            kernel,
+            machine,
+            guest_args,
+            ..
+        } = *plan;
         let dir = vm::run_dir(run)?;
         let backend = Backend::start(tools, &dir, &[GUEST_CID], PROCESS_LIMIT)?;
         let Some(slot) = backend.guest(GUEST_CID).cloned() else {
@@ -315,7 +321,7 @@ impl BenchVm {
             kernel: kernel.to_path_buf(),
             machine,
             accel,
-            cmdline: format!("driver={} port={CONTROL_PORT}", driver.arg),
+            cmdline: format!("driver={} port={CONTROL_PORT} {guest_args}", driver.arg),
             limit: PROCESS_LIMIT,
         };
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
@@ -741,6 +747,8 @@ struct Plan<'a> {
     limit: Duration,
     /// Runs per workload; the median counts.
     repetitions: usize,
+    /// Extra words for the guest's command line.
+    guest_args: &'a str,
 }
 
 /// Runs every workload on one driver, booting a fresh guest after a failure; returns one
@@ -757,13 +765,12 @@ struct DriverResults {
 
 fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
     let Plan {
-        tools,
-        kernel,
         machine,
         workloads,
         pattern,
         limit,
         repetitions,
+        ..
     } = *plan;
     let mut outcomes = Vec::new();
     let mut reference = None;
@@ -778,7 +785,7 @@ fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
                 boots += 1;
                 let run = format!("bench-{accel}-{machine}-{}-{boots}", driver.arg);
                 let started = Instant::now();
-                match BenchVm::boot(tools, kernel, machine, accel, driver, &run) {
+                match BenchVm::boot(plan, accel, driver, &run) {
                     Ok(booted) => {
                         let rate =
                             |r: Option<f64>| r.map_or("?".into(), |r| format!("{r:.0} MiB/s"));
@@ -939,10 +946,22 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
     // Every workload is bounded: the slowest (virtio-drivers' defaults from host to guest)
     // need about a minute on TCG for 64 MiB, and far longer on nested KVM, where exits
     // cost milliseconds and even plain memory work in the guest runs at a few MiB/s.
-    let repetitions = match (options.quick, options.full) {
-        (true, _) => 1,
-        (_, true) => 5,
-        _ => 3,
+    let repetitions = options
+        .repetitions
+        .unwrap_or(match (options.quick, options.full) {
+            (true, _) => 1,
+            (_, true) => 5,
+            _ => 3,
+        })
+        .max(1);
+    for name in &options.drivers {
+        anyhow::ensure!(
+            DRIVERS.iter().any(|d| d.arg == name),
+            "unknown driver {name:?} (ours, theirs, theirs-best)"
+        );
+    }
+    let selected = |driver: &Driver| {
+        options.drivers.is_empty() || options.drivers.iter().any(|d| d == driver.arg)
     };
     let limit_for = |nested: bool| {
         Duration::from_secs(match (options.quick, options.full, nested) {
@@ -972,6 +991,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             pattern: &pattern,
             limit: limit_for(nested),
             repetitions,
+            guest_args: &options.guest_args,
         };
         println!("\n=== {accel} ({note})");
         println!(
@@ -981,7 +1001,20 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
         let started = Instant::now();
         let results: Vec<DriverResults> = DRIVERS
             .iter()
-            .map(|&driver| run_driver(&plan, accel, driver))
+            .map(|&driver| {
+                if selected(&driver) {
+                    run_driver(&plan, accel, driver)
+                } else {
+                    DriverResults {
+                        outcomes: workloads
+                            .iter()
+                            .map(|_| Err("not run (--driver)".to_string()))
+                            .collect(),
+                        reference: None,
+                        description: None,
+                    }
+                }
+            })
             .collect();
         let reference = results.iter().find_map(|r| r.reference);
         let descriptions: Vec<String> = results

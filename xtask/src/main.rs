@@ -96,6 +96,16 @@ enum Command {
         /// `qemu` only: one accelerator; by default TCG, and KVM too when /dev/kvm opens.
         #[arg(long, value_enum)]
         accel: Option<Accel>,
+        /// `qemu` only: run only these drivers (ours, theirs, theirs-best; default all).
+        #[arg(long = "driver", value_delimiter = ',')]
+        drivers: Vec<String>,
+        /// `qemu` only: runs per workload (default 1 with --quick, 5 with --full, else 3).
+        #[arg(long)]
+        repetitions: Option<usize>,
+        /// `qemu` only: extra `key=value` words for the benchmark guest's command line
+        /// (see examples/bench.rs), e.g. "rx=16384".
+        #[arg(long, default_value = "")]
+        guest_args: String,
     },
     /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
     /// guest exits through `boot::exit_success`. Used as the cargo runner.
@@ -174,6 +184,9 @@ fn run(command: Command) -> Result<ExitCode> {
             only,
             machine,
             accel,
+            drivers,
+            repetitions,
+            guest_args,
         } => {
             bench::qemu(&bench::QemuOptions {
                 machine,
@@ -181,6 +194,9 @@ fn run(command: Command) -> Result<ExitCode> {
                 quick,
                 full,
                 only,
+                drivers,
+                repetitions,
+                guest_args,
             })?;
             Ok(ExitCode::SUCCESS)
         }
