@@ -275,10 +275,8 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         Ok(())
     }
 
-    /// Notifies the device of new tx and rx buffers, where it wants to know (B8).
-    /// Notifies about sent packets only once a batch of a quarter of the transmit queue
-    /// has built up: data sends between two `poll`s share one notification, which `poll`
-    /// sends (B8), while a long burst still keeps the device busy as it goes.
+    /// Notifies the device of sent packets once a quarter of the transmit queue is
+    /// waiting for it to hear (B8): a long burst keeps the device busy as it goes.
     pub fn flush_tx_batch(&mut self) {
         if self.tx.unnotified() >= (self.tx.size() / 4).max(1) {
             self.tx.notify_if_needed(&mut self.transport);

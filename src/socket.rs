@@ -463,8 +463,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     }
 
     /// Sends as much of `data` as credit and queue space allow (B25); returns the number of
-    /// bytes taken. `WouldBlock` when none could be. The device hears of the data once a
-    /// batch has built up or at the next [`VsockDevice::poll`], whichever comes first.
+    /// bytes taken. `WouldBlock` when none could be. The device is notified before `send`
+    /// returns, where it asked to be (B8).
     pub fn send(&mut self, handle: SocketHandle, data: &[u8]) -> Result<usize> {
         let guest_cid = self.sockets.guest_cid;
         let conn = self.sockets.conn_mut(handle)?;
@@ -498,6 +498,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
             conn.credit.on_sent(n as u32);
             sent += n;
+            // A long send keeps the device busy as it goes (B8).
+            self.device.flush_tx_batch();
         }
         if sent == 0 && conn.credit.take_credit_request() {
             // B29: out of credit; ask once, and again later if the answer shows none.
@@ -506,14 +508,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 .queue_control(handle.index as usize, Op::CreditRequest, 0);
             self.sockets.drain_pending(&mut self.device);
         }
-        // Data waits for the batch notification or the next `poll` (B8), unless this send
-        // ran out of credit or queue space: then only the device can make room, so it
-        // hears now.
-        if sent < data.len() {
-            self.device.flush();
-        } else {
-            self.device.flush_tx_batch();
-        }
+        // One send is one batch (B8): the device hears of it now, if it asked to. With
+        // EVENT_IDX a device that is still working through earlier packets has not asked,
+        // so a run of sends to a busy device costs no notification.
+        self.device.flush();
         if sent == 0 {
             Err(Error::WouldBlock)
         } else {

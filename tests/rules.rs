@@ -696,16 +696,16 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     assert_eq!(model.notifications(TX), 1, "the RESPONSE");
     let data = pattern(8 * MAX_TX_PAYLOAD);
 
-    // The device took everything and asked for the next buffer. A 3-packet send waits
-    // for the batch (a quarter of the queue) or the next poll, which notifies once.
+    // The device took everything and asked for the next buffer. A 3-packet send is one
+    // batch: one notification, before `send` returns.
     assert_eq!(
         vsock.send(conn, &data[..3 * MAX_TX_PAYLOAD]),
         Ok(3 * MAX_TX_PAYLOAD)
     );
     assert_eq!(model.available(TX), 3);
-    assert_eq!(model.notifications(TX), 1, "data waits for the poll");
-    vsock.poll(ms(2));
     assert_eq!(model.notifications(TX), 2, "one notification for the three");
+    vsock.poll(ms(2));
+    assert_eq!(model.notifications(TX), 2, "nothing new for the poll");
     // The device has not caught up (its avail_event is behind): it will see more packets
     // without being told.
     assert_eq!(
@@ -746,18 +746,17 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     vsock.shutdown(conn, Shutdown::Read).unwrap();
     assert_eq!(model.available(TX), 4);
     assert_eq!(model.notifications(TX), 3);
-    // It asks for the packet at index next + 4 (the next one): one notification for it and
-    // the one after, sent together at the poll.
-    set_avail_event(&transport, TX, next.wrapping_add(4));
+    // It asks for the packet at index next + 5, the second of the next send: that send
+    // notifies once, the poll after it has nothing to say.
+    set_avail_event(&transport, TX, next.wrapping_add(5));
     assert_eq!(
         vsock.send(conn, &data[..2 * MAX_TX_PAYLOAD]),
         Ok(2 * MAX_TX_PAYLOAD)
     );
-    assert_eq!(model.notifications(TX), 3);
+    assert_eq!(model.notifications(TX), 4);
     vsock.poll(ms(5));
     assert_eq!(model.notifications(TX), 4);
     // An index already passed: none.
-    set_avail_event(&transport, TX, next.wrapping_add(4));
     assert_eq!(vsock.send(conn, b"z"), Ok(1));
     vsock.poll(ms(6));
     assert_eq!(model.notifications(TX), 4);
@@ -839,33 +838,32 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
         2,
         "bring-up, and the REQUEST's buffer reposted"
     );
-    let data = pattern(4 * MAX_TX_PAYLOAD);
+    let data = pattern(8 * MAX_TX_PAYLOAD);
 
-    // One notification per batch, whether the device caught up or not: a batch is a
-    // quarter of the queue (4 packets here) or whatever the next poll finds.
+    // One notification per batch, whether the device caught up or not: a send is a batch,
+    // and so is a quarter of the queue (4 packets here) within a long send.
     assert_eq!(
         vsock.send(conn, &data[..3 * MAX_TX_PAYLOAD]),
         Ok(3 * MAX_TX_PAYLOAD)
     );
-    assert_eq!(model.notifications(TX), 1, "3 packets wait for the poll");
+    assert_eq!(model.notifications(TX), 2, "3 packets, one notification");
     vsock.poll(ms(2));
-    assert_eq!(model.notifications(TX), 2);
+    assert_eq!(model.notifications(TX), 2, "nothing new for the poll");
     assert_eq!(vsock.send(conn, b"x"), Ok(1));
-    vsock.poll(ms(3));
     assert_eq!(model.notifications(TX), 3);
     assert_eq!(model.drain_tx().len(), 4);
     assert_eq!(
-        vsock.send(conn, &data[..4 * MAX_TX_PAYLOAD]),
-        Ok(4 * MAX_TX_PAYLOAD)
+        vsock.send(conn, &data[..6 * MAX_TX_PAYLOAD]),
+        Ok(6 * MAX_TX_PAYLOAD)
     );
     assert_eq!(
         model.notifications(TX),
-        4,
-        "a full batch notifies from send"
+        5,
+        "a full batch inside the send, then the rest at its end"
     );
     vsock.poll(ms(4));
-    assert_eq!(model.notifications(TX), 4, "nothing new for the poll");
-    assert_eq!(model.drain_tx().len(), 4);
+    assert_eq!(model.notifications(TX), 5, "nothing new for the poll");
+    assert_eq!(model.drain_tx().len(), 6);
     // Rx reposting notifies once per poll that reposted, dry or not.
     let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
     for _ in 0..3 {
@@ -885,13 +883,13 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
     );
     model.deliver(&credit, &[]).unwrap();
     vsock.poll(ms(7));
-    assert_eq!((model.notifications(TX), model.notifications(RX)), (4, 3));
+    assert_eq!((model.notifications(TX), model.notifications(RX)), (5, 3));
     // Cleared: the next batch notifies once.
     set_used_flags(&transport, TX, 0);
     assert_eq!(vsock.send(conn, b"y"), Ok(1));
     vsock.poll(ms(8));
-    assert_eq!(model.notifications(TX), 5);
-    assert_eq!(vsock.stats().tx_kicks, 5);
+    assert_eq!(model.notifications(TX), 6);
+    assert_eq!(vsock.stats().tx_kicks, 6);
     let packets = model.drain_tx();
     assert_eq!(packets.len(), 3);
     assert_eq!(packets[2], rw_to_host(b"y", per, 0));
@@ -1820,7 +1818,9 @@ fn b40_a_request_to_the_new_cid_in_the_same_poll_as_the_reset_is_answered() {
 }
 
 #[test]
-fn b8_a_send_that_runs_out_of_credit_notifies_at_once() {
+fn b8_every_send_notifies_before_it_returns() {
+    // An application may do long work between a send and its next poll: the device must
+    // not wait for that poll to hear of the data.
     const TX: usize = 1;
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
@@ -1836,11 +1836,12 @@ fn b8_a_send_that_runs_out_of_credit_notifies_at_once() {
     );
     let before = model.notifications(TX);
     let data = pattern(3 * MAX_TX_PAYLOAD);
-    // Everything fits: the packet waits for the batch or the poll.
+    // Everything fits: the device hears now.
     assert_eq!(vsock.send(conn, &data[..10]), Ok(10));
-    assert_eq!(model.notifications(TX), before);
-    // Out of credit part way: only the device can make room, so it hears now.
-    assert_eq!(vsock.send(conn, &data[10..]), Ok(2 * MAX_TX_PAYLOAD - 10));
     assert_eq!(model.notifications(TX), before + 1);
-    assert_eq!(model.drain_tx().len(), 3);
+    assert_eq!(model.drain_tx().len(), 1);
+    // Out of credit part way: the device hears of what was sent.
+    assert_eq!(vsock.send(conn, &data[10..]), Ok(2 * MAX_TX_PAYLOAD - 10));
+    assert_eq!(model.notifications(TX), before + 2);
+    assert_eq!(model.drain_tx().len(), 2);
 }
