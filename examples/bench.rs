@@ -8,6 +8,11 @@
 //! | `theirs`      | virtio-drivers' `VsockConnectionManager` at its defaults: `VsockConnectionManager::new(VirtIOSocket::new(..))` (512-byte RX buffers, 8-entry queues, 1 KiB per connection) |
 //! | `theirs-best` | the same at its best settings: 64 KiB + 44-byte RX buffers, `new_with_capacity(.., 256 KiB)` |
 //!
+//! `queue=`, `rx=`, `tx=` and `tx_memory=` on the command line change our driver's
+//! `Config` (`queue_size`, `rx_buffer_size`, `tx_packet_size`, `tx_memory`) for
+//! experiments (`cargo xtask bench qemu --guest-args "rx=16384"`); the guest says which
+//! settings it runs with.
+//!
 //! The host measures every time; the guest only serves. It listens on port 5000 (`port=`
 //! changes it) and prints `bench: ready` once it does. Each host connection starts with a
 //! one-line command; a trailing `seq=<n>` word is ignored by the guest and echoed in its
@@ -297,22 +302,35 @@ mod bench {
     }
 
     impl Ours {
-        fn new(transport: CountingTransport, port: u32) -> Result<Self> {
+        /// Our driver with `Config::default()`, where the command line does not say
+        /// otherwise (`queue=`, `rx=`, `tx=`, `tx_memory=`; see the module docs).
+        fn new(transport: CountingTransport, port: u32, info: &boot::BootInfo) -> Result<Self> {
             let slots = spin::MutexGuard::leak(SLOTS.lock());
             let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
-            let mut device = VsockDevice::new(transport, Config::default(), slots, rx_memory)
+            let number =
+                |key: &str| info.cmdline_value(key).and_then(|v| v.parse::<usize>().ok());
+            let default = Config::default();
+            let config = Config {
+                queue_size: number("queue").map_or(default.queue_size, |n| n as u16),
+                rx_buffer_size: number("rx").unwrap_or(default.rx_buffer_size),
+                tx_packet_size: number("tx").unwrap_or(default.tx_packet_size),
+                tx_memory: number("tx_memory").unwrap_or(default.tx_memory),
+                ..default
+            };
+            let mut device = VsockDevice::new(transport, config, slots, rx_memory)
                 .map_err(Failure::Ours)?;
             let listener = device.stream_socket().map_err(Failure::Ours)?;
             device
                 .bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))
                 .map_err(Failure::Ours)?;
             device.listen(listener, BACKLOG).map_err(Failure::Ours)?;
-            let config = Config::default();
             info!(
-                "bench: driver ours (vsock-guest), Config::default(): {}-entry queues, {} B RX / {} B TX buffers, {} KiB receive memory per socket",
+                "bench: driver ours (vsock-guest), {}: {}-entry queues, {} B RX buffers, TX packets up to {} B in {} KiB, {} KiB receive memory per socket",
+                if config == default { "Config::default()" } else { "Config changed on the command line" },
                 config.queue_size,
                 config.rx_buffer_size,
-                config.tx_buffer_size,
+                config.tx_packet_size,
+                config.tx_memory / 1024,
                 device.rx_buffer_per_socket() / 1024
             );
             Ok(Ours { device, listener })
@@ -865,7 +883,7 @@ mod bench {
         };
         match name {
             "ours" => serve(
-                Ours::new(transport, port).unwrap_or_else(|e| failed(e)),
+                Ours::new(transport, port, info).unwrap_or_else(|e| failed(e)),
                 port,
             ),
             "theirs" | "theirs-best" => {

@@ -3,7 +3,7 @@
 
 use crate::addr::is_valid_guest_cid;
 use crate::error::Error;
-use crate::queue::{BadUsed, Direction, Used, Virtqueue, MAX_QUEUE_SIZE};
+use crate::queue::{BadUsed, RxQueue, TxQueue, Used, MAX_QUEUE_SIZE};
 use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD};
 use bitflags::bitflags;
 use virtio_drivers::transport::{DeviceType, Transport};
@@ -42,8 +42,10 @@ pub struct QueueConfig {
     pub queue_size: u16,
     /// Bytes per receive buffer, header included.
     pub rx_buffer_size: usize,
-    /// Bytes per transmit buffer, header included.
-    pub tx_buffer_size: usize,
+    /// Largest transmitted packet, header included.
+    pub tx_packet_size: usize,
+    /// Bytes of DMA memory for packets being sent.
+    pub tx_memory: usize,
 }
 
 /// Counters of device activity.
@@ -66,9 +68,11 @@ pub struct Stats {
 /// The virtio side of the driver.
 pub struct VirtioVsock<H: Hal, T: Transport> {
     transport: T,
-    rx: Virtqueue<H>,
-    tx: Virtqueue<H>,
-    events: Virtqueue<H>,
+    rx: RxQueue<H>,
+    tx: TxQueue<H>,
+    events: RxQueue<H>,
+    /// Largest payload of one transmitted packet.
+    max_tx_payload: usize,
     guest_cid: u32,
     features: Features,
     stats: Stats,
@@ -106,7 +110,7 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         if transport.device_type() != DeviceType::Socket {
             return Err(Error::NoDevice);
         }
-        if config.rx_buffer_size <= HEADER_LEN || config.tx_buffer_size <= HEADER_LEN {
+        if config.rx_buffer_size <= HEADER_LEN || config.tx_packet_size <= HEADER_LEN {
             return Err(Error::InvalidArgument);
         }
         let wanted = Features::VERSION_1
@@ -144,34 +148,31 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
             }
             error
         };
-        let mut rx = match Virtqueue::new(
+        let mut rx = match RxQueue::new(
             &mut transport,
             RX_QUEUE,
             rx_size,
             config.rx_buffer_size,
-            Direction::DeviceWrites,
             event_idx,
         ) {
             Ok(queue) => queue,
             Err(e) => return Err(fail(&mut transport, e)),
         };
-        let tx = match Virtqueue::new(
+        let tx = match TxQueue::new(
             &mut transport,
             TX_QUEUE,
             tx_size,
-            config.tx_buffer_size,
-            Direction::DriverWrites,
+            config.tx_memory,
             event_idx,
         ) {
             Ok(queue) => queue,
             Err(e) => return Err(fail(&mut transport, e)),
         };
-        let mut events = match Virtqueue::new(
+        let mut events = match RxQueue::new(
             &mut transport,
             EVENT_QUEUE,
             event_size,
             EVENT_LEN,
-            Direction::DeviceWrites,
             event_idx,
         ) {
             Ok(queue) => queue,
@@ -180,11 +181,15 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         events.post_all();
         rx.post_all();
         transport.finish_init();
+        let max_tx_payload = (config.tx_packet_size - HEADER_LEN)
+            .min(MAX_PAYLOAD)
+            .min(tx.arena_bytes().saturating_sub(HEADER_LEN));
         let mut device = VirtioVsock {
             transport,
             rx,
             tx,
             events,
+            max_tx_payload,
             guest_cid,
             features,
             stats: Stats::default(),
@@ -224,17 +229,17 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
 
     /// Largest payload one transmitted packet can carry.
     pub fn max_tx_payload(&self) -> usize {
-        (self.tx.buffer_size() - HEADER_LEN).min(MAX_PAYLOAD)
+        self.max_tx_payload
     }
 
     /// Whether a packet can be sent now.
     pub fn can_send(&self) -> bool {
-        self.tx.free_count() > 0
+        self.tx.free_descriptors() > 0 && self.tx.free_chunks() > 0
     }
 
-    /// Returns sent buffers to the free list.
+    /// Returns sent packets' memory and descriptors.
     pub fn reclaim_tx(&mut self) {
-        while let Some(entry) = self.tx.pop_used() {
+        while let Some(entry) = self.tx.reclaim_one() {
             if let Err(bad) = entry {
                 self.stats.bad_used_entries += 1;
                 log::warn!("vsock: tx used entry rejected: {bad:?}");
@@ -242,37 +247,70 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
     }
 
-    /// Sends one packet: the header (its `len` set from `payload`) and the payload, in one
-    /// buffer (B4). Errors with `WouldBlock` when no buffer is free. The device is notified
-    /// by [`VirtioVsock::flush`].
+    /// Sends one packet: the header (its `len` set from `payload`) and the whole payload,
+    /// in one buffer (B4). Errors with `WouldBlock` when no memory or descriptor is free.
+    /// The device is notified by [`VirtioVsock::flush`].
     pub fn send(&mut self, header: &Header, payload: &[u8]) -> Result<(), Error> {
-        if payload.len() > self.max_tx_payload() {
+        if payload.len() > self.max_tx_payload {
             return Err(Error::InvalidArgument);
         }
-        let Some(id) = self.tx.alloc() else {
+        let total = HEADER_LEN + payload.len();
+        match self.send_prefix(header, payload, total) {
+            Ok(n) if n == payload.len() => Ok(()),
+            Ok(_) => Err(Error::WouldBlock),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends as much of `data` as one packet takes now (B4, B25): at most
+    /// [`VirtioVsock::max_tx_payload`] bytes, fewer when the free transmit memory is
+    /// fragmented. Returns the bytes sent, or `WouldBlock` when nothing could be.
+    pub fn send_data(&mut self, header: &Header, data: &[u8]) -> Result<usize, Error> {
+        let n = data.len().min(self.max_tx_payload);
+        if n == 0 {
+            return Err(Error::InvalidArgument);
+        }
+        self.send_prefix(header, &data[..n], HEADER_LEN + 1)
+    }
+
+    /// One packet with as much of `payload` as a buffer of at least `at_least` bytes
+    /// (header included) holds.
+    fn send_prefix(
+        &mut self,
+        header: &Header,
+        payload: &[u8],
+        at_least: usize,
+    ) -> Result<usize, Error> {
+        if self.tx.free_descriptors() == 0 {
+            return Err(Error::WouldBlock);
+        }
+        let Some(buffer) = self.tx.alloc(at_least, HEADER_LEN + payload.len()) else {
             return Err(Error::WouldBlock);
         };
-        let buffer = self.tx.buffer_mut(id);
+        let bytes = self.tx.buffer_mut(&buffer);
+        let n = payload.len().min(bytes.len().saturating_sub(HEADER_LEN));
         let header = Header {
-            len: payload.len() as u32,
+            len: n as u32,
             ..*header
         };
-        let total = HEADER_LEN + payload.len();
-        let written = match buffer.get_mut(..total) {
+        let written = match bytes.get_mut(..HEADER_LEN + n) {
             Some(out) => {
                 let (head, body) = out.split_at_mut(HEADER_LEN);
-                body.copy_from_slice(payload);
+                body.copy_from_slice(&payload[..n]);
                 header.emit(head).is_ok()
             }
             None => false,
         };
         if !written {
-            self.tx.release(id);
+            self.tx.release(buffer);
             return Err(Error::InvalidArgument);
         }
-        self.tx.submit(id, total);
+        if let Err(buffer) = self.tx.submit(buffer, HEADER_LEN + n) {
+            self.tx.release(buffer);
+            return Err(Error::WouldBlock);
+        }
         self.stats.tx_packets += 1;
-        Ok(())
+        Ok(n)
     }
 
     /// Notifies the device of sent packets once a quarter of the transmit queue is

@@ -1,10 +1,17 @@
-//! Split virtqueues (virtio 1.x, 2.7) in `Hal::dma_alloc` memory, each with a fixed pool of
-//! equally sized buffers: descriptor `i` always points at buffer `i`, one descriptor per
-//! packet (B4). This is the only module that touches memory the device shares.
+//! Split virtqueues (virtio 1.x, 2.7) in `Hal::dma_alloc` memory, with the buffers behind
+//! them. This is the only module that touches memory the device shares.
 //!
-//! The driver keeps its own shadow of everything it needs (which ids are posted, its
-//! indices); values the device writes (used-ring ids and lengths) are checked before they
-//! are used (B6).
+//! - [`RxQueue`] (the rx and event queues): a fixed pool of equally sized buffers the device
+//!   writes; descriptor `i` always points at buffer `i`.
+//! - [`TxQueue`] (the tx queue): an arena of [`TX_CHUNK`]-byte chunks; a packet takes a run
+//!   of consecutive chunks, so one packet is as long as its payload needs (up to 64 KiB),
+//!   and small packets take little memory. Descriptors are handed out to packets as they
+//!   are submitted.
+//!
+//! Either way one descriptor carries one whole packet (B4). The driver keeps its own shadow
+//! of everything it needs (which ids are posted, its indices, which chunks are in use);
+//! values the device writes (used-ring ids and lengths) are checked before they are used
+//! (B6).
 
 use crate::error::Error;
 use core::marker::PhantomData;
@@ -15,12 +22,17 @@ use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
 /// The largest queue this driver sets up; the device's maximum may be smaller.
 pub const MAX_QUEUE_SIZE: usize = 256;
+/// Bytes per chunk of the transmit arena.
+pub const TX_CHUNK: usize = 512;
+/// The most chunks a transmit arena has (4 MiB of them).
+pub const MAX_TX_CHUNKS: usize = 8192;
 
 const DESC_SIZE: usize = 16;
 const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 const USED_F_NO_NOTIFY: u16 = 1;
 const POSTED_WORDS: usize = MAX_QUEUE_SIZE / 64;
+const CHUNK_WORDS: usize = MAX_TX_CHUNKS / 64;
 
 const fn align_up(n: usize, align: usize) -> usize {
     n.div_ceil(align) * align
@@ -73,15 +85,6 @@ impl<H: Hal> Drop for DmaRegion<H> {
     }
 }
 
-/// Who writes the buffers of a queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Direction {
-    /// The device fills them (rx and event queues).
-    DeviceWrites,
-    /// The driver fills them (tx queue).
-    DriverWrites,
-}
-
 /// A buffer the device has returned, checked against what was posted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Used {
@@ -105,21 +108,17 @@ pub enum BadUsed {
     },
 }
 
-/// One split virtqueue with its buffer pool.
-pub struct Virtqueue<H: Hal> {
+/// The rings of one split virtqueue: descriptor table, available and used rings, which
+/// ids the device owns, and when to notify it.
+struct SplitRing<H: Hal> {
     index: u16,
     size: u16,
-    direction: Direction,
     event_idx: bool,
     ring: DmaRegion<H>,
     avail_offset: usize,
     used_offset: usize,
-    buffers: DmaRegion<H>,
-    buffer_size: usize,
     /// Ids currently owned by the device.
     posted: [u64; POSTED_WORDS],
-    /// Ids owned by the driver and not holding anything (tx queue).
-    free: heapless::Vec<u16, MAX_QUEUE_SIZE>,
     /// Next free slot of the available ring (free-running).
     avail_idx: u16,
     /// `avail_idx` when we last decided whether to notify.
@@ -129,22 +128,17 @@ pub struct Virtqueue<H: Hal> {
     kicks: u64,
 }
 
-impl<H: Hal> Virtqueue<H> {
-    /// Allocates and registers queue `index` with `size` descriptors (a power of two, at
-    /// most [`MAX_QUEUE_SIZE`]) and `size` buffers of `buffer_size` bytes.
-    pub fn new<T: Transport>(
+impl<H: Hal> SplitRing<H> {
+    /// Allocates the rings of queue `index` with `size` descriptors (a power of two, at
+    /// most [`MAX_QUEUE_SIZE`]); registered with the transport by [`SplitRing::register`].
+    fn new<T: Transport>(
         transport: &mut T,
         index: u16,
         size: u16,
-        buffer_size: usize,
-        direction: Direction,
         event_idx: bool,
     ) -> Result<Self, Error> {
         let queue_size = usize::from(size);
         if queue_size == 0 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
-            return Err(Error::InvalidArgument);
-        }
-        if buffer_size == 0 || buffer_size > u32::MAX as usize {
             return Err(Error::InvalidArgument);
         }
         if transport.queue_used(index) {
@@ -155,94 +149,49 @@ impl<H: Hal> Virtqueue<H> {
         let used_offset = align_up(avail_offset + 2 * (queue_size + 3), PAGE_SIZE);
         let ring_bytes = used_offset + align_up(6 + 8 * queue_size, PAGE_SIZE);
         let ring = DmaRegion::<H>::new(ring_bytes, BufferDirection::Both)?;
-        let buffers_bytes = buffer_size
-            .checked_mul(queue_size)
-            .ok_or(Error::InvalidArgument)?;
-        let buffers = DmaRegion::<H>::new(
-            buffers_bytes,
-            match direction {
-                Direction::DeviceWrites => BufferDirection::DeviceToDriver,
-                Direction::DriverWrites => BufferDirection::DriverToDevice,
-            },
-        )?;
-        let mut queue = Virtqueue {
+        let mut rings = SplitRing {
             index,
             size,
-            direction,
             event_idx,
             ring,
             avail_offset,
             used_offset,
-            buffers,
-            buffer_size,
             posted: [0; POSTED_WORDS],
-            free: heapless::Vec::new(),
             avail_idx: 0,
             notified_avail_idx: 0,
             last_used_idx: 0,
             kicks: 0,
         };
-        let flags = match direction {
-            Direction::DeviceWrites => DESC_F_WRITE,
-            Direction::DriverWrites => 0,
-        };
-        for id in 0..size {
-            let addr = queue.buffers.paddr + (usize::from(id) * buffer_size) as u64;
-            queue.write_descriptor(id, addr, buffer_size as u32, flags);
-            // Capacity is MAX_QUEUE_SIZE >= size, so this cannot fail.
-            let _ = queue.free.push(size - 1 - id);
-        }
         // We poll; ask the device not to interrupt (without EVENT_IDX this flag is the
         // hint, with it `used_event` is kept far ahead in `pop_used`).
-        queue.write_ring_u16(queue.avail_offset, AVAIL_F_NO_INTERRUPT);
-        queue.write_used_event();
+        rings.write_ring_u16(rings.avail_offset, AVAIL_F_NO_INTERRUPT);
+        rings.write_used_event();
+        Ok(rings)
+    }
+
+    /// Tells the device where the rings are.
+    fn register<T: Transport>(&self, transport: &mut T) {
         transport.queue_set(
-            index,
-            u32::from(size),
-            queue.ring.paddr,
-            queue.ring.paddr + avail_offset as u64,
-            queue.ring.paddr + used_offset as u64,
+            self.index,
+            u32::from(self.size),
+            self.ring.paddr,
+            self.ring.paddr + self.avail_offset as u64,
+            self.ring.paddr + self.used_offset as u64,
         );
-        Ok(queue)
-    }
-
-    /// Number of descriptors (and buffers).
-    pub fn size(&self) -> u16 {
-        self.size
-    }
-
-    /// Bytes per buffer.
-    pub fn buffer_size(&self) -> usize {
-        self.buffer_size
-    }
-
-    /// Notifications sent to the device so far.
-    pub fn kicks(&self) -> u64 {
-        self.kicks
-    }
-
-    /// Ids that are with the driver and hold nothing.
-    pub fn free_count(&self) -> usize {
-        self.free.len()
     }
 
     fn write_descriptor(&mut self, id: u16, addr: PhysAddr, len: u32, flags: u16) {
-        let base = usize::from(id) * DESC_SIZE;
-        // SAFETY: `id < size`, so the 16-byte descriptor lies in the descriptor table at the
-        // start of `ring`, which is live DMA memory of at least `16 * size` bytes; the device
-        // only reads descriptors, and only of posted ids (this one is not posted).
+        debug_assert!(id < self.size && !self.is_posted(id));
+        let base = usize::from(id % self.size) * DESC_SIZE;
+        // SAFETY: `id % size < size`, so the 16-byte descriptor lies in the descriptor table
+        // at the start of `ring`, which is live DMA memory of at least `16 * size` bytes; the
+        // device only reads descriptors, and only of posted ids (callers pass unposted ones).
         unsafe {
             self.ring.at::<u64>(base).write_volatile(addr.to_le());
             self.ring.at::<u32>(base + 8).write_volatile(len.to_le());
             self.ring.at::<u16>(base + 12).write_volatile(flags.to_le());
             self.ring.at::<u16>(base + 14).write_volatile(0);
         }
-    }
-
-    fn write_descriptor_len(&mut self, id: u16, len: u32) {
-        let at = usize::from(id) * DESC_SIZE + 8;
-        // SAFETY: as in `write_descriptor`: in bounds, and the id is not posted.
-        unsafe { self.ring.at::<u32>(at).write_volatile(len.to_le()) }
     }
 
     fn write_ring_u16(&mut self, offset: usize, value: u16) {
@@ -282,13 +231,10 @@ impl<H: Hal> Virtqueue<H> {
         }
     }
 
-    /// Gives buffer `id` (with `len` valid bytes for the driver-writes direction) to the
-    /// device. The device sees it at once; it is notified by [`Virtqueue::notify_if_needed`].
-    fn post(&mut self, id: u16, len: u32) {
+    /// Gives descriptor `id` to the device. The device sees it at once; it is notified by
+    /// [`SplitRing::notify_if_needed`].
+    fn post(&mut self, id: u16) {
         debug_assert!(id < self.size && !self.is_posted(id));
-        if self.direction == Direction::DriverWrites {
-            self.write_descriptor_len(id, len);
-        }
         self.set_posted(id, true);
         let slot = usize::from(self.avail_idx % self.size);
         self.write_ring_u16(self.avail_offset + 4 + 2 * slot, id);
@@ -296,39 +242,6 @@ impl<H: Hal> Virtqueue<H> {
         // The ring entry (and the buffer behind it) must be visible before the index.
         fence(Ordering::Release);
         self.write_ring_u16(self.avail_offset + 2, self.avail_idx);
-    }
-
-    /// Posts every free buffer (device-writes queues, at start-up).
-    pub fn post_all(&mut self) {
-        while let Some(id) = self.free.pop() {
-            self.post(id, self.buffer_size as u32);
-        }
-    }
-
-    /// Posts buffer `id` again after its contents were consumed (device-writes queues).
-    pub fn repost(&mut self, id: u16) {
-        if id < self.size && !self.is_posted(id) {
-            self.post(id, self.buffer_size as u32);
-        }
-    }
-
-    /// Takes a free buffer for the driver to fill (driver-writes queue).
-    pub fn alloc(&mut self) -> Option<u16> {
-        self.free.pop()
-    }
-
-    /// Returns an allocated, unposted buffer to the free list.
-    pub fn release(&mut self, id: u16) {
-        if id < self.size && !self.is_posted(id) && !self.free.contains(&id) {
-            let _ = self.free.push(id);
-        }
-    }
-
-    /// Sends allocated buffer `id` holding `len` bytes.
-    pub fn submit(&mut self, id: u16, len: usize) {
-        if id < self.size && !self.is_posted(id) && len <= self.buffer_size {
-            self.post(id, len as u32);
-        }
     }
 
     /// Keeps the device's `used_event` far ahead so it does not interrupt us (we poll).
@@ -339,9 +252,10 @@ impl<H: Hal> Virtqueue<H> {
         }
     }
 
-    /// Takes the next entry of the used ring, if any, and checks it (B6). A bad entry is
-    /// reported (and consumed); the caller decides what to log.
-    pub fn pop_used(&mut self) -> Option<Result<Used, BadUsed>> {
+    /// Takes the next entry of the used ring, if any: the id (checked to be posted, and now
+    /// the driver's again) and the length the device claims. `Err` carries an id that was
+    /// out of range or not posted.
+    fn pop_used(&mut self) -> Option<Result<(u16, u32), u32>> {
         let used_idx = self.read_used_u16(self.used_offset + 2);
         if used_idx == self.last_used_idx {
             return None;
@@ -355,63 +269,20 @@ impl<H: Hal> Virtqueue<H> {
         self.last_used_idx = self.last_used_idx.wrapping_add(1);
         self.write_used_event();
         let Some(id) = u16::try_from(raw_id).ok().filter(|&id| self.is_posted(id)) else {
-            return Some(Err(BadUsed::UnknownId(raw_id)));
+            return Some(Err(raw_id));
         };
         self.set_posted(id, false);
-        if self.direction == Direction::DriverWrites {
-            // A sent buffer's used length carries no meaning for us.
-            let _ = self.free.push(id);
-            return Some(Ok(Used { id, len: 0 }));
-        }
-        if raw_len as usize > self.buffer_size {
-            return Some(Err(BadUsed::TooLong { id, len: raw_len }));
-        }
-        Some(Ok(Used {
-            id,
-            len: raw_len as usize,
-        }))
-    }
-
-    /// The contents of buffer `id`, which the driver owns (returned by the device or not
-    /// yet posted). Empty for an id out of range.
-    pub fn buffer(&self, id: u16) -> &[u8] {
-        if id >= self.size || self.is_posted(id) {
-            return &[];
-        }
-        // SAFETY: `id < size`, so the range lies within the `buffers` region (size *
-        // buffer_size bytes, live for as long as `self`). The buffer is not posted, so the
-        // device does not own it and will not write it while this borrow of `self` lives.
-        unsafe {
-            core::slice::from_raw_parts(
-                self.buffers.at::<u8>(usize::from(id) * self.buffer_size),
-                self.buffer_size,
-            )
-        }
-    }
-
-    /// Buffer `id` for the driver to fill. Empty for an id out of range or posted.
-    pub fn buffer_mut(&mut self, id: u16) -> &mut [u8] {
-        if id >= self.size || self.is_posted(id) {
-            return &mut [];
-        }
-        // SAFETY: as in `buffer`; the exclusive borrow of `self` makes this the only
-        // reference to the buffer.
-        unsafe {
-            core::slice::from_raw_parts_mut(
-                self.buffers.at::<u8>(usize::from(id) * self.buffer_size),
-                self.buffer_size,
-            )
-        }
+        Some(Ok((id, raw_len)))
     }
 
     /// Buffers posted since the last notification decision.
-    pub fn unnotified(&self) -> u16 {
+    fn unnotified(&self) -> u16 {
         self.avail_idx.wrapping_sub(self.notified_avail_idx)
     }
 
     /// Notifies the device of buffers posted since the last call, unless it asked not to be
     /// notified (B8). Returns whether it notified.
-    pub fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
+    fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
         let new = self.avail_idx;
         let old = self.notified_avail_idx;
         if new == old {
@@ -433,9 +304,555 @@ impl<H: Hal> Virtqueue<H> {
         }
         needed
     }
+}
 
-    /// Physical address of the ring memory (descriptor table first), for device models.
-    pub fn ring_paddr(&self) -> PhysAddr {
-        self.ring.paddr
+/// A queue whose device writes into a fixed pool of equally sized buffers (rx, events).
+pub struct RxQueue<H: Hal> {
+    rings: SplitRing<H>,
+    buffers: DmaRegion<H>,
+    buffer_size: usize,
+}
+
+impl<H: Hal> RxQueue<H> {
+    /// Allocates and registers queue `index` with `size` descriptors (a power of two, at
+    /// most [`MAX_QUEUE_SIZE`]) and `size` buffers of `buffer_size` bytes; none is posted
+    /// yet ([`RxQueue::post_all`]).
+    pub fn new<T: Transport>(
+        transport: &mut T,
+        index: u16,
+        size: u16,
+        buffer_size: usize,
+        event_idx: bool,
+    ) -> Result<Self, Error> {
+        if buffer_size == 0 || buffer_size > u32::MAX as usize {
+            return Err(Error::InvalidArgument);
+        }
+        let mut rings = SplitRing::<H>::new(transport, index, size, event_idx)?;
+        let buffers_bytes = buffer_size
+            .checked_mul(usize::from(size))
+            .ok_or(Error::InvalidArgument)?;
+        let buffers = DmaRegion::<H>::new(buffers_bytes, BufferDirection::DeviceToDriver)?;
+        for id in 0..size {
+            let addr = buffers.paddr + (usize::from(id) * buffer_size) as u64;
+            rings.write_descriptor(id, addr, buffer_size as u32, DESC_F_WRITE);
+        }
+        rings.register(transport);
+        Ok(RxQueue {
+            rings,
+            buffers,
+            buffer_size,
+        })
+    }
+
+    /// Number of descriptors (and buffers).
+    pub fn size(&self) -> u16 {
+        self.rings.size
+    }
+
+    /// Bytes per buffer.
+    pub fn buffer_size(&self) -> usize {
+        self.buffer_size
+    }
+
+    /// Notifications sent to the device so far.
+    pub fn kicks(&self) -> u64 {
+        self.rings.kicks
+    }
+
+    /// Posts every buffer (at start-up).
+    pub fn post_all(&mut self) {
+        for id in 0..self.rings.size {
+            self.repost(id);
+        }
+    }
+
+    /// Posts buffer `id` again after its contents were consumed.
+    pub fn repost(&mut self, id: u16) {
+        if id < self.rings.size && !self.rings.is_posted(id) {
+            self.rings.post(id);
+        }
+    }
+
+    /// Takes the next entry of the used ring, if any, and checks it (B6). A bad entry is
+    /// reported (and consumed); the caller decides what to log.
+    pub fn pop_used(&mut self) -> Option<Result<Used, BadUsed>> {
+        Some(match self.rings.pop_used()? {
+            Err(raw_id) => Err(BadUsed::UnknownId(raw_id)),
+            Ok((id, len)) if len as usize > self.buffer_size => Err(BadUsed::TooLong { id, len }),
+            Ok((id, len)) => Ok(Used {
+                id,
+                len: len as usize,
+            }),
+        })
+    }
+
+    /// The contents of buffer `id`, which the driver owns (returned by the device). Empty
+    /// for an id out of range or posted.
+    pub fn buffer(&self, id: u16) -> &[u8] {
+        if id >= self.rings.size || self.rings.is_posted(id) {
+            return &[];
+        }
+        // SAFETY: `id < size`, so the range lies within the `buffers` region (size *
+        // buffer_size bytes, live for as long as `self`). The buffer is not posted, so the
+        // device does not own it and will not write it while this borrow of `self` lives.
+        unsafe {
+            core::slice::from_raw_parts(
+                self.buffers.at::<u8>(usize::from(id) * self.buffer_size),
+                self.buffer_size,
+            )
+        }
+    }
+
+    /// Notifies the device of buffers posted since the last call, where it asked to hear
+    /// (B8). Returns whether it notified.
+    pub fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
+        self.rings.notify_if_needed(transport)
+    }
+}
+
+/// A run of consecutive chunks of a [`TxQueue`]'s arena that the driver owns: allocated by
+/// [`TxQueue::alloc`], filled through [`TxQueue::buffer_mut`], then submitted or released.
+/// Not `Clone`: a run has one owner.
+#[derive(Debug, PartialEq, Eq)]
+#[must_use]
+pub struct TxBuffer {
+    first: u16,
+    chunks: u16,
+    /// The arena it belongs to (its physical address), so that a buffer of another queue
+    /// is never taken for one of this queue.
+    arena: PhysAddr,
+}
+
+impl TxBuffer {
+    /// Bytes the buffer holds.
+    pub fn capacity(&self) -> usize {
+        usize::from(self.chunks) * TX_CHUNK
+    }
+}
+
+/// The transmit queue: the rings, an arena of chunks for packets, and which run of chunks
+/// each posted descriptor carries.
+pub struct TxQueue<H: Hal> {
+    rings: SplitRing<H>,
+    arena: DmaRegion<H>,
+    chunk_count: usize,
+    /// One bit per chunk: set while a [`TxBuffer`] or a posted descriptor holds it.
+    in_use: [u64; CHUNK_WORDS],
+    /// Where the next allocation starts looking (packets complete roughly in order, so
+    /// the chunks after the last allocation are the ones most likely free).
+    cursor: usize,
+    /// Chunks not in use.
+    free_chunks: usize,
+    /// The run each posted descriptor carries: (first chunk, chunks).
+    runs: [(u16, u16); MAX_QUEUE_SIZE],
+    /// Descriptor ids not posted.
+    free_ids: heapless::Vec<u16, MAX_QUEUE_SIZE>,
+}
+
+impl<H: Hal> TxQueue<H> {
+    /// Allocates and registers queue `index` with `size` descriptors (a power of two, at
+    /// most [`MAX_QUEUE_SIZE`]) and an arena of `arena_bytes` (rounded down to whole
+    /// chunks, at most [`MAX_TX_CHUNKS`] of them, at least one).
+    pub fn new<T: Transport>(
+        transport: &mut T,
+        index: u16,
+        size: u16,
+        arena_bytes: usize,
+        event_idx: bool,
+    ) -> Result<Self, Error> {
+        let chunk_count = (arena_bytes / TX_CHUNK).min(MAX_TX_CHUNKS);
+        if chunk_count == 0 {
+            return Err(Error::InvalidArgument);
+        }
+        let rings = SplitRing::<H>::new(transport, index, size, event_idx)?;
+        let arena = DmaRegion::<H>::new(chunk_count * TX_CHUNK, BufferDirection::DriverToDevice)?;
+        let mut free_ids = heapless::Vec::new();
+        for id in (0..size).rev() {
+            // Capacity is MAX_QUEUE_SIZE >= size, so this cannot fail.
+            let _ = free_ids.push(id);
+        }
+        rings.register(transport);
+        Ok(TxQueue {
+            rings,
+            arena,
+            chunk_count,
+            in_use: [0; CHUNK_WORDS],
+            cursor: 0,
+            free_chunks: chunk_count,
+            runs: [(0, 0); MAX_QUEUE_SIZE],
+            free_ids,
+        })
+    }
+
+    /// Number of descriptors.
+    pub fn size(&self) -> u16 {
+        self.rings.size
+    }
+
+    /// Bytes of the arena.
+    pub fn arena_bytes(&self) -> usize {
+        self.chunk_count * TX_CHUNK
+    }
+
+    /// Notifications sent to the device so far.
+    pub fn kicks(&self) -> u64 {
+        self.rings.kicks
+    }
+
+    /// Descriptors not posted: how many more packets can be submitted now.
+    pub fn free_descriptors(&self) -> usize {
+        self.free_ids.len()
+    }
+
+    /// Chunks of the arena no buffer holds.
+    pub fn free_chunks(&self) -> usize {
+        self.free_chunks
+    }
+
+    fn chunk_in_use(&self, chunk: usize) -> bool {
+        self.in_use
+            .get(chunk / 64)
+            .is_some_and(|word| word & (1 << (chunk % 64)) != 0)
+    }
+
+    fn mark(&mut self, first: usize, chunks: usize, in_use: bool) {
+        for chunk in first..first + chunks {
+            if let Some(word) = self.in_use.get_mut(chunk / 64) {
+                if in_use {
+                    *word |= 1 << (chunk % 64);
+                } else {
+                    *word &= !(1 << (chunk % 64));
+                }
+            }
+        }
+    }
+
+    /// Free chunks from `start` on, counting at most `limit`.
+    fn free_run_from(&self, start: usize, limit: usize) -> usize {
+        let end = (start + limit).min(self.chunk_count);
+        let mut chunk = start;
+        while chunk < end {
+            let word = self.in_use.get(chunk / 64).copied().unwrap_or(u64::MAX);
+            let bit = chunk % 64;
+            let free = ((word >> bit).trailing_zeros() as usize).min(64 - bit);
+            chunk += free;
+            if free < 64 - bit {
+                break;
+            }
+        }
+        chunk.min(end) - start
+    }
+
+    /// Chunks in use from `start` on, up to the end of the arena.
+    fn used_run_from(&self, start: usize) -> usize {
+        let mut chunk = start;
+        while chunk < self.chunk_count {
+            let word = self.in_use.get(chunk / 64).copied().unwrap_or(0);
+            let bit = chunk % 64;
+            let used = (word >> bit).trailing_ones() as usize;
+            chunk += used;
+            if used < 64 - bit {
+                break;
+            }
+        }
+        chunk.min(self.chunk_count) - start
+    }
+
+    /// Allocates a buffer for `want` bytes, or, when no run of chunks is that long, the
+    /// longest run there is of at least `at_least` bytes. `None` when not even that is free.
+    pub fn alloc(&mut self, at_least: usize, want: usize) -> Option<TxBuffer> {
+        let least_chunks = at_least.max(1).div_ceil(TX_CHUNK);
+        let want_chunks = want
+            .div_ceil(TX_CHUNK)
+            .clamp(least_chunks, self.chunk_count.max(1));
+        if least_chunks > self.free_chunks {
+            return None;
+        }
+        // Next fit from the cursor, wrapping once; a run never wraps (it is contiguous).
+        let mut best: Option<(usize, usize)> = None;
+        let mut chunk = self.cursor.min(self.chunk_count);
+        let mut scanned = 0;
+        while scanned < self.chunk_count {
+            if chunk >= self.chunk_count {
+                chunk = 0;
+            }
+            if self.chunk_in_use(chunk) {
+                let used = self.used_run_from(chunk).max(1);
+                chunk += used;
+                scanned += used;
+                continue;
+            }
+            let free = self.free_run_from(chunk, want_chunks).max(1);
+            if free >= want_chunks {
+                best = Some((chunk, want_chunks));
+                break;
+            }
+            if free >= least_chunks && best.is_none_or(|(_, len)| free > len) {
+                best = Some((chunk, free));
+            }
+            chunk += free;
+            scanned += free;
+        }
+        let (first, chunks) = best?;
+        self.mark(first, chunks, true);
+        self.free_chunks -= chunks;
+        self.cursor = first + chunks;
+        Some(TxBuffer {
+            first: first as u16,
+            chunks: chunks as u16,
+            arena: self.arena.paddr,
+        })
+    }
+
+    /// Gives an unsubmitted buffer's chunks back.
+    pub fn release(&mut self, buffer: TxBuffer) {
+        if self.owns(&buffer) {
+            self.free_run(buffer.first, buffer.chunks);
+        }
+    }
+
+    /// Whether `buffer` came from this queue's `alloc`.
+    fn owns(&self, buffer: &TxBuffer) -> bool {
+        buffer.arena == self.arena.paddr
+            && usize::from(buffer.first) + usize::from(buffer.chunks) <= self.chunk_count
+    }
+
+    fn free_run(&mut self, first: u16, chunks: u16) {
+        let (first, chunks) = (usize::from(first), usize::from(chunks));
+        self.mark(first, chunks, false);
+        self.free_chunks = (self.free_chunks + chunks).min(self.chunk_count);
+    }
+
+    /// The bytes of `buffer`, for the driver to fill.
+    pub fn buffer_mut(&mut self, buffer: &TxBuffer) -> &mut [u8] {
+        if !self.owns(buffer) {
+            return &mut [];
+        }
+        let first = usize::from(buffer.first);
+        let chunks = usize::from(buffer.chunks);
+        // SAFETY: the run lies within this queue's arena (checked by `owns`), which is live
+        // for as long as `self`. `TxBuffer`s come only from `alloc`, which marks their
+        // chunks in use, and are not `Clone`, so no other buffer and no posted descriptor
+        // covers these chunks: the device does not read them now, and the exclusive borrow
+        // of `self` makes this the only reference to them.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.arena.at::<u8>(first * TX_CHUNK),
+                chunks * TX_CHUNK,
+            )
+        }
+    }
+
+    /// Sends the first `len` bytes of `buffer` as one packet. Gives the buffer back when no
+    /// descriptor is free (or `len` is larger than the buffer).
+    pub fn submit(&mut self, buffer: TxBuffer, len: usize) -> Result<(), TxBuffer> {
+        if len > buffer.capacity() || len == 0 || !self.owns(&buffer) {
+            return Err(buffer);
+        }
+        let Some(id) = self.free_ids.pop() else {
+            return Err(buffer);
+        };
+        let addr = self.arena.paddr + (usize::from(buffer.first) * TX_CHUNK) as u64;
+        self.rings.write_descriptor(id, addr, len as u32, 0);
+        if let Some(run) = self.runs.get_mut(usize::from(id)) {
+            *run = (buffer.first, buffer.chunks);
+        }
+        self.rings.post(id);
+        Ok(())
+    }
+
+    /// Takes the next sent packet back from the device and frees its chunks. `None` when
+    /// the device has returned nothing more; `Some(Err(_))` for a bad used-ring entry
+    /// (B6), which frees nothing.
+    pub fn reclaim_one(&mut self) -> Option<Result<(), BadUsed>> {
+        Some(match self.rings.pop_used()? {
+            Err(raw_id) => Err(BadUsed::UnknownId(raw_id)),
+            // A sent buffer's used length carries no meaning for us.
+            Ok((id, _len)) => {
+                let (first, chunks) = self.runs.get(usize::from(id)).copied().unwrap_or((0, 0));
+                self.free_run(first, chunks);
+                // Capacity is MAX_QUEUE_SIZE >= size, and the id was posted, so not free.
+                let _ = self.free_ids.push(id);
+                Ok(())
+            }
+        })
+    }
+
+    /// Packets submitted since the last notification decision.
+    pub fn unnotified(&self) -> u16 {
+        self.rings.unnotified()
+    }
+
+    /// Notifies the device of packets submitted since the last call, where it asked to
+    /// hear (B8). Returns whether it notified.
+    pub fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
+        self.rings.notify_if_needed(transport)
+    }
+}
+
+#[cfg(all(test, feature = "testing"))]
+mod tests {
+    use super::*;
+    use crate::testing::{FakeHal, FakeTransport};
+
+    const FEATURES: u64 = (1 << 32) | 1;
+
+    fn tx_queue(size: u16, arena_bytes: usize) -> (FakeTransport, TxQueue<FakeHal>) {
+        let mut transport = FakeTransport::new(3, FEATURES);
+        let queue = TxQueue::new(&mut transport, 1, size, arena_bytes, false).unwrap();
+        (transport, queue)
+    }
+
+    fn runs(buffers: &[TxBuffer]) -> std::vec::Vec<(u16, u16)> {
+        buffers.iter().map(|b| (b.first, b.chunks)).collect()
+    }
+
+    /// Plays the device: returns every posted descriptor as used, in the order posted.
+    fn complete_all(transport: &FakeTransport, queue: &mut TxQueue<FakeHal>) -> usize {
+        let mut model = crate::testing::DeviceModel::new(transport);
+        let taken = core::iter::from_fn(|| model.pop_tx_bytes()).count();
+        let mut reclaimed = 0;
+        while let Some(entry) = queue.reclaim_one() {
+            entry.unwrap();
+            reclaimed += 1;
+        }
+        assert_eq!(reclaimed, taken);
+        reclaimed
+    }
+
+    #[test]
+    fn a_packet_takes_the_chunks_its_length_needs() {
+        let (_transport, mut queue) = tx_queue(8, 16 * TX_CHUNK);
+        let small = queue.alloc(45, 45).unwrap();
+        assert_eq!((small.first, small.chunks), (0, 1));
+        let exact = queue.alloc(45, 2 * TX_CHUNK).unwrap();
+        assert_eq!((exact.first, exact.chunks), (1, 2));
+        let over = queue.alloc(45, 2 * TX_CHUNK + 1).unwrap();
+        assert_eq!((over.first, over.chunks), (3, 3));
+        assert_eq!(over.capacity(), 3 * TX_CHUNK);
+        assert_eq!(queue.free_chunks(), 10);
+        for buffer in [small, exact, over] {
+            queue.release(buffer);
+        }
+        assert_eq!(queue.free_chunks(), 16);
+    }
+
+    #[test]
+    fn a_fragmented_arena_gives_the_longest_run_it_has() {
+        let (_transport, mut queue) = tx_queue(8, 8 * TX_CHUNK);
+        let all: std::vec::Vec<TxBuffer> = (0..8).map(|_| queue.alloc(1, 1).unwrap()).collect();
+        assert_eq!(queue.alloc(1, 1), None, "full");
+        // Free chunks 1, 3, 4 and 6: runs of 1, 2 and 1.
+        let mut kept = std::vec::Vec::new();
+        for (index, buffer) in all.into_iter().enumerate() {
+            if [1, 3, 4, 6].contains(&index) {
+                queue.release(buffer);
+            } else {
+                kept.push(buffer);
+            }
+        }
+        let longest = queue.alloc(1, 8 * TX_CHUNK).unwrap();
+        assert_eq!((longest.first, longest.chunks), (3, 2));
+        assert_eq!(
+            queue.alloc(2 * TX_CHUNK, 8 * TX_CHUNK),
+            None,
+            "no run of two chunks left"
+        );
+        let one = queue.alloc(TX_CHUNK, 8 * TX_CHUNK).unwrap();
+        assert_eq!(one.chunks, 1);
+        kept.push(longest);
+        kept.push(one);
+        assert_eq!(queue.free_chunks(), 1);
+        for buffer in kept {
+            queue.release(buffer);
+        }
+        assert_eq!(queue.free_chunks(), 8);
+        let whole = queue.alloc(1, 8 * TX_CHUNK).unwrap();
+        assert_eq!((whole.first, whole.chunks), (0, 8));
+    }
+
+    #[test]
+    fn allocation_goes_on_after_the_last_one_and_wraps() {
+        let (transport, mut queue) = tx_queue(8, 10 * TX_CHUNK);
+        let first = queue.alloc(1, 4 * TX_CHUNK).unwrap();
+        queue.submit(first, 100).unwrap();
+        let second = queue.alloc(1, 4 * TX_CHUNK).unwrap();
+        assert_eq!(second.first, 4);
+        queue.submit(second, 100).unwrap();
+        assert_eq!(complete_all(&transport, &mut queue), 2);
+        // Chunks 0..8 are free again, but the next allocation starts at 8: the two chunks
+        // there are too few for four, so it wraps to the start.
+        let third = queue.alloc(1, 4 * TX_CHUNK).unwrap();
+        assert_eq!((third.first, third.chunks), (0, 4));
+        let fourth = queue.alloc(1, 2 * TX_CHUNK).unwrap();
+        assert_eq!(runs(&[third, fourth]), [(0, 4), (4, 2)]);
+    }
+
+    #[test]
+    fn submitted_packets_hold_descriptors_until_the_device_returns_them() {
+        let (transport, mut queue) = tx_queue(2, 8 * TX_CHUNK);
+        for _ in 0..2 {
+            let buffer = queue.alloc(1, 1).unwrap();
+            queue.buffer_mut(&buffer)[..3].copy_from_slice(b"abc");
+            queue.submit(buffer, 3).unwrap();
+        }
+        assert_eq!(queue.free_descriptors(), 0);
+        let third = queue.alloc(1, 1).unwrap();
+        let third = queue.submit(third, 3).unwrap_err();
+        queue.release(third);
+        assert_eq!(queue.free_chunks(), 6);
+        let mut model = crate::testing::DeviceModel::new(&transport);
+        assert_eq!(model.pop_tx_bytes(), Some(Ok(b"abc".to_vec())));
+        assert_eq!(queue.reclaim_one(), Some(Ok(())));
+        assert_eq!(
+            queue.reclaim_one(),
+            None,
+            "the second is still with the device"
+        );
+        assert_eq!((queue.free_descriptors(), queue.free_chunks()), (1, 7));
+    }
+
+    #[test]
+    fn bad_used_entries_free_nothing() {
+        let (transport, mut queue) = tx_queue(4, 4 * TX_CHUNK);
+        let buffer = queue.alloc(1, 1).unwrap();
+        queue.submit(buffer, 1).unwrap();
+        let mut model = crate::testing::DeviceModel::new(&transport);
+        // A device returning an id twice, one never posted and one out of range.
+        model.push_used(1, 0, 0).unwrap();
+        model.push_used(1, 0, 0).unwrap();
+        model.push_used(1, 2, 0).unwrap();
+        model.push_used(1, 70_000, 0).unwrap();
+        assert_eq!(queue.reclaim_one(), Some(Ok(())));
+        assert_eq!(queue.reclaim_one(), Some(Err(BadUsed::UnknownId(0))));
+        assert_eq!(queue.reclaim_one(), Some(Err(BadUsed::UnknownId(2))));
+        assert_eq!(queue.reclaim_one(), Some(Err(BadUsed::UnknownId(70_000))));
+        assert_eq!(queue.reclaim_one(), None);
+        assert_eq!((queue.free_descriptors(), queue.free_chunks()), (4, 4));
+    }
+
+    #[test]
+    fn a_buffer_of_another_queue_is_never_used() {
+        let (_transport, mut queue) = tx_queue(4, 4 * TX_CHUNK);
+        let (_other_transport, mut other) = tx_queue(4, 4 * TX_CHUNK);
+        let foreign = other.alloc(1, 1).unwrap();
+        assert!(queue.buffer_mut(&foreign).is_empty());
+        let foreign = queue.submit(foreign, 1).unwrap_err();
+        queue.release(foreign);
+        assert_eq!(queue.free_chunks(), 4);
+        assert_eq!(other.free_chunks(), 3);
+    }
+
+    #[test]
+    fn an_arena_is_whole_chunks_within_bounds() {
+        let mut transport = FakeTransport::new(3, FEATURES);
+        assert_eq!(
+            TxQueue::<FakeHal>::new(&mut transport, 1, 4, TX_CHUNK - 1, false).err(),
+            Some(Error::InvalidArgument)
+        );
+        let (_transport, queue) = tx_queue(4, 3 * TX_CHUNK + 100);
+        assert_eq!(queue.arena_bytes(), 3 * TX_CHUNK);
+        let (_transport, queue) = tx_queue(4, usize::MAX / 2);
+        assert_eq!(queue.arena_bytes(), MAX_TX_CHUNKS * TX_CHUNK);
     }
 }

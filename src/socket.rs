@@ -26,8 +26,13 @@ pub struct Config {
     pub queue_size: u16,
     /// Bytes per receive DMA buffer, including the 44-byte header (B4).
     pub rx_buffer_size: usize,
-    /// Bytes per transmit DMA buffer, including the 44-byte header.
-    pub tx_buffer_size: usize,
+    /// Largest transmitted packet, including the 44-byte header (B25); at most 64 KiB of
+    /// payload.
+    pub tx_packet_size: usize,
+    /// Bytes of DMA memory for packets on their way to the device, shared by all
+    /// connections: a packet takes what its length needs, in 512-byte chunks (at most
+    /// 4 MiB are used).
+    pub tx_memory: usize,
     /// How long a `connect` waits for the peer (B19).
     pub connect_timeout: Duration,
     /// How long a graceful `close` waits for the peer's RST (B36).
@@ -41,7 +46,8 @@ impl Default for Config {
         Config {
             queue_size: 128,
             rx_buffer_size: 4096,
-            tx_buffer_size: 4096 + 44,
+            tx_packet_size: 4096 + 44,
+            tx_memory: 512 * 1024,
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),
             allow_privileged_ports: false,
@@ -250,7 +256,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             QueueConfig {
                 queue_size: config.queue_size,
                 rx_buffer_size: config.rx_buffer_size,
-                tx_buffer_size: config.tx_buffer_size,
+                tx_packet_size: config.tx_packet_size,
+                tx_memory: config.tx_memory,
             },
         )?;
         for slot in slots.iter_mut() {
@@ -493,9 +500,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
             let (buf_alloc, fwd_cnt) = conn.credit.stamp();
             let header = data_header(guest_cid, conn, Op::Rw, buf_alloc, fwd_cnt);
-            if self.device.send(&header, &data[sent..sent + n]).is_err() {
+            let Ok(n) = self.device.send_data(&header, &data[sent..sent + n]) else {
                 break;
-            }
+            };
             conn.credit.on_sent(n as u32);
             sent += n;
             // A long send keeps the device busy as it goes (B8).

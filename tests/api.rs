@@ -374,7 +374,7 @@ fn new_is_invalid_argument_for_unusable_storage_or_sizes() {
             4,
             4096,
             Config {
-                tx_buffer_size: 44,
+                tx_packet_size: 44,
                 ..config
             },
         ),

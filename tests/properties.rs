@@ -95,7 +95,7 @@ fn stream(dir: u64, pair: usize, from: u64, len: usize) -> Vec<u8> {
 struct Setup {
     queue_size: u16,
     rx_buffer_size: usize,
-    tx_buffer_size: usize,
+    tx_packet_size: usize,
     /// The guest's receive window per connection (its `buf_alloc`).
     rx_per_socket: usize,
     /// The host's receive window per connection.
@@ -111,10 +111,10 @@ fn setup() -> impl Strategy<Value = Setup> {
         prop_oneof![1u32..=64, 64u32..=8192],
     )
         .prop_map(
-            |(queue_size, rx_buffer_size, tx_buffer_size, rx_per_socket, host_buf_alloc)| Setup {
+            |(queue_size, rx_buffer_size, tx_packet_size, rx_per_socket, host_buf_alloc)| Setup {
                 queue_size,
                 rx_buffer_size,
-                tx_buffer_size,
+                tx_packet_size,
                 rx_per_socket,
                 host_buf_alloc,
             },
@@ -316,7 +316,7 @@ impl<'a> World<'a> {
         let config = Config {
             queue_size: setup.queue_size,
             rx_buffer_size: setup.rx_buffer_size,
-            tx_buffer_size: setup.tx_buffer_size,
+            tx_packet_size: setup.tx_packet_size,
             ..Config::default()
         };
         let mut vsock = VsockDevice::<FakeHal, _>::new(transport.clone(), config, slots, rx_memory)
@@ -1056,7 +1056,7 @@ mod regressions {
         Setup {
             queue_size: 4,
             rx_buffer_size: 45,
-            tx_buffer_size: 45,
+            tx_packet_size: 45,
             rx_per_socket: 1,
             host_buf_alloc: 1,
         }

@@ -467,7 +467,7 @@ fn b4_one_descriptor_per_packet_on_both_queues_header_and_payload_contiguous() {
     let config = Config {
         queue_size: 16,
         rx_buffer_size: 1024,
-        tx_buffer_size: HEADER_LEN + 512,
+        tx_packet_size: HEADER_LEN + 512,
         ..Config::default()
     };
     let mut vsock = bring_up(&transport, config, &mut storage);
@@ -549,12 +549,12 @@ fn b4_one_descriptor_per_packet_on_both_queues_header_and_payload_contiguous() {
     // Buffers that cannot hold more than a header are refused.
     let mut slots = [const { SocketSlot::EMPTY }; 1];
     let mut rx_memory = vec![0u8; 4096];
-    for (rx_buffer_size, tx_buffer_size) in [(HEADER_LEN, 4096), (4096, HEADER_LEN)] {
+    for (rx_buffer_size, tx_packet_size) in [(HEADER_LEN, 4096), (4096, HEADER_LEN)] {
         let result = VsockDevice::<FakeHal, _>::new(
             FakeTransport::new(GUEST_CID, FEATURES),
             Config {
                 rx_buffer_size,
-                tx_buffer_size,
+                tx_packet_size,
                 ..Config::default()
             },
             &mut slots,

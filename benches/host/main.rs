@@ -134,7 +134,8 @@ fn check_stuck(started: Instant, what: &str) {
 struct Ours {
     epoch: Instant,
     /// Our driver's settings: `Config::default()` unless `VSOCK_BENCH_QUEUE`,
-    /// `VSOCK_BENCH_RX` or `VSOCK_BENCH_TX` (buffer bytes, header included) say otherwise.
+    /// `VSOCK_BENCH_RX` (receive buffer bytes), `VSOCK_BENCH_TX` (largest packet, header
+    /// included) or `VSOCK_BENCH_TX_MEMORY` (bytes) say otherwise.
     config: Config,
 }
 
@@ -147,7 +148,8 @@ fn our_config() -> Config {
     Config {
         queue_size: env("VSOCK_BENCH_QUEUE").unwrap_or(default.queue_size),
         rx_buffer_size: env("VSOCK_BENCH_RX").unwrap_or(default.rx_buffer_size),
-        tx_buffer_size: env("VSOCK_BENCH_TX").unwrap_or(default.tx_buffer_size),
+        tx_packet_size: env("VSOCK_BENCH_TX").unwrap_or(default.tx_packet_size),
+        tx_memory: env("VSOCK_BENCH_TX_MEMORY").unwrap_or(default.tx_memory),
         ..default
     }
 }
@@ -589,8 +591,11 @@ fn main() {
         config: our_config(),
     };
     println!(
-        "ours: queue {}, rx buffers {} B, tx buffers {} B",
-        ours.config.queue_size, ours.config.rx_buffer_size, ours.config.tx_buffer_size
+        "ours: queue {}, rx buffers {} B, tx packets up to {} B in {} KiB",
+        ours.config.queue_size,
+        ours.config.rx_buffer_size,
+        ours.config.tx_packet_size,
+        ours.config.tx_memory / 1024
     );
     println!(
         "host benchmark: median of {} runs each, A/B alternating, device on its own thread",

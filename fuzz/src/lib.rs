@@ -158,7 +158,7 @@ enum FuzzOp {
 struct Settings {
     queue_size: u8,
     rx_buffer_size: u16,
-    tx_buffer_size: u16,
+    tx_packet_size: u16,
     rx_per_socket: u16,
 }
 
@@ -167,7 +167,7 @@ impl Settings {
         Config {
             queue_size: [2, 4, 8, 16][usize::from(self.queue_size % 4)],
             rx_buffer_size: usize::from(self.rx_buffer_size % 4200) + 1,
-            tx_buffer_size: usize::from(self.tx_buffer_size % 4200) + 1,
+            tx_packet_size: usize::from(self.tx_packet_size % 4200) + 1,
             ..Config::default()
         }
     }
@@ -519,7 +519,7 @@ pub fn rx_packets(data: &[u8]) {
             Err(e) => {
                 // Only settings the driver rejects: buffers that cannot hold a header.
                 assert_eq!(e, Error::InvalidArgument);
-                assert!(config.rx_buffer_size <= HEADER_LEN || config.tx_buffer_size <= HEADER_LEN);
+                assert!(config.rx_buffer_size <= HEADER_LEN || config.tx_packet_size <= HEADER_LEN);
                 return;
             }
         };
@@ -530,7 +530,7 @@ pub fn rx_packets(data: &[u8]) {
             conns: Vec::new(),
             cids: vec![GUEST_CID],
             now: 0,
-            tx_payload: config.tx_buffer_size - HEADER_LEN,
+            tx_payload: config.tx_packet_size - HEADER_LEN,
         };
         let listener = world.vsock.stream_socket().unwrap();
         world

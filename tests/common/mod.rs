@@ -32,7 +32,7 @@ pub const GUEST_PORT: u32 = 1234;
 pub const HOST_PORT: u32 = 5000;
 /// The host's receive buffer, where a test does not care.
 pub const HOST_BUF_ALLOC: u32 = 256 * 1024;
-/// Largest payload of one transmitted packet with the default `tx_buffer_size`.
+/// Largest payload of one transmitted packet with the default `tx_packet_size`.
 pub const MAX_TX_PAYLOAD: usize = 4096;
 
 /// A stream header from `src` to `dst` (each a CID and a port): no flags, no payload.
