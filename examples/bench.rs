@@ -307,8 +307,10 @@ mod bench {
         fn new(transport: CountingTransport, port: u32, info: &boot::BootInfo) -> Result<Self> {
             let slots = spin::MutexGuard::leak(SLOTS.lock());
             let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
-            let number =
-                |key: &str| info.cmdline_value(key).and_then(|v| v.parse::<usize>().ok());
+            let number = |key: &str| {
+                info.cmdline_value(key)
+                    .and_then(|v| v.parse::<usize>().ok())
+            };
             let default = Config::default();
             let config = Config {
                 queue_size: number("queue").map_or(default.queue_size, |n| n as u16),
@@ -317,8 +319,8 @@ mod bench {
                 tx_memory: number("tx_memory").unwrap_or(default.tx_memory),
                 ..default
             };
-            let mut device = VsockDevice::new(transport, config, slots, rx_memory)
-                .map_err(Failure::Ours)?;
+            let mut device =
+                VsockDevice::new(transport, config, slots, rx_memory).map_err(Failure::Ours)?;
             let listener = device.stream_socket().map_err(Failure::Ours)?;
             device
                 .bind(listener, VsockAddr::new(VMADDR_CID_ANY, port))

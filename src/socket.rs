@@ -45,8 +45,8 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             queue_size: 128,
-            rx_buffer_size: 4096,
-            tx_packet_size: 4096 + 44,
+            rx_buffer_size: 16 * 1024,
+            tx_packet_size: 64 * 1024 + 44,
             tx_memory: 512 * 1024,
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),

@@ -9,7 +9,8 @@ mod common;
 
 use common::{
     control, listen_on, ms, new_transport, pattern, rst_for, rw, start_connect, stream_header,
-    Device, Storage, GUEST_PORT, HOST_BUF_ALLOC as PEER_BUF_ALLOC, HOST_PORT, MAX_TX_PAYLOAD,
+    test_config, Device, Storage, GUEST_PORT, HOST_BUF_ALLOC as PEER_BUF_ALLOC, HOST_PORT,
+    MAX_TX_PAYLOAD,
 };
 use core::cell::{Cell, RefCell};
 use core::ptr::NonNull;
@@ -327,7 +328,7 @@ fn new_is_no_device_for_another_device_type_or_a_device_without_streams() {
     transport.state().device_type = virtio_drivers::transport::DeviceType::Console;
     let result = VsockDevice::<FakeHal, _>::new(
         transport.clone(),
-        Config::default(),
+        test_config(),
         &mut storage.slots,
         &mut storage.rx_memory,
     );
@@ -339,7 +340,7 @@ fn new_is_no_device_for_another_device_type_or_a_device_without_streams() {
     let transport = FakeTransport::new(u64::from(GUEST_CID), (1 << 32) | (1 << 2));
     let result = VsockDevice::<FakeHal, _>::new(
         transport.clone(),
-        Config::default(),
+        test_config(),
         &mut storage.slots,
         &mut storage.rx_memory,
     );
@@ -355,7 +356,7 @@ fn new_is_invalid_argument_for_unusable_storage_or_sizes() {
     let (transport, _model) = new_transport();
     let mut slots: Vec<SocketSlot> = (0..4).map(|_| SocketSlot::EMPTY).collect();
     let mut rx_memory = vec![0u8; 4 * 1024];
-    let config = Config::default();
+    let config = test_config();
     let cases: [(&str, usize, usize, Config); 5] = [
         ("no slots", 0, 4096, config),
         ("no rx memory", 4, 0, config),
@@ -447,7 +448,7 @@ fn new_is_no_buffer_space_when_dma_memory_runs_out_and_frees_what_it_took() {
         DMA_BUDGET.set(budget);
         let result = VsockDevice::<ScarceHal, _>::new(
             transport.clone(),
-            Config::default(),
+            test_config(),
             &mut storage.slots,
             &mut storage.rx_memory,
         );
@@ -475,7 +476,7 @@ fn new_is_no_buffer_space_when_dma_memory_runs_out_and_frees_what_it_took() {
     DMA_BUDGET.set(6);
     let mut vsock = VsockDevice::<ScarceHal, _>::new(
         transport.clone(),
-        Config::default(),
+        test_config(),
         &mut storage.slots,
         &mut storage.rx_memory,
     )
@@ -512,7 +513,7 @@ fn new_is_no_buffer_space_when_dma_memory_runs_out_and_frees_what_it_took() {
 fn stream_socket_until_too_many_sockets() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(3);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let a = vsock.stream_socket().unwrap();
     let b = vsock.stream_socket().unwrap();
     let c = vsock.stream_socket().unwrap();
@@ -538,7 +539,7 @@ fn stream_socket_until_too_many_sockets() {
 fn bind_explicit_port_on_any_or_own_cid() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let any = vsock.stream_socket().unwrap();
     assert_eq!(
         vsock.bind(any, VsockAddr::new(VMADDR_CID_ANY, 1024)),
@@ -565,7 +566,7 @@ fn bind_explicit_port_on_any_or_own_cid() {
 fn bind_port_any_takes_ephemeral_ports_from_49152_and_skips_taken_ones() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(5);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let first = vsock.stream_socket().unwrap();
     vsock
         .bind(first, VsockAddr::new(VMADDR_CID_ANY, VMADDR_PORT_ANY))
@@ -611,7 +612,7 @@ fn bind_port_any_takes_ephemeral_ports_from_49152_and_skips_taken_ones() {
 fn bind_errors_leave_the_socket_unbound_and_send_nothing() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let taken = vsock.stream_socket().unwrap();
     vsock
         .bind(taken, VsockAddr::new(VMADDR_CID_ANY, 2000))
@@ -671,7 +672,7 @@ fn bind_privileged_port_when_config_allows_it() {
     let mut storage = storage(3);
     let config = Config {
         allow_privileged_ports: true,
-        ..Config::default()
+        ..test_config()
     };
     let mut vsock = bring_up(&transport, config, &mut storage);
     let listener = listen_on(&mut vsock, 80, 1);
@@ -698,7 +699,7 @@ fn bind_privileged_port_when_config_allows_it() {
 fn listen_needs_a_bound_unconnected_socket() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     // B22: listen on an unbound socket.
     let unbound = vsock.stream_socket().unwrap();
     assert_eq!(vsock.listen(unbound, 4), Err(Error::InvalidArgument));
@@ -728,7 +729,7 @@ fn listen_needs_a_bound_unconnected_socket() {
 fn b15_request_beyond_the_backlog_gets_rst_and_room_returns_after_accept() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(8);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 2);
     let peer = |port| Tuple::new(GUEST_PORT, HOST_CID, port);
 
@@ -775,7 +776,7 @@ fn b15_request_beyond_the_backlog_gets_rst_and_room_returns_after_accept() {
 fn b15_request_with_no_free_socket_slot_gets_rst() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 8);
     let conn = accept_from(&mut vsock, &mut model, listener, Tuple::host(), ms(1));
     let second = Tuple::new(GUEST_PORT, HOST_CID, 5001).peer_sends(Op::Request);
@@ -801,7 +802,7 @@ fn b15_request_with_no_free_socket_slot_gets_rst() {
 fn b15_request_to_a_port_nobody_listens_on_gets_rst() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     // Bound but not listening.
     let bound = vsock.stream_socket().unwrap();
     vsock
@@ -825,7 +826,7 @@ fn b15_request_to_a_port_nobody_listens_on_gets_rst() {
 fn accept_gives_the_oldest_connection_with_its_peer_address() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 4);
     let host = Tuple::host();
     let sibling = Tuple::new(GUEST_PORT, SIBLING_CID, 6000);
@@ -882,7 +883,7 @@ fn accept_gives_the_oldest_connection_with_its_peer_address() {
 fn b22_connection_reset_before_accept_is_dropped_from_the_queue() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let first = Tuple::host();
     request(&mut vsock, &mut model, first, ms(1));
@@ -903,7 +904,7 @@ fn b22_connection_reset_before_accept_is_dropped_from_the_queue() {
 fn b34_connection_closed_in_order_before_accept_keeps_its_data_for_accept() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     request(&mut vsock, &mut model, tuple, ms(1));
@@ -933,7 +934,7 @@ fn b34_connection_closed_in_order_before_accept_keeps_its_data_for_accept() {
 fn close_or_abort_of_a_listener_resets_waiting_connections_only() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(8);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     for (port, end) in [(GUEST_PORT, "close"), (GUEST_PORT + 1, "abort")] {
         let listener = listen_on(&mut vsock, port, 4);
         let accepted = Tuple::new(port, HOST_CID, 5000);
@@ -990,7 +991,7 @@ fn close_or_abort_of_a_listener_resets_waiting_connections_only() {
 fn b19_connect_is_in_progress_until_response_then_writable() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     vsock.poll(ms(10));
     let s = vsock.stream_socket().unwrap();
     let peer = VsockAddr::new(HOST_CID, HOST_PORT);
@@ -1057,7 +1058,7 @@ fn b19_connect_is_in_progress_until_response_then_writable() {
 fn b20_connect_targets_host_hypervisor_siblings_and_any_but_not_local_or_own_cid() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(8);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     vsock.poll(ms(1));
     let s = vsock.stream_socket().unwrap();
     // InvalidCid (EFAULT): loopback is not available, and we cannot connect to ourselves.
@@ -1121,7 +1122,7 @@ fn b20_connect_targets_host_hypervisor_siblings_and_any_but_not_local_or_own_cid
 fn connect_from_a_bound_socket_uses_its_port() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let s = vsock.stream_socket().unwrap();
     vsock.bind(s, VsockAddr::new(GUEST_CID, 2000)).unwrap();
     assert_eq!(
@@ -1143,7 +1144,7 @@ fn connect_from_a_bound_socket_uses_its_port() {
 fn b19_refused_connect_makes_the_socket_readable_writable_errored_and_reports_once() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     for taker in ["take_error", "send"] {
         vsock.poll(ms(1));
         let s = vsock.stream_socket().unwrap();
@@ -1182,12 +1183,12 @@ fn b19_refused_connect_makes_the_socket_readable_writable_errored_and_reports_on
 #[test]
 fn b19_connect_times_out_after_the_configured_timeout_and_a_late_response_gets_rst() {
     for (timeout_ms, config) in [
-        (2000, Config::default()),
+        (2000, test_config()),
         (
             500,
             Config {
                 connect_timeout: Duration::from_millis(500),
-                ..Config::default()
+                ..test_config()
             },
         ),
     ] {
@@ -1229,7 +1230,7 @@ fn b19_connect_times_out_after_the_configured_timeout_and_a_late_response_gets_r
 fn b18_any_op_but_response_or_rst_while_connecting_resets_the_attempt() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     vsock.poll(ms(1));
     let peer = VsockAddr::new(HOST_CID, HOST_PORT);
     let odd_packets: [(Header, &[u8]); 6] = [
@@ -1276,7 +1277,7 @@ fn b36_closing_or_aborting_a_connecting_socket_sends_rst_and_cancels_the_timer()
     let (transport, mut model) = new_transport();
     // One slot: the socket's slot must be free again at once.
     let mut storage = storage(1);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     for (port, end) in [(EPHEMERAL, "close"), (EPHEMERAL + 1, "abort")] {
         vsock.poll(ms(0));
         let tuple = Tuple::new(port, HOST_CID, HOST_PORT);
@@ -1309,7 +1310,7 @@ fn b36_closing_or_aborting_a_connecting_socket_sends_rst_and_cancels_the_timer()
 fn b21_ephemeral_ports_are_not_reused_while_the_old_connection_may_still_see_rst() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(6);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let host = VsockAddr::new(HOST_CID, HOST_PORT);
     let (a, ta) = connect_to(&mut vsock, &mut model, host, ms(0));
     let (_b, tb) = connect_to(&mut vsock, &mut model, host, ms(0));
@@ -1354,7 +1355,7 @@ fn b21_ephemeral_ports_are_not_reused_while_the_old_connection_may_still_see_rst
 fn send_recv_peek_and_recv_queue_on_a_connection() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     // The host has 6000 bytes of receive buffer, and says so in every header.
@@ -1464,7 +1465,7 @@ fn send_recv_peek_and_recv_queue_on_a_connection() {
 fn calls_on_unconnected_or_listening_sockets_are_not_connected() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let unbound = vsock.stream_socket().unwrap();
     let bound = vsock.stream_socket().unwrap();
     vsock
@@ -1499,7 +1500,7 @@ fn calls_on_unconnected_or_listening_sockets_are_not_connected() {
 fn b35_shutdown_sends_receive_1_send_2_both_3() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 3);
     let mut buf = [0u8; 8];
     for (i, (how, flags)) in [
@@ -1584,7 +1585,7 @@ fn b36_close_shuts_down_both_ways_and_frees_the_slot_when_the_peer_resets() {
     let (transport, mut model) = new_transport();
     // The listener and one connection: a new socket needs the connection's slot.
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
@@ -1628,12 +1629,12 @@ fn b36_close_shuts_down_both_ways_and_frees_the_slot_when_the_peer_resets() {
 #[test]
 fn b36_close_without_an_answer_sends_rst_at_the_close_timeout() {
     for (timeout_ms, config) in [
-        (8000, Config::default()),
+        (8000, test_config()),
         (
             300,
             Config {
                 close_timeout: Duration::from_millis(300),
-                ..Config::default()
+                ..test_config()
             },
         ),
     ] {
@@ -1671,7 +1672,7 @@ fn b36_close_without_an_answer_sends_rst_at_the_close_timeout() {
 fn b36_close_after_the_connection_ended_sends_nothing() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(3);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 2);
     // Reset by the peer.
     let reset = Tuple::new(GUEST_PORT, HOST_CID, 5000);
@@ -1697,7 +1698,7 @@ fn b36_close_after_the_connection_ended_sends_nothing() {
 fn b36_abort_sends_rst_now_and_frees_the_slot() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
@@ -1729,7 +1730,7 @@ fn b36_abort_sends_rst_now_and_frees_the_slot() {
 fn b37_simultaneous_close_ends_cleanly_with_no_rst_answering_an_rst() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
 
@@ -1791,7 +1792,7 @@ fn b37_simultaneous_close_ends_cleanly_with_no_rst_answering_an_rst() {
 fn b38_rst_with_unread_data_keeps_the_data_then_reports_connection_reset() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
@@ -1859,7 +1860,7 @@ fn assert_invalid_handle(vsock: &mut Device<'_>, model: &mut DeviceModel, handle
 fn every_call_with_a_closed_or_foreign_handle_is_invalid_handle() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(3);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
@@ -1889,7 +1890,7 @@ fn every_call_with_a_closed_or_foreign_handle_is_invalid_handle() {
     // A handle of another, larger device names no slot here.
     let (other_transport, _other_model) = new_transport();
     let mut other_storage = crate::storage(8);
-    let mut other = bring_up(&other_transport, Config::default(), &mut other_storage);
+    let mut other = bring_up(&other_transport, test_config(), &mut other_storage);
     let foreign = (0..8)
         .map(|_| other.stream_socket().unwrap())
         .last()
@@ -1906,7 +1907,7 @@ fn b40_transport_reset_fails_every_connection_silently_and_listeners_answer_on_t
     const NEW_CID: u32 = 7;
     let (transport, mut model) = new_transport();
     let mut storage = storage(8);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 4);
     // An accepted connection with unread data.
     let accepted = Tuple::new(GUEST_PORT, HOST_CID, 5000);
@@ -2029,7 +2030,7 @@ fn b41_a_device_that_stops_consuming_tx_and_returning_rx_stalls_no_call_and_no_t
     let mut storage = storage(4);
     let config = Config {
         queue_size: 8,
-        ..Config::default()
+        ..test_config()
     };
     let mut vsock = bring_up(&transport, config, &mut storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
@@ -2152,7 +2153,7 @@ static ALLOCATOR: CountingAllocator = CountingAllocator;
 fn b42_no_call_and_nothing_a_peer_does_allocates() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let before = allocations();
     let listener = listen_on(&mut vsock, GUEST_PORT, 2);
     vsock.poll(ms(1));
@@ -2218,7 +2219,7 @@ fn io_setup<'a>(
     host_buf_alloc: u32,
 ) -> (spin::Mutex<Device<'a>>, SocketHandle) {
     let model = &mut *model.borrow_mut();
-    let mut vsock = bring_up(transport, Config::default(), storage);
+    let mut vsock = bring_up(transport, test_config(), storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     model
@@ -2502,7 +2503,7 @@ fn io_write_on_a_connecting_socket_waits_for_the_connect_and_reports_its_failure
     let (transport, model) = new_transport();
     let model = RefCell::new(model);
     let mut storage = storage(2);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let accepted_port = 7000;
     let refused_port = 7001;
     let [ok, refused] = [accepted_port, refused_port].map(|port| {

@@ -4,13 +4,13 @@
 mod common;
 
 use common::{
-    bring_up, listen, new_transport, storage, stream_header, Device, FEATURES, GUEST_CID,
-    GUEST_PORT, HOST_CID,
+    bring_up, listen, new_transport, storage, stream_header, test_config, Device, FEATURES,
+    GUEST_CID, GUEST_PORT, HOST_CID,
 };
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
 use vsock_guest::wire::{Header, Op, SocketType};
 use vsock_guest::{
-    Config, Error, Instant, Readiness, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
+    Error, Instant, Readiness, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
 };
 
 const RX_PER_SOCKET: usize = 64 * 1024;
@@ -52,7 +52,7 @@ fn expect_one(model: &mut DeviceModel) -> Packet {
 fn listen_accept_echo_and_peer_close() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * RX_PER_SOCKET);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     assert_eq!(vsock.local_cid(), 3);
     // B1: features negotiated; B3: event and rx buffers posted, DRIVER_OK set.
     assert_eq!(transport.state().driver_features, FEATURES);
@@ -205,7 +205,7 @@ fn listen_accept_echo_and_peer_close() {
 fn b33_peer_reset_after_data_keeps_data_then_reports_reset() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 4096);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen_on_own_cid(&mut vsock);
     model
         .deliver(&host_header(Op::Request, 7000, 1234), &[])
@@ -257,7 +257,7 @@ fn b33_peer_reset_after_data_keeps_data_then_reports_reset() {
 fn malformed_device_input_is_dropped_and_the_driver_keeps_working() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 4096);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let _listener = listen_on_own_cid(&mut vsock);
 
     // B10: header shorter than 44 bytes, len beyond what was written, wrong dst_cid,
@@ -325,17 +325,13 @@ fn b2_reserved_cid_fails_bring_up_and_b1_wrong_device_is_no_device() {
     let mut rx_memory = vec![0u8; 4096];
     for cid in [0u64, 1, 2, 0xFFFF_FFFF, 1 << 32] {
         let transport = FakeTransport::new(cid, FEATURES);
-        let result = VsockDevice::<FakeHal, _>::new(
-            transport,
-            Config::default(),
-            &mut slots,
-            &mut rx_memory,
-        );
+        let result =
+            VsockDevice::<FakeHal, _>::new(transport, test_config(), &mut slots, &mut rx_memory);
         assert_eq!(result.err(), Some(Error::DeviceError), "cid {cid:#x}");
     }
     let transport = FakeTransport::new(3, FEATURES);
     transport.state().device_type = virtio_drivers::transport::DeviceType::Network;
     let result =
-        VsockDevice::<FakeHal, _>::new(transport, Config::default(), &mut slots, &mut rx_memory);
+        VsockDevice::<FakeHal, _>::new(transport, test_config(), &mut slots, &mut rx_memory);
     assert_eq!(result.err(), Some(Error::NoDevice));
 }

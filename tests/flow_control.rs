@@ -7,15 +7,15 @@ mod common;
 
 use common::{
     accept_host, bring_up, control, from_host, listen, ms, new_transport, pattern, rst_for, rw,
-    rw_to_host, serve_host, start_connect, storage, to_host, GUEST_CID, HOST_BUF_ALLOC, HOST_CID,
-    HOST_PORT, MAX_TX_PAYLOAD,
+    rw_to_host, serve_host, start_connect, storage, test_config, to_host, GUEST_CID,
+    HOST_BUF_ALLOC, HOST_CID, HOST_PORT, MAX_TX_PAYLOAD,
 };
 use core::time::Duration;
 use vsock_guest::conn::{CREDIT_PROBE_FIRST, CREDIT_PROBE_MAX};
 use vsock_guest::wire::{Header, Op, ShutdownFlags, SocketType};
 use vsock_guest::{Config, Error, Instant, Readiness, Shutdown, VsockAddr};
 
-/// Largest payload that fits one receive buffer with the default `rx_buffer_size`.
+/// Largest payload that fits one receive buffer in `test_config()`.
 const MAX_RX_PAYLOAD: usize = 4096 - 44;
 
 /// `at` plus `millis` milliseconds, minus `micros_early` microseconds.
@@ -29,7 +29,7 @@ fn b29_credit_probe_asks_once_then_backs_off_until_credit_arrives() {
     assert_eq!(CREDIT_PROBE_MAX, Duration::from_secs(1));
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 16 * 1024;
     let listener = listen(&mut vsock);
     // The host has 1000 bytes of receive buffer.
@@ -178,7 +178,7 @@ fn b29_credit_probe_asks_once_then_backs_off_until_credit_arrives() {
 fn b29_credit_probe_stops_when_the_peer_stops_receiving() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 16 * 1024;
     let listener = listen(&mut vsock);
     let conn = accept_host(&mut vsock, &mut model, listener, 100, ms(100));
@@ -210,7 +210,7 @@ fn b29_credit_probe_stops_when_the_peer_stops_receiving() {
 fn b29_credit_request_is_answered_with_our_buf_alloc_and_fwd_cnt() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 16 * 1024;
 
     // Before any data: fwd_cnt 0.
@@ -281,7 +281,7 @@ fn b29_credit_request_is_answered_with_our_buf_alloc_and_fwd_cnt() {
 fn b28_update_points(per_socket: usize, packet_len: usize, packets: usize) -> Vec<usize> {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * per_socket);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = per_socket as u32;
     let data = pattern(packet_len);
     let mut buf = vec![0u8; packet_len];
@@ -330,7 +330,7 @@ fn b28_one_way_host_to_guest_stream_never_stalls() {
     let (transport, mut model) = new_transport();
     let per_socket = 16 * 1024;
     let mut storage = storage(2, 2 * per_socket);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = per_socket as u32;
     let threshold = (per / 2).min(64 * 1024);
 
@@ -407,7 +407,7 @@ fn b28_one_way_host_to_guest_stream_never_stalls() {
 fn b9_every_packet_carries_our_cid_type_buf_alloc_and_fwd_cnt() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 8192;
     let mut buf = [0u8; 256];
 
@@ -558,7 +558,7 @@ fn b9_every_packet_carries_our_cid_type_buf_alloc_and_fwd_cnt() {
 fn b13_packet_for_no_socket_gets_rst_and_b14_rst_for_no_socket_gets_none() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
 
     // RW to a port nobody has: RST with source and destination swapped, no credit.
@@ -657,7 +657,7 @@ fn b13_packet_for_no_socket_gets_rst_and_b14_rst_for_no_socket_gets_none() {
 fn b30_peer_overrunning_its_credit_is_reset_and_caller_sees_connection_reset() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 4096);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 4096;
 
     // Exactly the credit: accepted.
@@ -715,7 +715,7 @@ fn b7_tx_full_send_would_block_rx_still_processed_replies_wait() {
     let mut storage = storage(4, 4 * 16 * 1024);
     let config = Config {
         queue_size: 8,
-        ..Config::default()
+        ..test_config()
     };
     let mut vsock = bring_up(&transport, config, &mut storage);
     let per = 16 * 1024;
@@ -807,7 +807,7 @@ fn b7_full_reply_queue_stops_rx_until_tx_drains() {
     let mut storage = storage(2, 2 * 16 * 1024);
     let config = Config {
         queue_size: 8,
-        ..Config::default()
+        ..test_config()
     };
     let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, config);
     vsock.poll(ms(2)); // reclaims the RESPONSE's buffer
@@ -867,4 +867,27 @@ fn b7_full_reply_queue_stops_rx_until_tx_drains() {
     assert_eq!(model.available(0), 8);
     assert_eq!(vsock.recv(conn, &mut buf), Ok(5));
     assert_eq!(&buf[..5], b"later");
+}
+
+#[test]
+fn b25_default_packets_carry_up_to_64_kib_of_payload() {
+    // With Config::default() a packet is as long as the data and the credit allow, up to
+    // 64 KiB of payload, and never more (B25).
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let per = 16 * 1024;
+    let listener = listen(&mut vsock);
+    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
+    let data = pattern(2 * 64 * 1024 + 100);
+    assert_eq!(vsock.send(conn, &data[..100]), Ok(100));
+    assert_eq!(vsock.send(conn, &data[100..]), Ok(2 * 64 * 1024));
+    assert_eq!(
+        model.drain_tx(),
+        [
+            rw_to_host(&data[..100], per, 0),
+            rw_to_host(&data[100..100 + 64 * 1024], per, 0),
+            rw_to_host(&data[100 + 64 * 1024..], per, 0),
+        ]
+    );
 }

@@ -31,9 +31,15 @@ fn storage() -> Storage {
 }
 
 fn bring_up<'a>(transport: &FakeTransport, storage: &'a mut Storage) -> Device<'a> {
+    // 4 KiB receive buffers, so that the host's data of a few kilobytes comes in several
+    // packets (as it does from a real host).
+    let config = Config {
+        rx_buffer_size: 4096,
+        ..Config::default()
+    };
     VsockDevice::<FakeHal, _>::new(
         transport.clone(),
-        Config::default(),
+        config,
         &mut storage.slots,
         &mut storage.rx_memory,
     )

@@ -15,8 +15,8 @@ mod common;
 use common::{
     accept_from, accept_host, accept_request, bring_up, control, from_host, from_port, listen,
     listen_on, ms, new_transport, pattern, rst_for, rw, rw_to_host, serve_host, start_connect,
-    storage, to_host, FEATURES, GUEST_CID, GUEST_PORT, HOST_BUF_ALLOC, HOST_CID, MAX_TX_PAYLOAD,
-    RING_EVENT_IDX, VERSION_1,
+    storage, test_config, to_host, FEATURES, GUEST_CID, GUEST_PORT, HOST_BUF_ALLOC, HOST_CID,
+    MAX_TX_PAYLOAD, RING_EVENT_IDX, VERSION_1,
 };
 use std::sync::{Arc, Mutex};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
@@ -280,7 +280,7 @@ fn b3_init_order_cid_then_event_and_rx_buffers_then_driver_ok() {
     let mut rx_memory = vec![0u8; 2 * 4096];
     let vsock = VsockDevice::<FakeHal, _>::new(
         transport.clone(),
-        Config::default(),
+        test_config(),
         &mut slots,
         &mut rx_memory,
     )
@@ -334,7 +334,7 @@ fn b3_init_order_cid_then_event_and_rx_buffers_then_driver_ok() {
 fn b39_unknown_event_ids_are_ignored_and_every_event_buffer_is_reposted() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
     assert_eq!(model.notifications(EVENT), 1, "at bring-up");
 
@@ -426,7 +426,7 @@ impl EventDevice {
 fn b39_events_of_a_wrong_length_are_ignored_and_their_buffers_reposted() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
     let mut events = EventDevice { next: 0 };
     assert_eq!(events.available(&transport), 4);
@@ -468,7 +468,7 @@ fn b4_one_descriptor_per_packet_on_both_queues_header_and_payload_contiguous() {
         queue_size: 16,
         rx_buffer_size: 1024,
         tx_packet_size: HEADER_LEN + 512,
-        ..Config::default()
+        ..test_config()
     };
     let mut vsock = bring_up(&transport, config, &mut storage);
     let per = 8192;
@@ -555,7 +555,7 @@ fn b4_one_descriptor_per_packet_on_both_queues_header_and_payload_contiguous() {
             Config {
                 rx_buffer_size,
                 tx_packet_size,
-                ..Config::default()
+                ..test_config()
             },
             &mut slots,
             &mut rx_memory,
@@ -573,7 +573,7 @@ fn b6_bad_used_entries_are_dropped_buffers_reposted_and_the_driver_keeps_working
     let mut storage = storage(2, 2 * 16 * 1024);
     let config = Config {
         queue_size: 16,
-        ..Config::default()
+        ..test_config()
     };
     let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, config);
     let per = 16 * 1024;
@@ -684,7 +684,7 @@ fn b6_bad_used_entries_are_dropped_buffers_reposted_and_the_driver_keeps_working
 fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want_one() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 64 * 1024);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     assert_eq!(
         transport.state().driver_features & RING_EVENT_IDX,
         RING_EVENT_IDX
@@ -776,7 +776,7 @@ fn b8_event_idx_rx_reposting_notifies_only_when_the_device_ran_dry() {
     let mut storage = storage(2, 2 * 4096);
     let config = Config {
         queue_size: 16,
-        ..Config::default()
+        ..test_config()
     };
     let (mut vsock, _, _conn) = serve_host(&transport, &mut model, &mut storage, config);
     assert_eq!(model.notifications(RX), 1, "at bring-up");
@@ -825,7 +825,7 @@ fn b8_without_event_idx_one_notification_per_batch_none_under_no_notify() {
     let mut storage = storage(2, 2 * 64 * 1024);
     let config = Config {
         queue_size: 16,
-        ..Config::default()
+        ..test_config()
     };
     let mut vsock = bring_up(&transport, config, &mut storage);
     assert_eq!(transport.state().driver_features, VERSION_1 | 1);
@@ -903,7 +903,7 @@ fn b10_packets_for_another_cid_are_dropped_without_reply() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
     let (mut vsock, listener, conn) =
-        serve_host(&transport, &mut model, &mut storage, Config::default());
+        serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
 
     // Data, an RST and a SHUTDOWN for the connection's tuple, and a REQUEST for the
@@ -944,7 +944,7 @@ fn b10_packets_for_another_cid_are_dropped_without_reply() {
 fn b10_control_ops_with_payload_reset_the_connection() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
     let mut buf = [0u8; 32];
@@ -1037,7 +1037,7 @@ fn b10_unknown_ops_are_dropped_silently() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
     let (mut vsock, listener, conn) =
-        serve_host(&transport, &mut model, &mut storage, Config::default());
+        serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
 
     // Unknown ops on the connection's tuple, to the listener, to no socket, and with an
@@ -1081,7 +1081,7 @@ fn b10_unknown_ops_are_dropped_silently() {
 fn b10_len_is_checked_against_the_bytes_written() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let packet = |len: u32, payload: &[u8]| {
         let mut bytes = vec![0u8; HEADER_LEN + payload.len()];
         Header {
@@ -1117,7 +1117,7 @@ fn b11_unknown_socket_type_gets_rst_carrying_that_type() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
     let (mut vsock, listener, conn) =
-        serve_host(&transport, &mut model, &mut storage, Config::default());
+        serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
 
     // A REQUEST of type 9 and of SEQPACKET (2, not implemented) to the listener, and data
@@ -1190,7 +1190,7 @@ fn b11_unknown_socket_type_gets_rst_carrying_that_type() {
 fn b12_connections_are_looked_up_by_the_full_tuple() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(8, 8 * 4096);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 4096;
     let l1234 = listen_on(&mut vsock, 1234, 4);
     let l1235 = listen_on(&mut vsock, 1235, 4);
@@ -1297,7 +1297,7 @@ fn b12_connections_are_looked_up_by_the_full_tuple() {
 fn b17_duplicate_request_is_dropped_and_the_connection_untouched() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
 
@@ -1368,7 +1368,7 @@ fn b17_duplicate_request_is_dropped_and_the_connection_untouched() {
 fn b26_peer_credit_is_refreshed_from_every_header() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
     // The host starts with 100 bytes of buffer.
@@ -1423,7 +1423,7 @@ fn b27_fwd_cnt_counts_consumed_bytes_and_buf_alloc_is_the_receive_capacity() {
     let (transport, mut model) = new_transport();
     // 3 slots sharing 15002 bytes: 5000 each (the remainder is not advertised).
     let mut storage = storage(3, 15_002);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     assert_eq!(vsock.rx_buffer_per_socket(), 5000);
     let per = 5000;
     let listener = listen(&mut vsock);
@@ -1504,7 +1504,7 @@ fn b27_fwd_cnt_counts_consumed_bytes_and_buf_alloc_is_the_receive_capacity() {
 fn b32_local_shutdown_flags_on_the_wire_are_receive_1_send_2_and_sticky() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = 8192;
     let listener = listen(&mut vsock);
     let mut buf = [0u8; 16];
@@ -1603,7 +1603,7 @@ fn b32_local_shutdown_flags_on_the_wire_are_receive_1_send_2_and_sticky() {
 fn b32_peer_shutdown_flags_are_sticky_and_add_up() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
     let peer_shutdown = |flags: u32| with_flags(flags, from_host(Op::Shutdown, HOST_BUF_ALLOC, 0));
 
@@ -1636,7 +1636,7 @@ fn b32_peer_shutdown_flags_are_sticky_and_add_up() {
 fn b33_peer_send_shutdown_recv_drains_then_eof_and_we_may_still_send() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 8192);
-    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, Config::default());
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
 
     model
@@ -1682,7 +1682,7 @@ fn b34_both_peer_flags_rst_data_stays_readable_and_the_same_port_reconnects() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4, 4 * 8192);
     let (mut vsock, listener, old) =
-        serve_host(&transport, &mut model, &mut storage, Config::default());
+        serve_host(&transport, &mut model, &mut storage, test_config());
     let per = 8192;
 
     model
@@ -1751,7 +1751,7 @@ fn b5_the_header_is_a_copy_taken_once_from_device_memory() {
 fn b16_an_accepted_connection_takes_its_peer_credit_from_the_request() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = vsock.rx_buffer_per_socket() as u32;
     let listener = listen(&mut vsock);
     // The host's REQUEST advertises 1000 bytes of receive buffer and nothing else does.
@@ -1768,7 +1768,7 @@ fn b31_rx_buffers_are_reposted_as_soon_as_their_payload_is_copied() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
     let (mut vsock, _listener, conn) =
-        serve_host(&transport, &mut model, &mut storage, Config::default());
+        serve_host(&transport, &mut model, &mut storage, test_config());
     let posted = model.available(RX);
     assert_eq!(posted, 128);
     // Three times as many 1-byte packets as there are rx buffers, the application reading
@@ -1794,7 +1794,7 @@ fn b40_a_request_to_the_new_cid_in_the_same_poll_as_the_reset_is_answered() {
     const NEW_CID: u64 = 7;
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let per = vsock.rx_buffer_per_socket() as u32;
     let listener = listen(&mut vsock);
     // The device moves us to CID 7, reports the reset, and the host connects to the new
@@ -1824,7 +1824,7 @@ fn b8_every_send_notifies_before_it_returns() {
     const TX: usize = 1;
     let (transport, mut model) = new_transport();
     let mut storage = storage(2, 2 * 16 * 1024);
-    let mut vsock = bring_up(&transport, Config::default(), &mut storage);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
     let listener = listen(&mut vsock);
     // The host has room for two packets only.
     let conn = accept_host(

@@ -8,7 +8,7 @@
 //! bringing up a device with a listener and an accepted connection.
 
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
-use vsock_guest::wire::{Header, Op, SocketType};
+use vsock_guest::wire::{Header, Op, SocketType, HEADER_LEN};
 use vsock_guest::{
     Config, Error, Instant, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
 };
@@ -32,8 +32,21 @@ pub const GUEST_PORT: u32 = 1234;
 pub const HOST_PORT: u32 = 5000;
 /// The host's receive buffer, where a test does not care.
 pub const HOST_BUF_ALLOC: u32 = 256 * 1024;
-/// Largest payload of one transmitted packet with the default `tx_packet_size`.
+/// Largest payload of one transmitted packet in [`test_config`].
 pub const MAX_TX_PAYLOAD: usize = 4096;
+/// Bytes per receive buffer in [`test_config`].
+pub const RX_BUFFER_SIZE: usize = 4096;
+
+/// The configuration the tests count packets in: `Config::default()` with 4096-byte
+/// receive buffers and transmitted packets of at most [`MAX_TX_PAYLOAD`] bytes of payload,
+/// so that a few kilobytes make several packets.
+pub fn test_config() -> Config {
+    Config {
+        rx_buffer_size: RX_BUFFER_SIZE,
+        tx_packet_size: HEADER_LEN + MAX_TX_PAYLOAD,
+        ..Config::default()
+    }
+}
 
 /// A stream header from `src` to `dst` (each a CID and a port): no flags, no payload.
 pub fn stream_header(
