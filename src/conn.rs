@@ -5,7 +5,7 @@ use crate::addr::VsockAddr;
 use crate::credit::Credit;
 use crate::error::Error;
 use crate::time::Instant;
-use crate::wire::{Header, Op, ShutdownFlags};
+use crate::wire::{Header, Op, ShutdownFlags, SocketType};
 use core::time::Duration;
 
 /// First wait before asking a silent peer for credit again (B29).
@@ -118,6 +118,8 @@ pub struct Connection {
     pub pending_error: Option<Error>,
     /// Armed while we are blocked on the peer's credit (B29).
     pub credit_probe: Option<CreditProbe>,
+    /// Our SHUTDOWN (with `local_shutdown`) waits for queued data to go out first.
+    pub shutdown_pending: bool,
 }
 
 impl Connection {
@@ -133,6 +135,24 @@ impl Connection {
             reset: false,
             pending_error: None,
             credit_probe: None,
+            shutdown_pending: false,
+        }
+    }
+
+    /// A header of this connection from `guest_cid`, with no payload and the given credit
+    /// fields (B9).
+    pub const fn header(&self, guest_cid: u32, op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
+        Header {
+            src_cid: guest_cid as u64,
+            dst_cid: self.peer.cid as u64,
+            src_port: self.local_port,
+            dst_port: self.peer.port,
+            len: 0,
+            socket_type: SocketType::Stream as u16,
+            op: op as u16,
+            flags: 0,
+            buf_alloc,
+            fwd_cnt,
         }
     }
 
@@ -287,7 +307,6 @@ impl Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::SocketType;
 
     const PEER: VsockAddr = VsockAddr::new(2, 5000);
 

@@ -118,10 +118,10 @@ impl Credit {
         view < threshold && real > view
     }
 
-    /// Whether to send a `CREDIT_REQUEST` now: we are out of credit and have not asked yet
-    /// (B29). Marks the request as outstanding.
-    pub fn take_credit_request(&mut self) -> bool {
-        if self.peer_free() == 0 && !self.credit_requested {
+    /// Whether to send a `CREDIT_REQUEST` now: we have less credit than the `needed` bytes
+    /// of the data waiting and have not asked yet (B29). Marks the request as outstanding.
+    pub fn take_credit_request(&mut self, needed: u32) -> bool {
+        if self.peer_free() < needed && !self.credit_requested {
             self.mark_requested();
             true
         } else {
@@ -129,10 +129,11 @@ impl Credit {
         }
     }
 
-    /// Whether to ask again: still out of credit, and the peer has answered the last
-    /// request (so at most one is ever outstanding, B29). Marks the new one outstanding.
-    pub fn take_repeat_credit_request(&mut self) -> bool {
-        if self.peer_free() == 0 && self.credit_requested && self.request_answered {
+    /// Whether to ask again: still less credit than `needed`, and no request is
+    /// outstanding (the peer answered the last one, or credit came since): at most one is
+    /// ever outstanding (B29). Marks the new one outstanding.
+    pub fn take_repeat_credit_request(&mut self, needed: u32) -> bool {
+        if self.peer_free() < needed && (!self.credit_requested || self.request_answered) {
             self.mark_requested();
             true
         } else {
@@ -143,6 +144,11 @@ impl Credit {
     fn mark_requested(&mut self) {
         self.credit_requested = true;
         self.request_answered = false;
+    }
+
+    /// The peer's receive buffer size, as last reported.
+    pub const fn peer_buf_alloc(&self) -> u32 {
+        self.peer_buf_alloc
     }
 
     /// Our advertised receive capacity.
@@ -269,26 +275,33 @@ mod tests {
     }
 
     #[test]
-    fn b29_repeat_request_only_after_the_peer_answered() {
+    fn b29_repeat_request_only_when_none_is_outstanding() {
         let mut c = Credit::new(1000);
         c.update_peer(100, 0);
         c.on_sent(100);
-        assert!(!c.take_repeat_credit_request(), "nothing asked yet");
-        assert!(c.take_credit_request());
         assert!(
-            !c.take_repeat_credit_request(),
-            "the first request is unanswered"
+            c.take_repeat_credit_request(1),
+            "out of credit, nothing outstanding: ask"
         );
+        assert!(
+            !c.take_repeat_credit_request(1),
+            "the request is unanswered"
+        );
+        assert!(!c.take_credit_request(1), "nor a first one");
         c.update_peer(100, 0);
         assert!(
-            c.take_repeat_credit_request(),
+            c.take_repeat_credit_request(1),
             "answered without credit: ask again"
         );
-        assert!(!c.take_repeat_credit_request());
+        assert!(!c.take_repeat_credit_request(1));
         c.update_peer(200, 0);
         assert!(
-            !c.take_repeat_credit_request(),
+            !c.take_repeat_credit_request(1),
             "credit came: nothing to ask"
+        );
+        assert!(
+            c.take_repeat_credit_request(150),
+            "credit, but less than the waiting packet needs: ask"
         );
     }
 
@@ -297,10 +310,10 @@ mod tests {
         let mut c = Credit::new(1024);
         c.update_peer(10, 0);
         c.on_sent(10);
-        assert!(c.take_credit_request());
-        assert!(!c.take_credit_request());
+        assert!(c.take_credit_request(1));
+        assert!(!c.take_credit_request(1));
         c.update_peer(10, 10);
         c.on_sent(10);
-        assert!(c.take_credit_request(), "new credit re-arms the request");
+        assert!(c.take_credit_request(1), "new credit re-arms the request");
     }
 }

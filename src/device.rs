@@ -3,7 +3,7 @@
 
 use crate::addr::is_valid_guest_cid;
 use crate::error::Error;
-use crate::queue::{BadUsed, RxQueue, TxQueue, Used, MAX_QUEUE_SIZE};
+use crate::queue::{BadUsed, RxQueue, TxBuffer, TxQueue, Used, MAX_QUEUE_SIZE};
 use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD};
 use bitflags::bitflags;
 use virtio_drivers::transport::{DeviceType, Transport};
@@ -237,6 +237,21 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         self.tx.free_descriptors() > 0 && self.tx.free_chunks() > 0
     }
 
+    /// Transmit descriptors free: packets that can be submitted now.
+    pub fn tx_free_descriptors(&self) -> usize {
+        self.tx.free_descriptors()
+    }
+
+    /// Chunks of transmit memory free.
+    pub fn tx_free_chunks(&self) -> usize {
+        self.tx.free_chunks()
+    }
+
+    /// Bytes of transmit memory held by packets being built, waiting or with the device.
+    pub fn tx_memory_in_use(&self) -> usize {
+        self.tx.arena_bytes() - self.tx.free_chunks() * crate::queue::TX_CHUNK
+    }
+
     /// Returns sent packets' memory and descriptors.
     pub fn reclaim_tx(&mut self) {
         while let Some(entry) = self.tx.reclaim_one() {
@@ -247,6 +262,52 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
     }
 
+    /// Transmit memory for a packet of up to `payload` bytes (at most
+    /// [`VirtioVsock::max_tx_payload`]): as much as that, or less when free memory is
+    /// fragmented; `None` when none is free.
+    pub fn alloc_tx(&mut self, payload: usize) -> Option<TxBuffer> {
+        let payload = payload.min(self.max_tx_payload);
+        self.tx.alloc(HEADER_LEN + 1, HEADER_LEN + payload)
+    }
+
+    /// The payload space of a packet buffer (after the header's room), at most
+    /// [`VirtioVsock::max_tx_payload`] bytes.
+    pub fn tx_payload_mut(&mut self, buffer: &TxBuffer) -> &mut [u8] {
+        let max = self.max_tx_payload;
+        let bytes = self.tx.buffer_mut(buffer);
+        let end = bytes.len().min(HEADER_LEN + max);
+        bytes.get_mut(HEADER_LEN..end).unwrap_or_default()
+    }
+
+    /// Submits a packet whose payload (`len` bytes) is in `buffer`: writes `header` in
+    /// front of it, with `len` set (B4). Gives the buffer back when no descriptor is free
+    /// or `len` does not fit. The device is notified by [`VirtioVsock::flush`].
+    pub fn submit_tx(
+        &mut self,
+        buffer: TxBuffer,
+        header: &Header,
+        len: usize,
+    ) -> Result<(), TxBuffer> {
+        if len > self.max_tx_payload {
+            return Err(buffer);
+        }
+        let header = Header {
+            len: len as u32,
+            ..*header
+        };
+        if header.emit(self.tx.buffer_mut(&buffer)).is_err() {
+            return Err(buffer);
+        }
+        self.tx.submit(buffer, HEADER_LEN + len)?;
+        self.stats.tx_packets += 1;
+        Ok(())
+    }
+
+    /// Gives unsent transmit memory back.
+    pub fn release_tx(&mut self, buffer: TxBuffer) {
+        self.tx.release(buffer);
+    }
+
     /// Sends one packet: the header (its `len` set from `payload`) and the whole payload,
     /// in one buffer (B4). Errors with `WouldBlock` when no memory or descriptor is free.
     /// The device is notified by [`VirtioVsock::flush`].
@@ -254,63 +315,27 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         if payload.len() > self.max_tx_payload {
             return Err(Error::InvalidArgument);
         }
-        let total = HEADER_LEN + payload.len();
-        match self.send_prefix(header, payload, total) {
-            Ok(n) if n == payload.len() => Ok(()),
-            Ok(_) => Err(Error::WouldBlock),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// Sends as much of `data` as one packet takes now (B4, B25): at most
-    /// [`VirtioVsock::max_tx_payload`] bytes, fewer when the free transmit memory is
-    /// fragmented. Returns the bytes sent, or `WouldBlock` when nothing could be.
-    pub fn send_data(&mut self, header: &Header, data: &[u8]) -> Result<usize, Error> {
-        let n = data.len().min(self.max_tx_payload);
-        if n == 0 {
-            return Err(Error::InvalidArgument);
-        }
-        self.send_prefix(header, &data[..n], HEADER_LEN + 1)
-    }
-
-    /// One packet with as much of `payload` as a buffer of at least `at_least` bytes
-    /// (header included) holds.
-    fn send_prefix(
-        &mut self,
-        header: &Header,
-        payload: &[u8],
-        at_least: usize,
-    ) -> Result<usize, Error> {
         if self.tx.free_descriptors() == 0 {
             return Err(Error::WouldBlock);
         }
-        let Some(buffer) = self.tx.alloc(at_least, HEADER_LEN + payload.len()) else {
+        let Some(buffer) = self
+            .tx
+            .alloc(HEADER_LEN + payload.len(), HEADER_LEN + payload.len())
+        else {
             return Err(Error::WouldBlock);
         };
-        let bytes = self.tx.buffer_mut(&buffer);
-        let n = payload.len().min(bytes.len().saturating_sub(HEADER_LEN));
-        let header = Header {
-            len: n as u32,
-            ..*header
-        };
-        let written = match bytes.get_mut(..HEADER_LEN + n) {
-            Some(out) => {
-                let (head, body) = out.split_at_mut(HEADER_LEN);
-                body.copy_from_slice(&payload[..n]);
-                header.emit(head).is_ok()
+        match self.tx_payload_mut(&buffer).get_mut(..payload.len()) {
+            Some(space) => space.copy_from_slice(payload),
+            None => {
+                self.tx.release(buffer);
+                return Err(Error::WouldBlock);
             }
-            None => false,
-        };
-        if !written {
-            self.tx.release(buffer);
-            return Err(Error::InvalidArgument);
         }
-        if let Err(buffer) = self.tx.submit(buffer, HEADER_LEN + n) {
-            self.tx.release(buffer);
-            return Err(Error::WouldBlock);
-        }
-        self.stats.tx_packets += 1;
-        Ok(n)
+        self.submit_tx(buffer, header, payload.len())
+            .map_err(|buffer| {
+                self.tx.release(buffer);
+                Error::WouldBlock
+            })
     }
 
     /// Notifies the device of sent packets once a quarter of the transmit queue is

@@ -131,8 +131,9 @@
 //!
 //! [`wire`] parses and emits packet headers, [`queue`] is the split virtqueue in DMA
 //! memory, [`device`] brings the device up and moves packets, [`credit`] keeps the flow
-//! control counters, [`conn`] is one connection's state machine, and [`socket`] the socket
-//! table and the API. Errors carry the `errno` of `vsock(4)` ([`Error::errno`]).
+//! control counters, [`conn`] is one connection's state machine, [`send_queue`] holds a
+//! connection's data that waits for the peer's credit, and [`socket`] the socket table and
+//! the API. Errors carry the `errno` of `vsock(4)` ([`Error::errno`]).
 #![no_std]
 #![deny(
     missing_docs,
@@ -151,6 +152,7 @@ pub mod device;
 pub mod error;
 pub mod io;
 pub mod queue;
+pub mod send_queue;
 pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -643,15 +643,21 @@ impl<H: Hal> TxQueue<H> {
         }
     }
 
-    /// Sends the first `len` bytes of `buffer` as one packet. Gives the buffer back when no
-    /// descriptor is free (or `len` is larger than the buffer).
-    pub fn submit(&mut self, buffer: TxBuffer, len: usize) -> Result<(), TxBuffer> {
+    /// Sends the first `len` bytes of `buffer` as one packet; the chunks after them are
+    /// free again. Gives the buffer back when no descriptor is free (or `len` is larger
+    /// than the buffer).
+    pub fn submit(&mut self, mut buffer: TxBuffer, len: usize) -> Result<(), TxBuffer> {
         if len > buffer.capacity() || len == 0 || !self.owns(&buffer) {
             return Err(buffer);
         }
         let Some(id) = self.free_ids.pop() else {
             return Err(buffer);
         };
+        let needed = len.div_ceil(TX_CHUNK) as u16;
+        if needed < buffer.chunks {
+            self.free_run(buffer.first + needed, buffer.chunks - needed);
+            buffer.chunks = needed;
+        }
         let addr = self.arena.paddr + (usize::from(buffer.first) * TX_CHUNK) as u64;
         self.rings.write_descriptor(id, addr, len as u32, 0);
         if let Some(run) = self.runs.get_mut(usize::from(id)) {

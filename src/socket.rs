@@ -5,6 +5,7 @@ use crate::addr::{VsockAddr, VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_LOCAL, 
 use crate::conn::{Connection, CreditProbe, Reply, State};
 use crate::device::{QueueConfig, Stats, VirtioVsock};
 use crate::error::{Error, Result};
+use crate::send_queue::SendQueue;
 use crate::time::Instant;
 use crate::wire::{Header, Op, ShutdownFlags, SocketType, EVENT_TRANSPORT_RESET};
 use bitflags::bitflags;
@@ -33,6 +34,10 @@ pub struct Config {
     /// connections: a packet takes what its length needs, in 512-byte chunks (at most
     /// 4 MiB are used).
     pub tx_memory: usize,
+    /// Bytes a connection may hold in transmit memory beyond the peer's credit: `send`
+    /// takes them at once and they go out as the peer makes room. 0: `send` takes only
+    /// what the peer has room for now.
+    pub send_buffer: usize,
     /// How long a `connect` waits for the peer (B19).
     pub connect_timeout: Duration,
     /// How long a graceful `close` waits for the peer's RST (B36).
@@ -48,6 +53,7 @@ impl Default for Config {
             rx_buffer_size: 16 * 1024,
             tx_packet_size: 64 * 1024 + 44,
             tx_memory: 512 * 1024,
+            send_buffer: 64 * 1024,
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),
             allow_privileged_ports: false,
@@ -91,11 +97,14 @@ pub enum Shutdown {
 }
 
 /// Storage for one socket. Hand the driver a slice of these (`[SocketSlot::EMPTY; N]`);
-/// each is 160 bytes on x86-64.
+/// each is 280 bytes on x86-64.
 #[derive(Debug)]
 pub struct SocketSlot {
     generation: u16,
     socket: Option<Socket>,
+    /// The connection's data waiting to go out. It outlives the socket until the device
+    /// takes its memory back; the slot is free for a new socket only once it is empty.
+    send_queue: SendQueue,
 }
 
 impl SocketSlot {
@@ -103,6 +112,7 @@ impl SocketSlot {
     pub const EMPTY: SocketSlot = SocketSlot {
         generation: 0,
         socket: None,
+        send_queue: SendQueue::new(),
     };
 }
 
@@ -262,6 +272,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         )?;
         for slot in slots.iter_mut() {
             slot.socket = None;
+            // Buffers of an earlier device's memory, if the slots were used before.
+            slot.send_queue.forget();
         }
         let guest_cid = device.guest_cid();
         Ok(VsockDevice {
@@ -289,6 +301,12 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Device counters, kicks included.
     pub fn stats(&self) -> Stats {
         self.device.stats()
+    }
+
+    /// Bytes of transmit memory ([`Config::tx_memory`]) in use now: data waiting for
+    /// credit, and packets the device has not returned yet.
+    pub fn tx_memory_in_use(&self) -> usize {
+        self.device.tx_memory_in_use()
     }
 
     /// Bytes of receive buffer each connection advertises (`buf_alloc`).
@@ -326,7 +344,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
             self.sockets.drain_pending(&mut self.device);
         }
+        // Credit that came in moves waiting data (B25).
+        self.sockets.dispatch_all(&mut self.device);
         self.sockets.fire_timers(now);
+        self.sockets.release_dead_queues(&mut self.device);
         self.sockets.drain_pending(&mut self.device);
         self.device.flush();
     }
@@ -469,11 +490,72 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         Err(Error::InProgress)
     }
 
-    /// Sends as much of `data` as credit and queue space allow (B25); returns the number of
-    /// bytes taken. `WouldBlock` when none could be. The device is notified before `send`
-    /// returns, where it asked to be (B8).
+    /// Sends as much of `data` as the connection can take now; returns the number of bytes
+    /// taken. Bytes the peer has room for go out at once; up to [`Config::send_buffer`]
+    /// more wait in transmit memory and go out as the peer makes room (B25: never beyond
+    /// its credit). `WouldBlock` when nothing could be taken. The device is notified
+    /// before `send` returns, where it asked to be (B8).
     pub fn send(&mut self, handle: SocketHandle, data: &[u8]) -> Result<usize> {
-        let guest_cid = self.sockets.guest_cid;
+        let index = self.sendable(handle)?;
+        if data.is_empty() {
+            return Ok(0);
+        }
+        let mut sent = 0;
+        while sent < data.len() {
+            let rest = &data[sent..];
+            let n = self.sockets.append(index, &mut self.device, |space| {
+                let n = space.len().min(rest.len());
+                space[..n].copy_from_slice(&rest[..n]);
+                n
+            });
+            if n == 0 {
+                break;
+            }
+            sent += n;
+            // A long send keeps the device busy as it goes (B8).
+            self.device.flush_tx_batch();
+        }
+        self.after_send(index, sent, sent == 0)
+    }
+
+    /// Sends bytes written in place: `write` gets free space in transmit memory (the DMA
+    /// memory the device reads, so the bytes are never copied again), fills the start of
+    /// it and returns how many bytes it wrote. Returns that number, or `WouldBlock` when
+    /// there is no space now (the same room as for [`VsockDevice::send`]; one call gives
+    /// at most one packet's space, so call it again for more).
+    pub fn send_with(
+        &mut self,
+        handle: SocketHandle,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> Result<usize> {
+        let index = self.sendable(handle)?;
+        let n = self.sockets.append(index, &mut self.device, write);
+        self.after_send(index, n, n == 0)
+    }
+
+    /// Bytes `send` took that wait for the peer's credit (or a free descriptor) and have
+    /// not gone to the device yet.
+    pub fn send_queue(&self, handle: SocketHandle) -> Result<usize> {
+        self.sockets.get(handle)?;
+        Ok(self.sockets.slots[usize::from(handle.index)]
+            .send_queue
+            .unsent())
+    }
+
+    /// Bytes [`VsockDevice::send`] would take now (0 when it would return `WouldBlock` or
+    /// an error).
+    pub fn send_room(&self, handle: SocketHandle) -> Result<usize> {
+        let socket = self.sockets.get(handle)?;
+        let conn = socket.conn().ok_or(Error::NotConnected)?;
+        if conn.state != State::Connected || conn.sending_shut() {
+            return Ok(0);
+        }
+        let queue = &self.sockets.slots[usize::from(handle.index)].send_queue;
+        Ok(queue.room(&self.device, conn, self.sockets.config.send_buffer))
+    }
+
+    /// The slot of a connection that may send, or why not.
+    fn sendable(&mut self, handle: SocketHandle) -> Result<usize> {
         let conn = self.sockets.conn_mut(handle)?;
         match conn.state {
             State::Connected => {}
@@ -487,33 +569,26 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         if conn.sending_shut() {
             return Err(Error::BrokenPipe);
         }
-        if data.is_empty() {
-            return Ok(0);
-        }
-        let max_payload = self.device.max_tx_payload();
-        let mut sent = 0;
-        while sent < data.len() {
-            let credit = conn.credit.peer_free() as usize;
-            let n = (data.len() - sent).min(credit).min(max_payload);
-            if n == 0 {
-                break;
+        Ok(usize::from(handle.index))
+    }
+
+    /// After `sent` bytes were taken (`refused`: none of the caller's were): asks for credit
+    /// when blocked on it (B29), notifies the device (B8), and gives the caller its result.
+    fn after_send(&mut self, index: usize, sent: usize, refused: bool) -> Result<usize> {
+        if self.sockets.blocked_on_credit(index, refused) {
+            {
+                let needed = self.sockets.slots[index].send_queue.front_len().max(1) as u32;
+                let Some(conn) = self.sockets.conn_at(index) else {
+                    return Err(Error::WouldBlock);
+                };
+                if conn.credit.take_credit_request(needed) {
+                    // B29: out of credit; ask once, and again later if the answer shows
+                    // none.
+                    conn.credit_probe = Some(CreditProbe::first(self.now));
+                    self.sockets.queue_control(index, Op::CreditRequest, 0);
+                    self.sockets.drain_pending(&mut self.device);
+                }
             }
-            let (buf_alloc, fwd_cnt) = conn.credit.stamp();
-            let header = data_header(guest_cid, conn, Op::Rw, buf_alloc, fwd_cnt);
-            let Ok(n) = self.device.send_data(&header, &data[sent..sent + n]) else {
-                break;
-            };
-            conn.credit.on_sent(n as u32);
-            sent += n;
-            // A long send keeps the device busy as it goes (B8).
-            self.device.flush_tx_batch();
-        }
-        if sent == 0 && conn.credit.take_credit_request() {
-            // B29: out of credit; ask once, and again later if the answer shows none.
-            conn.credit_probe = Some(CreditProbe::first(self.now));
-            self.sockets
-                .queue_control(handle.index as usize, Op::CreditRequest, 0);
-            self.sockets.drain_pending(&mut self.device);
         }
         // One send is one batch (B8): the device hears of it now, if it asked to. With
         // EVENT_IDX a device that is still working through earlier packets has not asked,
@@ -561,9 +636,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             Shutdown::Both => ShutdownFlags::all(),
         };
         conn.local_shutdown |= flags;
-        let all = conn.local_shutdown.bits();
+        conn.shutdown_pending = true;
+        // The SHUTDOWN goes out after the data already taken (now, if none waits).
         self.sockets
-            .queue_control(handle.index as usize, Op::Shutdown, all);
+            .dispatch(usize::from(handle.index), &mut self.device);
         self.sockets.drain_pending(&mut self.device);
         self.device.flush();
         Ok(())
@@ -589,7 +665,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                         deadline: close_deadline,
                     };
                     conn.local_shutdown = ShutdownFlags::all();
-                    sockets.queue_control(index, Op::Shutdown, ShutdownFlags::all().bits());
+                    // SHUTDOWN after the data already taken: that still goes out while
+                    // the close waits (B36).
+                    conn.shutdown_pending = true;
+                    sockets.dispatch(index, &mut self.device);
                 }
                 State::Connecting { .. } => {
                     conn.state = State::Closed;
@@ -625,6 +704,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let slot = &mut self.sockets.slots[index];
         slot.generation = slot.generation.wrapping_add(1);
         self.sockets.free(index);
+        self.sockets.release_dead_queues(&mut self.device);
         self.sockets.drain_pending(&mut self.device);
         self.device.flush();
         Ok(())
@@ -662,8 +742,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 let send_fails = matches!(conn.state, State::Closed | State::Closing { .. })
                     || conn.sending_shut();
                 let send_takes = conn.state == State::Connected
-                    && conn.credit.peer_free() > 0
-                    && self.device.can_send();
+                    && sockets.slots[usize::from(handle.index)].send_queue.room(
+                        &self.device,
+                        conn,
+                        sockets.config.send_buffer,
+                    ) > 0;
                 if send_fails || send_takes {
                     ready |= Readiness::WRITABLE;
                 }
@@ -689,21 +772,6 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     pub fn peer_addr(&self, handle: SocketHandle) -> Result<VsockAddr> {
         let socket = self.sockets.get(handle)?;
         socket.conn().map(|c| c.peer).ok_or(Error::NotConnected)
-    }
-}
-
-fn data_header(guest_cid: u32, conn: &Connection, op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
-    Header {
-        src_cid: u64::from(guest_cid),
-        dst_cid: u64::from(conn.peer.cid),
-        src_port: conn.local_port,
-        dst_port: conn.peer.port,
-        len: 0,
-        socket_type: SocketType::Stream as u16,
-        op: op as u16,
-        flags: 0,
-        buf_alloc,
-        fwd_cnt,
     }
 }
 
@@ -735,7 +803,108 @@ impl Sockets<'_> {
     }
 
     fn free_slot(&self) -> Option<usize> {
-        self.slots.iter().position(|slot| slot.socket.is_none())
+        self.slots
+            .iter()
+            .position(|slot| slot.socket.is_none() && slot.send_queue.is_empty())
+    }
+
+    fn conn_at(&mut self, index: usize) -> Option<&mut Connection> {
+        self.slots
+            .get_mut(index)
+            .and_then(|slot| slot.socket.as_mut())
+            .and_then(Socket::conn_mut)
+    }
+
+    /// Appends to the send queue of the connection in slot `index` (see
+    /// [`SendQueue::append`]) and submits what its credit covers.
+    fn append<H: Hal, T: Transport>(
+        &mut self,
+        index: usize,
+        device: &mut VirtioVsock<H, T>,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> usize {
+        let send_buffer = self.config.send_buffer;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return 0;
+        };
+        let Some(conn) = slot.socket.as_mut().and_then(Socket::conn_mut) else {
+            return 0;
+        };
+        let n = slot.send_queue.append(device, conn, send_buffer, write);
+        self.dispatch(index, device);
+        n
+    }
+
+    /// Submits what the credit of the connection in slot `index` covers, then its
+    /// SHUTDOWN once nothing waits before it.
+    fn dispatch<H: Hal, T: Transport>(&mut self, index: usize, device: &mut VirtioVsock<H, T>) {
+        let guest_cid = self.guest_cid;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        let Some(conn) = slot.socket.as_mut().and_then(Socket::conn_mut) else {
+            return;
+        };
+        if !matches!(conn.state, State::Connected | State::Closing { .. }) {
+            return;
+        }
+        slot.send_queue.dispatch(device, conn, guest_cid);
+        if conn.shutdown_pending && slot.send_queue.is_empty() {
+            conn.shutdown_pending = false;
+            let flags = conn.local_shutdown.bits();
+            self.queue_control(index, Op::Shutdown, flags);
+        }
+    }
+
+    /// [`Sockets::dispatch`] for every connection with something waiting.
+    fn dispatch_all<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        for index in 0..self.slots.len() {
+            let waiting = !self.slots[index].send_queue.is_empty()
+                || self.slots[index]
+                    .socket
+                    .as_ref()
+                    .and_then(Socket::conn)
+                    .is_some_and(|conn| conn.shutdown_pending);
+            if waiting {
+                self.dispatch(index, device);
+            }
+        }
+    }
+
+    /// Whether the oldest data waiting in slot `index` needs more credit than the peer
+    /// gives, or (`refused`) the caller's bytes were refused with no credit at all.
+    fn blocked_on_credit(&self, index: usize, refused: bool) -> bool {
+        let Some(slot) = self.slots.get(index) else {
+            return false;
+        };
+        let Some(conn) = slot.socket.as_ref().and_then(Socket::conn) else {
+            return false;
+        };
+        let credit = conn.credit.peer_free() as usize;
+        let blocked = if slot.send_queue.is_empty() {
+            refused && credit == 0
+        } else {
+            slot.send_queue.front_len() > credit
+        };
+        conn.state == State::Connected && blocked
+    }
+
+    /// Gives back the memory of data that will never go out: queues of freed slots and of
+    /// connections that ended.
+    fn release_dead_queues<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        for slot in self.slots.iter_mut() {
+            if slot.send_queue.is_empty() {
+                continue;
+            }
+            let sending = slot
+                .socket
+                .as_ref()
+                .and_then(Socket::conn)
+                .is_some_and(|conn| matches!(conn.state, State::Connected | State::Closing { .. }));
+            if !sending {
+                slot.send_queue.release_all(device);
+            }
+        }
     }
 
     fn free(&mut self, index: usize) {
@@ -874,7 +1043,7 @@ impl Sockets<'_> {
         let (buf_alloc, fwd_cnt) = conn.credit.stamp();
         let header = Header {
             flags,
-            ..data_header(guest_cid, conn, op, buf_alloc, fwd_cnt)
+            ..conn.header(guest_cid, op, buf_alloc, fwd_cnt)
         };
         self.push_pending(header);
     }
@@ -1085,6 +1254,9 @@ impl Sockets<'_> {
     /// Fires connect and close timeouts (B19, B36).
     fn fire_timers(&mut self, now: Instant) {
         for index in 0..self.slots.len() {
+            // Credit the oldest waiting data needs (B29).
+            let waiting = !self.slots[index].send_queue.is_empty();
+            let needed = self.slots[index].send_queue.front_len().max(1) as u32;
             let Some(conn) = self.slots[index].socket.as_mut().and_then(Socket::conn_mut) else {
                 continue;
             };
@@ -1098,15 +1270,23 @@ impl Sockets<'_> {
                     self.queue_control(index, Op::Rst, 0);
                     self.free(index);
                 }
-                State::Connected => {
+                State::Connected | State::Closing { .. } => {
+                    let peer_stopped_reading = conn.peer_shutdown.contains(ShutdownFlags::RECEIVE);
+                    // Data that waits for credit keeps a probe armed, whether or not the
+                    // application calls `send` again.
+                    if waiting
+                        && conn.credit.peer_free() < needed
+                        && conn.credit_probe.is_none()
+                        && !peer_stopped_reading
+                    {
+                        conn.credit_probe = Some(CreditProbe::first(now));
+                    }
                     if let Some(probe) = conn.credit_probe {
-                        let peer_stopped_reading =
-                            conn.peer_shutdown.contains(ShutdownFlags::RECEIVE);
-                        if conn.credit.peer_free() > 0 || peer_stopped_reading {
+                        if conn.credit.peer_free() >= needed || peer_stopped_reading {
                             conn.credit_probe = None;
                         } else if now >= probe.due {
                             conn.credit_probe = Some(probe.next(now));
-                            let ask = conn.credit.take_repeat_credit_request();
+                            let ask = conn.credit.take_repeat_credit_request(needed);
                             self.queue_control(index, Op::CreditUpdate, 0);
                             if ask {
                                 self.queue_control(index, Op::CreditRequest, 0);

@@ -9,9 +9,7 @@ use common::{
 };
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
 use vsock_guest::wire::{Header, Op, SocketType};
-use vsock_guest::{
-    Error, Instant, Readiness, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
-};
+use vsock_guest::{Error, Instant, Readiness, SocketHandle, SocketSlot, VsockAddr, VsockDevice};
 
 const RX_PER_SOCKET: usize = 64 * 1024;
 

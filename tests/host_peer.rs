@@ -32,9 +32,11 @@ fn storage() -> Storage {
 
 fn bring_up<'a>(transport: &FakeTransport, storage: &'a mut Storage) -> Device<'a> {
     // 4 KiB receive buffers, so that the host's data of a few kilobytes comes in several
-    // packets (as it does from a real host).
+    // packets (as it does from a real host), and no send buffer beyond the host's credit,
+    // so that `send` takes exactly what the host has room for.
     let config = Config {
         rx_buffer_size: 4096,
+        send_buffer: 0,
         ..Config::default()
     };
     VsockDevice::<FakeHal, _>::new(

@@ -40,6 +40,8 @@ const HOST_PORT: u32 = 5000;
 const CHECK_PORT: u32 = 5001;
 /// Socket slots: the listener and four connections.
 const SLOTS: usize = 5;
+/// `Config::default().close_timeout`, in milliseconds.
+const CLOSE_TIMEOUT_MS: u64 = 8000;
 /// Longest sequence of actions in one case.
 const MAX_ACTIONS: usize = 48;
 
@@ -100,23 +102,39 @@ struct Setup {
     rx_per_socket: usize,
     /// The host's receive window per connection.
     host_buf_alloc: u32,
+    /// Transmit memory (at least 16 chunks: a packet per descriptor of the largest queue).
+    tx_memory: usize,
+    /// Bytes a connection may queue beyond the host's credit.
+    send_buffer: usize,
 }
 
 fn setup() -> impl Strategy<Value = Setup> {
     (
-        prop::sample::select(vec![4u16, 8, 16]),
-        prop::sample::select(vec![45usize, 64, 300, 4096]),
-        prop::sample::select(vec![45usize, 100, 1000, 4140]),
+        (
+            prop::sample::select(vec![4u16, 8, 16]),
+            prop::sample::select(vec![45usize, 64, 300, 4096]),
+            prop::sample::select(vec![45usize, 100, 1000, 4140]),
+        ),
         prop_oneof![1usize..=64, 64usize..=8192],
         prop_oneof![1u32..=64, 64u32..=8192],
+        prop::sample::select(vec![8192usize, 65536, 512 * 1024]),
+        prop::sample::select(vec![0usize, 1, 100, 5000, 64 * 1024]),
     )
         .prop_map(
-            |(queue_size, rx_buffer_size, tx_packet_size, rx_per_socket, host_buf_alloc)| Setup {
+            |(
+                (queue_size, rx_buffer_size, tx_packet_size),
+                rx_per_socket,
+                host_buf_alloc,
+                tx_memory,
+                send_buffer,
+            )| Setup {
                 queue_size,
                 rx_buffer_size,
                 tx_packet_size,
                 rx_per_socket,
                 host_buf_alloc,
+                tx_memory,
+                send_buffer,
             },
         )
 }
@@ -282,6 +300,8 @@ struct Pair {
     /// The guest got an error: the connection is over and data may be lost.
     failed: bool,
     guest_closed: bool,
+    /// When the guest closed it (test time, ms).
+    closed_at: Option<u64>,
     guest_shut_write: bool,
     guest_shut_read: bool,
     host_shut: ShutdownFlags,
@@ -317,6 +337,8 @@ impl<'a> World<'a> {
             queue_size: setup.queue_size,
             rx_buffer_size: setup.rx_buffer_size,
             tx_packet_size: setup.tx_packet_size,
+            tx_memory: setup.tx_memory,
+            send_buffer: setup.send_buffer,
             ..Config::default()
         };
         let mut vsock = VsockDevice::<FakeHal, _>::new(transport.clone(), config, slots, rx_memory)
@@ -646,6 +668,7 @@ impl<'a> World<'a> {
                     if let Some(socket) = self.pairs[index].guest.take() {
                         self.vsock.close(socket).unwrap();
                         self.pairs[index].guest_closed = true;
+                        self.pairs[index].closed_at = Some(self.now);
                     }
                 }
             }
@@ -908,7 +931,21 @@ impl<'a> World<'a> {
         }
         for (index, pair) in self.pairs.iter().enumerate() {
             let lost_allowed = pair.failed || pair.reset_expected || pair.tampered;
-            if !lost_allowed && pair.host.is_some() {
+            // Bytes still waiting in the guest's send buffer when the host stopped
+            // receiving (B33), or when the close timeout ended a close (B36), are
+            // dropped: the host gets a prefix.
+            let host_stopped_receiving = pair.host_shut.contains(ShutdownFlags::RECEIVE);
+            let close_timed_out = pair
+                .closed_at
+                .is_some_and(|at| self.now.saturating_sub(at) >= CLOSE_TIMEOUT_MS);
+            if !lost_allowed && pair.host.is_some() && (host_stopped_receiving || close_timed_out) {
+                prop_assert!(
+                    pair.g2h_recv <= pair.g2h_sent,
+                    "pair {}: the host got more than the guest sent: {:?}",
+                    index,
+                    pair
+                );
+            } else if !lost_allowed && pair.host.is_some() {
                 prop_assert_eq!(
                     pair.g2h_recv,
                     pair.g2h_sent,
@@ -971,6 +1008,9 @@ impl<'a> World<'a> {
         for socket in fresh {
             self.vsock.close(socket).unwrap();
         }
+        // The device takes every packet, so then all transmit memory is free.
+        self.settle();
+        prop_assert_eq!(self.vsock.tx_memory_in_use(), 0, "tx memory leaked");
 
         // Every rx and event buffer is posted again.
         let model = self.host.model();
@@ -995,12 +1035,18 @@ impl<'a> World<'a> {
             .unwrap()
             .contains(Readiness::WRITABLE));
         self.host.set_tx_per_step(Some(0));
-        let mut packets = 0;
+        let mut taken = 0;
+        let submitted_before = self.vsock.stats().tx_packets;
         while self.vsock.send(socket, b"x") == Ok(1) {
-            packets += 1;
-            prop_assert!(packets <= tx_size, "more tx buffers than the queue holds");
+            taken += 1;
+            prop_assert!(
+                taken <= tx_size + self.setup.send_buffer,
+                "more bytes taken than the queue and the send buffer hold"
+            );
         }
-        prop_assert_eq!(packets, tx_size, "tx buffers leaked");
+        // One packet per descriptor went out; the rest waits in the send buffer.
+        let submitted = self.vsock.stats().tx_packets - submitted_before;
+        prop_assert_eq!(submitted as usize, tx_size, "tx descriptors leaked");
         self.settle();
         self.accept()?;
         prop_assert_eq!(self.host.violations(), &[]);
@@ -1059,6 +1105,8 @@ mod regressions {
             tx_packet_size: 45,
             rx_per_socket: 1,
             host_buf_alloc: 1,
+            tx_memory: 8192,
+            send_buffer: 0,
         }
     }
 
@@ -1140,5 +1188,62 @@ mod regressions {
             Action::GuestConnect,
         ];
         run(&tiny(), &actions, true).unwrap();
+    }
+
+    /// The send buffer: a packet that waited was larger than the credit the host gave
+    /// back in parts, and no CREDIT_REQUEST went out after the first answer, so the last
+    /// bytes never left (B29: data that waits keeps a probe armed, and the probe asks
+    /// whenever no request is outstanding).
+    #[test]
+    fn waiting_packet_larger_than_the_credit_returned() {
+        let setup = Setup {
+            tx_packet_size: 100,
+            rx_per_socket: 750,
+            host_buf_alloc: 49,
+            send_buffer: 100,
+            ..tiny()
+        };
+        run(&setup, &[Action::GuestConnect], false).unwrap();
+        let setup = Setup {
+            rx_per_socket: 1500,
+            host_buf_alloc: 11,
+            ..setup
+        };
+        let mut actions = vec![Action::GuestConnect; 5];
+        actions.push(Action::Step {
+            tx: None,
+            rx: None,
+            advance_ms: 0,
+        });
+        actions.push(Action::GuestSend { pair: 2, len: 1 });
+        actions.push(Action::GuestConnect);
+        run(&setup, &actions, false).unwrap();
+    }
+
+    /// The send buffer: the host shrank its window below a packet that waited, which
+    /// then could never go whole (B25: it goes in parts within the credit).
+    #[test]
+    fn host_window_shrinks_below_a_waiting_packet() {
+        let setup = Setup {
+            tx_packet_size: 1000,
+            host_buf_alloc: 312,
+            send_buffer: 100,
+            ..tiny()
+        };
+        let actions = [
+            Action::GuestConnect,
+            Action::GuestConnect,
+            Action::Step {
+                tx: None,
+                rx: None,
+                advance_ms: 0,
+            },
+            Action::GuestSend { pair: 0, len: 313 },
+            Action::HostWindow {
+                pair: 0,
+                buf_alloc: 0,
+            },
+        ];
+        run(&setup, &actions, false).unwrap();
     }
 }

@@ -39,11 +39,14 @@ pub const RX_BUFFER_SIZE: usize = 4096;
 
 /// The configuration the tests count packets in: `Config::default()` with 4096-byte
 /// receive buffers and transmitted packets of at most [`MAX_TX_PAYLOAD`] bytes of payload,
-/// so that a few kilobytes make several packets.
+/// so that a few kilobytes make several packets, and no send buffer beyond the peer's
+/// credit, so that `send` takes exactly what the peer has room for (tests of the send
+/// buffer set `send_buffer` themselves).
 pub fn test_config() -> Config {
     Config {
         rx_buffer_size: RX_BUFFER_SIZE,
         tx_packet_size: HEADER_LEN + MAX_TX_PAYLOAD,
+        send_buffer: 0,
         ..Config::default()
     }
 }

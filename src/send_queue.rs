@@ -1,0 +1,315 @@
+//! One connection's data on its way out: packets built in transmit memory that wait for
+//! the peer's credit, so that `send` takes bytes beyond what the peer has room for (up to
+//! `Config::send_buffer`) and the application can go on producing while the peer catches
+//! up. The data is written once, into the DMA memory the device reads (by copy from the
+//! caller's slice, or in place through `send_with`); a packet is submitted whole as soon as
+//! the peer's credit covers it (B25).
+
+use crate::conn::Connection;
+use crate::device::VirtioVsock;
+use crate::queue::TxBuffer;
+use crate::wire::{Op, ShutdownFlags};
+use virtio_drivers::transport::Transport;
+use virtio_drivers::Hal;
+
+/// Packets one connection may have waiting.
+pub const SEGMENTS: usize = 4;
+
+/// A packet being built: its buffer (header space first) and the payload bytes in it.
+#[derive(Debug)]
+struct Segment {
+    buffer: TxBuffer,
+    /// Payload bytes written.
+    len: u32,
+    /// Payload bytes it may hold.
+    capacity: u32,
+}
+
+/// What [`SendQueue::dispatch`] leaves for the caller to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct Dispatched {
+    /// Payload bytes submitted.
+    pub bytes: usize,
+    /// The oldest waiting packet needs more credit than the peer gives now.
+    pub blocked_on_credit: bool,
+}
+
+/// The packets of one connection that wait for credit or a free descriptor, oldest first.
+/// The newest one takes more bytes while it waits.
+#[derive(Debug)]
+pub struct SendQueue {
+    segments: heapless::Deque<Segment, SEGMENTS>,
+}
+
+impl SendQueue {
+    /// An empty queue.
+    pub const fn new() -> Self {
+        SendQueue {
+            segments: heapless::Deque::new(),
+        }
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Payload bytes waiting.
+    pub fn unsent(&self) -> usize {
+        self.segments.iter().map(|s| s.len as usize).sum()
+    }
+
+    /// Payload bytes of the oldest waiting packet (0 when none waits).
+    pub fn front_len(&self) -> usize {
+        self.segments.front().map_or(0, |s| s.len as usize)
+    }
+
+    /// Bytes [`SendQueue::append`] would take now, at most.
+    pub fn room<H: Hal, T: Transport>(
+        &self,
+        device: &VirtioVsock<H, T>,
+        conn: &Connection,
+        send_buffer: usize,
+    ) -> usize {
+        let immediate = self.immediate_room(device, conn);
+        if immediate > 0 {
+            return immediate;
+        }
+        let queued = self.unsent();
+        let back_room = self
+            .segments
+            .back()
+            .map_or(0, |s| (s.capacity - s.len) as usize);
+        let new_room = if self.segments.is_full() || device.tx_free_chunks() == 0 {
+            0
+        } else {
+            Self::waiting_capacity(device, conn, send_buffer)
+        };
+        send_buffer
+            .saturating_sub(queued)
+            .min(back_room.max(new_room))
+    }
+
+    /// Bytes a new packet could take and submit at once: nothing waits, the peer has room,
+    /// and a descriptor and transmit memory are free.
+    fn immediate_room<H: Hal, T: Transport>(
+        &self,
+        device: &VirtioVsock<H, T>,
+        conn: &Connection,
+    ) -> usize {
+        if !self.segments.is_empty()
+            || device.tx_free_descriptors() == 0
+            || device.tx_free_chunks() == 0
+        {
+            return 0;
+        }
+        (conn.credit.peer_free() as usize).min(device.max_tx_payload())
+    }
+
+    /// The payload capacity of a packet that will wait for credit: a quarter of the
+    /// peer's buffer (so that credit the peer returns in parts still moves whole packets),
+    /// or more where that is needed for `send_buffer` to fit in [`SEGMENTS`] packets; never
+    /// more than the peer's whole buffer (so that it can go out once the peer has read
+    /// everything) or one packet's payload.
+    fn waiting_capacity<H: Hal, T: Transport>(
+        device: &VirtioVsock<H, T>,
+        conn: &Connection,
+        send_buffer: usize,
+    ) -> usize {
+        let peer_buffer = conn.credit.peer_buf_alloc() as usize;
+        (peer_buffer / 4)
+            .max(send_buffer.div_ceil(SEGMENTS))
+            .min(peer_buffer)
+            .min(device.max_tx_payload())
+            .max(1)
+    }
+
+    /// Gives `write` the free payload space of the newest waiting packet, or of a new one,
+    /// for it to fill; returns the bytes it wrote (what it returns, at most the space).
+    /// 0 when there is no room: the peer's credit plus `send_buffer` is taken, or transmit
+    /// memory or descriptors ran out. The caller submits with [`SendQueue::dispatch`].
+    pub fn append<H: Hal, T: Transport>(
+        &mut self,
+        device: &mut VirtioVsock<H, T>,
+        conn: &Connection,
+        send_buffer: usize,
+        write: impl FnOnce(&mut [u8]) -> usize,
+    ) -> usize {
+        let immediate = self.immediate_room(device, conn);
+        let queued_room = send_buffer.saturating_sub(self.unsent());
+        if immediate == 0 {
+            if queued_room == 0 {
+                return 0;
+            }
+            if let Some(back) = self.segments.back_mut() {
+                let free = ((back.capacity - back.len) as usize).min(queued_room);
+                if free > 0 {
+                    let start = back.len as usize;
+                    let space = device
+                        .tx_payload_mut(&back.buffer)
+                        .get_mut(start..start + free)
+                        .unwrap_or_default();
+                    let n = write(space).min(free);
+                    back.len += n as u32;
+                    return n;
+                }
+            }
+        }
+        if self.segments.is_full() {
+            return 0;
+        }
+        let capacity = if immediate > 0 {
+            immediate
+        } else {
+            Self::waiting_capacity(device, conn, send_buffer).min(queued_room)
+        };
+        let Some(buffer) = device.alloc_tx(capacity) else {
+            return 0;
+        };
+        let space = device.tx_payload_mut(&buffer);
+        let capacity = space.len().min(capacity);
+        let n = write(space.get_mut(..capacity).unwrap_or_default()).min(capacity);
+        if n == 0 {
+            device.release_tx(buffer);
+            return 0;
+        }
+        let segment = Segment {
+            buffer,
+            len: n as u32,
+            capacity: capacity as u32,
+        };
+        if let Err(segment) = self.segments.push_back(segment) {
+            // Not full (checked above); give the memory back all the same.
+            device.release_tx(segment.buffer);
+            return 0;
+        }
+        n
+    }
+
+    /// Submits waiting packets, oldest first, while the peer's credit covers each whole
+    /// one and descriptors are free (B25). Each header carries the connection's credit
+    /// fields as they are now (B9). A peer that will receive no more gets nothing: the
+    /// waiting data is dropped (B33).
+    pub fn dispatch<H: Hal, T: Transport>(
+        &mut self,
+        device: &mut VirtioVsock<H, T>,
+        conn: &mut Connection,
+        guest_cid: u32,
+    ) -> Dispatched {
+        let mut out = Dispatched::default();
+        if conn.peer_shutdown.contains(ShutdownFlags::RECEIVE) {
+            self.release_all(device);
+            return out;
+        }
+        while let Some(front) = self.segments.front() {
+            let len = front.len as usize;
+            let credit = conn.credit.peer_free() as usize;
+            if device.tx_free_descriptors() == 0 {
+                break;
+            }
+            if len > credit {
+                // A packet larger than the peer's whole buffer (it shrank the buffer since)
+                // would wait forever: send what fits from its front.
+                let never_fits = len > conn.credit.peer_buf_alloc() as usize;
+                if never_fits && credit > 0 {
+                    let sent = self.send_front_part(device, conn, guest_cid, credit);
+                    out.bytes += sent;
+                    if sent > 0 {
+                        continue;
+                    }
+                }
+                out.blocked_on_credit = true;
+                break;
+            }
+            let Some(segment) = self.segments.pop_front() else {
+                break;
+            };
+            let (buf_alloc, fwd_cnt) = conn.credit.stamp();
+            let header = conn.header(guest_cid, Op::Rw, buf_alloc, fwd_cnt);
+            match device.submit_tx(segment.buffer, &header, len) {
+                Ok(()) => {
+                    conn.credit.on_sent(len as u32);
+                    out.bytes += len;
+                }
+                Err(buffer) => {
+                    // Unreachable with a free descriptor; keep the data for the next try.
+                    let _ = self.segments.push_front(Segment { buffer, ..segment });
+                    break;
+                }
+            }
+        }
+        out
+    }
+
+    /// Sends the first `n` bytes of the oldest waiting packet in a packet of their own
+    /// (copied into new transmit memory) and moves the rest to the front of its buffer.
+    /// Returns the bytes sent: 0 when there was no memory or descriptor for it.
+    fn send_front_part<H: Hal, T: Transport>(
+        &mut self,
+        device: &mut VirtioVsock<H, T>,
+        conn: &mut Connection,
+        guest_cid: u32,
+        n: usize,
+    ) -> usize {
+        let Some(front) = self.segments.front_mut() else {
+            return 0;
+        };
+        let Some(part) = device.alloc_tx(n) else {
+            return 0;
+        };
+        let n = n
+            .min(device.tx_payload_mut(&part).len())
+            .min(front.len as usize);
+        let mut bounce = [0u8; 512];
+        let mut copied = 0;
+        while copied < n {
+            // Through a small bounce buffer: both runs are borrows of the one arena.
+            let step = (n - copied).min(bounce.len());
+            let range = copied..copied + step;
+            let from = device.tx_payload_mut(&front.buffer).get(range.clone());
+            let Some(from) = from else { break };
+            bounce[..step].copy_from_slice(from);
+            let Some(to) = device.tx_payload_mut(&part).get_mut(range) else {
+                break;
+            };
+            to.copy_from_slice(&bounce[..step]);
+            copied += step;
+        }
+        if copied < n {
+            device.release_tx(part);
+            return 0;
+        }
+        let (buf_alloc, fwd_cnt) = conn.credit.stamp();
+        let header = conn.header(guest_cid, Op::Rw, buf_alloc, fwd_cnt);
+        if let Err(part) = device.submit_tx(part, &header, n) {
+            device.release_tx(part);
+            return 0;
+        }
+        conn.credit.on_sent(n as u32);
+        let len = front.len as usize;
+        if let Some(rest) = device.tx_payload_mut(&front.buffer).get_mut(..len) {
+            rest.copy_within(n.., 0);
+        }
+        front.len -= n as u32;
+        n
+    }
+
+    /// Drops everything waiting and gives its memory back.
+    pub fn release_all<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        while let Some(segment) = self.segments.pop_front() {
+            device.release_tx(segment.buffer);
+        }
+    }
+
+    /// Forgets everything waiting without giving memory back: for queues whose device is
+    /// gone (a `SocketSlot` handed to a new `VsockDevice`).
+    pub fn forget(&mut self) {
+        self.segments.clear();
+    }
+}
+
+impl Default for SendQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
