@@ -8,8 +8,9 @@
 //! | `theirs`      | virtio-drivers' `VsockConnectionManager` at its defaults: `VsockConnectionManager::new(VirtIOSocket::new(..))` (512-byte RX buffers, 8-entry queues, 1 KiB per connection) |
 //! | `theirs-best` | the same at its best settings: 64 KiB + 44-byte RX buffers, `new_with_capacity(.., 256 KiB)` |
 //!
-//! `queue=`, `rx=`, `tx=` and `tx_memory=` on the command line change our driver's
-//! `Config` (`queue_size`, `rx_buffer_size`, `tx_packet_size`, `tx_memory`) for
+//! `queue=`, `rx=`, `tx=`, `tx_memory=` and `send_buffer=` on the command line change our
+//! driver's `Config` (`queue_size`, `rx_buffer_size`, `tx_packet_size`, `tx_memory`,
+//! `send_buffer`) for
 //! experiments (`cargo xtask bench qemu --guest-args "rx=16384"`); the guest says which
 //! settings it runs with.
 //!
@@ -18,8 +19,12 @@
 //! one-line command; a trailing `seq=<n>` word is ignored by the guest and echoed in its
 //! log, so the host can match results to requests:
 //!
-//! - `send <total> <write>`: the guest sends `total` bytes of the pattern below in writes
-//!   of `write` bytes (at most 64 KiB), then waits for the host to close.
+//! - `send <total> <write> [in-place]`: the guest sends `total` bytes of the pattern below
+//!   in writes of `write` bytes (at most 64 KiB), then waits for the host to close. Each
+//!   write fills a buffer with the pattern and sends it; with `in-place`, our driver
+//!   instead writes the pattern straight into its transmit memory with `send_with` (its
+//!   zero-copy call), while virtio-drivers, which has no such call, does what it always
+//!   does (its `send` hands the filled buffer itself to the device).
 //! - `recv <total> <chunk>`: the host sends `total` bytes of the pattern; the guest reads
 //!   them `chunk` bytes at a time, checks every byte and answers `ok <bytes> <bad>\n`,
 //!   then waits for the host to close.
@@ -281,7 +286,7 @@ mod bench {
 
     /// What the workloads need from a driver. Every call is non-blocking; `poll` makes
     /// progress.
-    trait Driver {
+    trait Driver: Sized {
         type Conn: Copy;
         fn poll(&mut self) -> Result<()>;
         /// A new connection on the control port, if one is waiting.
@@ -289,6 +294,18 @@ mod bench {
         /// Bytes taken (0: no room now).
         fn send(&mut self, conn: Self::Conn, data: &[u8]) -> Result<usize>;
         fn recv(&mut self, conn: Self::Conn, buf: &mut [u8]) -> Result<Recv>;
+        /// Sends `n` bytes of the pattern from stream offset `offset` the driver's
+        /// zero-copy way: by default, fill `buffer` and send it (virtio-drivers' `send`
+        /// shares the buffer with the device).
+        fn send_pattern_in_place(
+            &mut self,
+            conn: Self::Conn,
+            offset: u64,
+            buffer: &mut [u8],
+        ) -> Result<()> {
+            fill_pattern(offset, buffer);
+            send_all(self, conn, buffer)
+        }
         fn close(&mut self, conn: Self::Conn);
         /// The driver's own counters, for the result line.
         fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result;
@@ -317,6 +334,7 @@ mod bench {
                 rx_buffer_size: number("rx").unwrap_or(default.rx_buffer_size),
                 tx_packet_size: number("tx").unwrap_or(default.tx_packet_size),
                 tx_memory: number("tx_memory").unwrap_or(default.tx_memory),
+                send_buffer: number("send_buffer").unwrap_or(default.send_buffer),
                 ..default
             };
             let mut device =
@@ -327,12 +345,13 @@ mod bench {
                 .map_err(Failure::Ours)?;
             device.listen(listener, BACKLOG).map_err(Failure::Ours)?;
             info!(
-                "bench: driver ours (vsock-guest), {}: {}-entry queues, {} B RX buffers, TX packets up to {} B in {} KiB, {} KiB receive memory per socket",
+                "bench: driver ours (vsock-guest), {}: {}-entry queues, {} B RX buffers, TX packets up to {} B in {} KiB, {} KiB send buffer, {} KiB receive memory per socket",
                 if config == default { "Config::default()" } else { "Config changed on the command line" },
                 config.queue_size,
                 config.rx_buffer_size,
                 config.tx_packet_size,
                 config.tx_memory / 1024,
+                config.send_buffer / 1024,
                 device.rx_buffer_per_socket() / 1024
             );
             Ok(Ours { device, listener })
@@ -364,6 +383,29 @@ mod bench {
                 Err(vsock_guest::Error::WouldBlock) => Ok(0),
                 Err(e) => Err(Failure::Ours(e)),
             }
+        }
+
+        fn send_pattern_in_place(
+            &mut self,
+            conn: SocketHandle,
+            offset: u64,
+            buffer: &mut [u8],
+        ) -> Result<()> {
+            let n = buffer.len();
+            let mut done = 0;
+            while done < n {
+                let result = self.device.send_with(conn, |space| {
+                    let k = space.len().min(n - done);
+                    fill_pattern(offset + done as u64, &mut space[..k]);
+                    k
+                });
+                match result {
+                    Ok(k) => done += k,
+                    Err(vsock_guest::Error::WouldBlock) => self.poll()?,
+                    Err(e) => return Err(Failure::Ours(e)),
+                }
+            }
+            Ok(())
         }
 
         fn recv(&mut self, conn: SocketHandle, buf: &mut [u8]) -> Result<Recv> {
@@ -655,11 +697,16 @@ mod bench {
                 if write == 0 || write > MAX_IO {
                     return Err(Failure::Protocol("send: write size not in 1..=65536"));
                 }
+                let in_place = words.next() == Some("in-place");
                 let mut sent = 0u64;
                 while sent < total {
                     let n = (total - sent).min(write as u64) as usize;
-                    fill_pattern(sent, &mut buffer[..n]);
-                    send_all(driver, conn, &buffer[..n])?;
+                    if in_place {
+                        driver.send_pattern_in_place(conn, sent, &mut buffer[..n])?;
+                    } else {
+                        fill_pattern(sent, &mut buffer[..n]);
+                        send_all(driver, conn, &buffer[..n])?;
+                    }
                     sent += n as u64;
                     progress.bytes = sent;
                 }
