@@ -516,14 +516,20 @@ impl<H: Hal> TxQueue<H> {
     }
 
     fn mark(&mut self, first: usize, chunks: usize, in_use: bool) {
-        for chunk in first..first + chunks {
+        let end = first + chunks;
+        let mut chunk = first;
+        while chunk < end {
+            let bit = chunk % 64;
+            let count = (64 - bit).min(end - chunk);
+            let mask = (u64::MAX >> (64 - count)) << bit;
             if let Some(word) = self.in_use.get_mut(chunk / 64) {
                 if in_use {
-                    *word |= 1 << (chunk % 64);
+                    *word |= mask;
                 } else {
-                    *word &= !(1 << (chunk % 64));
+                    *word &= !mask;
                 }
             }
+            chunk += count;
         }
     }
 

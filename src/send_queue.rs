@@ -126,16 +126,19 @@ impl SendQueue {
 
     /// Gives `write` the free payload space of the newest waiting packet, or of a new one,
     /// for it to fill; returns the bytes it wrote (what it returns, at most the space).
-    /// 0 when there is no room: the peer's credit plus `send_buffer` is taken, or transmit
-    /// memory or descriptors ran out. The caller submits with [`SendQueue::dispatch`].
+    /// `size_hint`: the most bytes `write` will want (a packet that goes out at once is
+    /// not made larger). 0 when there is no room: the peer's credit plus `send_buffer` is
+    /// taken, or transmit memory or descriptors ran out. The caller submits with
+    /// [`SendQueue::dispatch`].
     pub fn append<H: Hal, T: Transport>(
         &mut self,
         device: &mut VirtioVsock<H, T>,
         conn: &Connection,
         send_buffer: usize,
+        size_hint: usize,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> usize {
-        let immediate = self.immediate_room(device, conn);
+        let immediate = self.immediate_room(device, conn).min(size_hint);
         let queued_room = send_buffer.saturating_sub(self.unsent());
         if immediate == 0 {
             if queued_room == 0 {

@@ -231,6 +231,9 @@ struct Sockets<'a> {
     /// The slot the last received packet belonged to: packets come in runs per
     /// connection, so it is tried before the scan (B12 still decides).
     last_match: usize,
+    /// Some send queue may hold data, or a SHUTDOWN wait for one: `poll` looks at the
+    /// send queues only then.
+    send_waiting: bool,
 }
 
 /// A vsock device with its sockets: the one owner of the queues (see the crate docs).
@@ -286,6 +289,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 next_ephemeral: EPHEMERAL_FIRST,
                 next_accept_order: 0,
                 last_match: 0,
+                send_waiting: false,
                 config,
                 guest_cid,
             },
@@ -503,11 +507,13 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let mut sent = 0;
         while sent < data.len() {
             let rest = &data[sent..];
-            let n = self.sockets.append(index, &mut self.device, |space| {
-                let n = space.len().min(rest.len());
-                space[..n].copy_from_slice(&rest[..n]);
-                n
-            });
+            let n = self
+                .sockets
+                .append(index, &mut self.device, rest.len(), |space| {
+                    let n = space.len().min(rest.len());
+                    space[..n].copy_from_slice(&rest[..n]);
+                    n
+                });
             if n == 0 {
                 break;
             }
@@ -529,7 +535,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize> {
         let index = self.sendable(handle)?;
-        let n = self.sockets.append(index, &mut self.device, write);
+        let n = self
+            .sockets
+            .append(index, &mut self.device, usize::MAX, write);
         self.after_send(index, n, n == 0)
     }
 
@@ -821,6 +829,7 @@ impl Sockets<'_> {
         &mut self,
         index: usize,
         device: &mut VirtioVsock<H, T>,
+        size_hint: usize,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> usize {
         let send_buffer = self.config.send_buffer;
@@ -830,7 +839,9 @@ impl Sockets<'_> {
         let Some(conn) = slot.socket.as_mut().and_then(Socket::conn_mut) else {
             return 0;
         };
-        let n = slot.send_queue.append(device, conn, send_buffer, write);
+        let n = slot
+            .send_queue
+            .append(device, conn, send_buffer, size_hint, write);
         self.dispatch(index, device);
         n
     }
@@ -853,11 +864,18 @@ impl Sockets<'_> {
             conn.shutdown_pending = false;
             let flags = conn.local_shutdown.bits();
             self.queue_control(index, Op::Shutdown, flags);
+        } else if conn.shutdown_pending || !slot.send_queue.is_empty() {
+            self.send_waiting = true;
         }
     }
 
     /// [`Sockets::dispatch`] for every connection with something waiting.
     fn dispatch_all<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        if !self.send_waiting {
+            return;
+        }
+        // `dispatch` sets it again for whatever still waits.
+        self.send_waiting = false;
         for index in 0..self.slots.len() {
             let waiting = !self.slots[index].send_queue.is_empty()
                 || self.slots[index]
@@ -867,6 +885,9 @@ impl Sockets<'_> {
                     .is_some_and(|conn| conn.shutdown_pending);
             if waiting {
                 self.dispatch(index, device);
+                // A queue `dispatch` does not serve (its connection ended) waits for
+                // `release_dead_queues`.
+                self.send_waiting |= !self.slots[index].send_queue.is_empty();
             }
         }
     }
@@ -892,6 +913,9 @@ impl Sockets<'_> {
     /// Gives back the memory of data that will never go out: queues of freed slots and of
     /// connections that ended.
     fn release_dead_queues<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        if !self.send_waiting {
+            return;
+        }
         for slot in self.slots.iter_mut() {
             if slot.send_queue.is_empty() {
                 continue;

@@ -180,7 +180,12 @@ impl Ours {
             Kind::GuestToHost { total, write } => {
                 let socket = self.connect(&mut vsock, &device);
                 self.send_all(&mut vsock, socket, total, write);
-                wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
+                // Bytes send took may still wait in the send buffer: poll until the
+                // host has them all.
+                wait_until(|| {
+                    vsock.poll(self.now());
+                    device.counters.received.load(Ordering::Relaxed) >= total
+                });
                 total
             }
             Kind::HostToGuest { total, chunk } => {
@@ -248,7 +253,12 @@ impl Ours {
                     check_stuck(started, "our many connections");
                 }
                 let total = each * connections as u64;
-                wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
+                // Bytes send took may still wait in the send buffer: poll until the
+                // host has them all.
+                wait_until(|| {
+                    vsock.poll(self.now());
+                    device.counters.received.load(Ordering::Relaxed) >= total
+                });
                 total
             }
         };
