@@ -232,11 +232,6 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         self.max_tx_payload
     }
 
-    /// Whether a packet can be sent now.
-    pub fn can_send(&self) -> bool {
-        self.tx.free_descriptors() > 0 && self.tx.free_chunks() > 0
-    }
-
     /// Transmit descriptors free: packets that can be submitted now.
     pub fn tx_free_descriptors(&self) -> usize {
         self.tx.free_descriptors()

@@ -25,15 +25,6 @@ struct Segment {
     capacity: u32,
 }
 
-/// What [`SendQueue::dispatch`] leaves for the caller to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub struct Dispatched {
-    /// Payload bytes submitted.
-    pub bytes: usize,
-    /// The oldest waiting packet needs more credit than the peer gives now.
-    pub blocked_on_credit: bool,
-}
-
 /// The packets of one connection that wait for credit or a free descriptor, oldest first.
 /// The newest one takes more bytes while it waits.
 #[derive(Debug)]
@@ -198,11 +189,10 @@ impl SendQueue {
         device: &mut VirtioVsock<H, T>,
         conn: &mut Connection,
         guest_cid: u32,
-    ) -> Dispatched {
-        let mut out = Dispatched::default();
+    ) {
         if conn.peer_shutdown.contains(ShutdownFlags::RECEIVE) {
             self.release_all(device);
-            return out;
+            return;
         }
         while let Some(front) = self.segments.front() {
             let len = front.len as usize;
@@ -214,14 +204,10 @@ impl SendQueue {
                 // A packet larger than the peer's whole buffer (it shrank the buffer since)
                 // would wait forever: send what fits from its front.
                 let never_fits = len > conn.credit.peer_buf_alloc() as usize;
-                if never_fits && credit > 0 {
-                    let sent = self.send_front_part(device, conn, guest_cid, credit);
-                    out.bytes += sent;
-                    if sent > 0 {
-                        continue;
-                    }
+                if never_fits && credit > 0 && self.send_front_part(device, conn, guest_cid, credit)
+                {
+                    continue;
                 }
-                out.blocked_on_credit = true;
                 break;
             }
             let Some(segment) = self.segments.pop_front() else {
@@ -230,10 +216,7 @@ impl SendQueue {
             let (buf_alloc, fwd_cnt) = conn.credit.stamp();
             let header = conn.header(guest_cid, Op::Rw, buf_alloc, fwd_cnt);
             match device.submit_tx(segment.buffer, &header, len) {
-                Ok(()) => {
-                    conn.credit.on_sent(len as u32);
-                    out.bytes += len;
-                }
+                Ok(()) => conn.credit.on_sent(len as u32),
                 Err(buffer) => {
                     // Unreachable with a free descriptor; keep the data for the next try.
                     let _ = self.segments.push_front(Segment { buffer, ..segment });
@@ -241,24 +224,23 @@ impl SendQueue {
                 }
             }
         }
-        out
     }
 
     /// Sends the first `n` bytes of the oldest waiting packet in a packet of their own
     /// (copied into new transmit memory) and moves the rest to the front of its buffer.
-    /// Returns the bytes sent: 0 when there was no memory or descriptor for it.
+    /// Returns whether it did: not without memory or a descriptor for it.
     fn send_front_part<H: Hal, T: Transport>(
         &mut self,
         device: &mut VirtioVsock<H, T>,
         conn: &mut Connection,
         guest_cid: u32,
         n: usize,
-    ) -> usize {
+    ) -> bool {
         let Some(front) = self.segments.front_mut() else {
-            return 0;
+            return false;
         };
         let Some(part) = device.alloc_tx(n) else {
-            return 0;
+            return false;
         };
         let n = n
             .min(device.tx_payload_mut(&part).len())
@@ -280,13 +262,13 @@ impl SendQueue {
         }
         if copied < n {
             device.release_tx(part);
-            return 0;
+            return false;
         }
         let (buf_alloc, fwd_cnt) = conn.credit.stamp();
         let header = conn.header(guest_cid, Op::Rw, buf_alloc, fwd_cnt);
         if let Err(part) = device.submit_tx(part, &header, n) {
             device.release_tx(part);
-            return 0;
+            return false;
         }
         conn.credit.on_sent(n as u32);
         let len = front.len as usize;
@@ -294,7 +276,7 @@ impl SendQueue {
             rest.copy_within(n.., 0);
         }
         front.len -= n as u32;
-        n
+        true
     }
 
     /// Drops everything waiting and gives its memory back.

@@ -349,7 +349,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             self.sockets.drain_pending(&mut self.device);
         }
         // Credit that came in moves waiting data (B25).
-        self.sockets.dispatch_all(&mut self.device);
+        self.sockets.dispatch_all(&mut self.device, now);
         self.sockets.fire_timers(now);
         self.sockets.release_dead_queues(&mut self.device);
         self.sockets.drain_pending(&mut self.device);
@@ -583,20 +583,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// After `sent` bytes were taken (`refused`: none of the caller's were): asks for credit
     /// when blocked on it (B29), notifies the device (B8), and gives the caller its result.
     fn after_send(&mut self, index: usize, sent: usize, refused: bool) -> Result<usize> {
-        if self.sockets.blocked_on_credit(index, refused) {
-            {
-                let needed = self.sockets.slots[index].send_queue.front_len().max(1) as u32;
-                let Some(conn) = self.sockets.conn_at(index) else {
-                    return Err(Error::WouldBlock);
-                };
-                if conn.credit.take_credit_request(needed) {
-                    // B29: out of credit; ask once, and again later if the answer shows
-                    // none.
-                    conn.credit_probe = Some(CreditProbe::first(self.now));
-                    self.sockets.queue_control(index, Op::CreditRequest, 0);
-                    self.sockets.drain_pending(&mut self.device);
-                }
-            }
+        if self.sockets.ask_credit_if_blocked(index, refused, self.now) {
+            self.sockets.drain_pending(&mut self.device);
         }
         // One send is one batch (B8): the device hears of it now, if it asked to. With
         // EVENT_IDX a device that is still working through earlier packets has not asked,
@@ -870,7 +858,8 @@ impl Sockets<'_> {
     }
 
     /// [`Sockets::dispatch`] for every connection with something waiting.
-    fn dispatch_all<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+    /// Data still blocked on credit asks for more (B29), as a refused `send` does.
+    fn dispatch_all<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>, now: Instant) {
         if !self.send_waiting {
             return;
         }
@@ -885,11 +874,32 @@ impl Sockets<'_> {
                     .is_some_and(|conn| conn.shutdown_pending);
             if waiting {
                 self.dispatch(index, device);
+                self.ask_credit_if_blocked(index, false, now);
                 // A queue `dispatch` does not serve (its connection ended) waits for
                 // `release_dead_queues`.
                 self.send_waiting |= !self.slots[index].send_queue.is_empty();
             }
         }
+    }
+
+    /// When the connection in slot `index` is blocked on credit (see
+    /// [`Sockets::blocked_on_credit`]) and no request is outstanding, queues a
+    /// CREDIT_REQUEST and arms the probe that asks again later if the answer shows none
+    /// (B29). Returns whether it queued one.
+    fn ask_credit_if_blocked(&mut self, index: usize, refused: bool, now: Instant) -> bool {
+        if !self.blocked_on_credit(index, refused) {
+            return false;
+        }
+        let needed = self.slots[index].send_queue.front_len().max(1) as u32;
+        let Some(conn) = self.conn_at(index) else {
+            return false;
+        };
+        if !conn.credit.take_credit_request(needed) {
+            return false;
+        }
+        conn.credit_probe = Some(CreditProbe::first(now));
+        self.queue_control(index, Op::CreditRequest, 0);
+        true
     }
 
     /// Whether the oldest data waiting in slot `index` needs more credit than the peer

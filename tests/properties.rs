@@ -1218,6 +1218,22 @@ mod regressions {
         actions.push(Action::GuestSend { pair: 2, len: 1 });
         actions.push(Action::GuestConnect);
         run(&setup, &actions, false).unwrap();
+        let setup = Setup {
+            rx_per_socket: 778,
+            host_buf_alloc: 49,
+            ..setup
+        };
+        let actions = [
+            Action::GuestConnect,
+            Action::Step {
+                tx: None,
+                rx: None,
+                advance_ms: 0,
+            },
+            Action::GuestConnect,
+            Action::GuestSend { pair: 2, len: 50 },
+        ];
+        run(&setup, &actions, false).unwrap();
     }
 
     /// The send buffer: the host shrank its window below a packet that waited, which

@@ -64,14 +64,21 @@ fn send_takes_bytes_beyond_the_credit_and_they_follow_as_credit_comes() {
             rw(to_host(Op::CreditRequest, PER, 0), &[]),
         ]
     );
-    // The host read 600: not room enough for a waiting packet, which goes whole (B25).
+    // The host read 600: not room enough for a waiting packet, which goes whole (B25);
+    // the answer came, so the driver asks again (B29).
     credit(&mut model, 1000, 600);
     vsock.poll(ms(2));
-    assert_eq!(model.drain_tx(), []);
-    // All 1000 read: one packet.
+    assert_eq!(model.drain_tx(), [rw(to_host(Op::CreditRequest, PER, 0), &[])]);
+    // All 1000 read: one packet, and the next needs more than the 250 left.
     credit(&mut model, 1000, 1000);
     vsock.poll(ms(3));
-    assert_eq!(model.drain_tx(), [rw_to_host(&data[1000..1750], PER, 0)]);
+    assert_eq!(
+        model.drain_tx(),
+        [
+            rw_to_host(&data[1000..1750], PER, 0),
+            rw(to_host(Op::CreditRequest, PER, 0), &[]),
+        ]
+    );
     assert_eq!(vsock.send_queue(conn), Ok(2250));
     // Room for new bytes behind the ones that wait.
     assert!(vsock.readiness(conn).unwrap().contains(Readiness::WRITABLE));
