@@ -17,7 +17,8 @@ use virtio_drivers::Hal;
 /// A connected stream socket seen as a blocking byte stream.
 ///
 /// `read` waits until at least one byte arrives (`Ok(0)` at end of stream), `write` until
-/// at least one byte is taken; both fail with the socket's error, or with
+/// at least one byte is taken (into the send buffer), `flush` until all of them went out;
+/// all fail with the socket's error, or with
 /// [`Error::TimedOut`] once the optional timeout passes without progress. `clock` is the
 /// same time source the program passes to `poll`.
 ///
@@ -129,9 +130,14 @@ impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::Write
         self.wait_for(|device, handle| device.send(handle, buf))
     }
 
-    /// Sent data is already on the transmit queue and the device notified: nothing waits.
+    /// Waits until every byte written has gone to the device (bytes the send buffer held
+    /// for the peer's credit included), or was dropped because the connection ended (the
+    /// next `read` or `write` says why).
     fn flush(&mut self) -> Result<(), Error> {
-        Ok(())
+        self.wait_for(|device, handle| match device.send_queue(handle)? {
+            0 => Ok(()),
+            _ => Err(Error::WouldBlock),
+        })
     }
 }
 

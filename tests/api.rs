@@ -2218,8 +2218,18 @@ fn io_setup<'a>(
     storage: &'a mut Storage,
     host_buf_alloc: u32,
 ) -> (spin::Mutex<Device<'a>>, SocketHandle) {
+    io_setup_with(transport, model, storage, host_buf_alloc, test_config())
+}
+
+fn io_setup_with<'a>(
+    transport: &FakeTransport,
+    model: &RefCell<DeviceModel>,
+    storage: &'a mut Storage,
+    host_buf_alloc: u32,
+    config: Config,
+) -> (spin::Mutex<Device<'a>>, SocketHandle) {
     let model = &mut *model.borrow_mut();
-    let mut vsock = bring_up(transport, test_config(), storage);
+    let mut vsock = bring_up(transport, config, storage);
     let listener = listen_on(&mut vsock, GUEST_PORT, 1);
     let tuple = Tuple::host();
     model
@@ -2302,8 +2312,65 @@ fn io_write_all_sends_rw_packets_within_the_peer_credit_and_waits_for_more() {
             tuple.rw_to_peer(&data[2000..], PER, 0),
         ]
     );
-    // A tick per write (three), and three more for each of the two waits for credit.
-    assert_eq!(tick.get(), 9);
+    // A tick per write (three), three more for each of the two waits for credit, and
+    // one for the flush (nothing waits: send_buffer is 0 here).
+    assert_eq!(tick.get(), 10);
+}
+
+#[test]
+fn io_write_all_fills_the_send_buffer_and_flush_waits_until_it_went_out() {
+    use embedded_io::Write;
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(2);
+    let config = Config {
+        send_buffer: 4000,
+        ..test_config()
+    };
+    let (device, conn) = io_setup_with(&transport, &model, &mut storage, 1000, config);
+    let tuple = Tuple::host();
+    // The host reads what arrives and reports it in a CREDIT_UPDATE three ticks later.
+    let received = Cell::new(0u32);
+    let update_due = Cell::new(None::<u64>);
+    let tick = Cell::new(0);
+    let clock = scripted_clock(&tick, |now| {
+        let mut model = model.borrow_mut();
+        for packet in model.drain_tx() {
+            if packet.header.op == Op::Rw as u16 {
+                received.set(received.get() + packet.header.len);
+                update_due.set(Some(now + 3));
+            }
+        }
+        if update_due.get().is_some_and(|due| now >= due) {
+            update_due.set(None);
+            let update = Header {
+                buf_alloc: 1000,
+                fwd_cnt: received.get(),
+                ..tuple.peer_sends(Op::CreditUpdate)
+            };
+            model.deliver(&update, &[]).unwrap();
+        }
+    });
+    let mut stream = BlockingStream::new(&device, conn, clock);
+    let data = pattern(2500);
+    // 1000 bytes of credit and 1500 into the send buffer: write_all polls once and
+    // waits for nothing.
+    stream.write_all(&data).unwrap();
+    assert_eq!(tick.get(), 1);
+    assert_eq!(device.lock().send_queue(conn), Ok(1500));
+    // flush waits for the two credit updates the rest needs.
+    stream.flush().unwrap();
+    assert_eq!(device.lock().send_queue(conn), Ok(0));
+    assert!(tick.get() >= 6, "{}", tick.get());
+    // The last packet went to the device in flush's last poll.
+    let last: u32 = model
+        .borrow_mut()
+        .drain_tx()
+        .iter()
+        .filter(|p| p.header.op == Op::Rw as u16)
+        .map(|p| p.header.len)
+        .sum();
+    assert_eq!(received.get() + last, 2500);
 }
 
 #[test]

@@ -68,7 +68,10 @@ fn send_takes_bytes_beyond_the_credit_and_they_follow_as_credit_comes() {
     // the answer came, so the driver asks again (B29).
     credit(&mut model, 1000, 600);
     vsock.poll(ms(2));
-    assert_eq!(model.drain_tx(), [rw(to_host(Op::CreditRequest, PER, 0), &[])]);
+    assert_eq!(
+        model.drain_tx(),
+        [rw(to_host(Op::CreditRequest, PER, 0), &[])]
+    );
     // All 1000 read: one packet, and the next needs more than the 250 left.
     credit(&mut model, 1000, 1000);
     vsock.poll(ms(3));
