@@ -25,6 +25,16 @@ struct Segment {
     capacity: u32,
 }
 
+/// Where [`SendQueue::append`] puts the next bytes, and how many fit.
+enum Space {
+    /// The newest waiting packet has room for this many.
+    Back(usize),
+    /// A new packet, of this payload capacity.
+    New(usize),
+    /// None: the send buffer is full, or memory ran out.
+    None,
+}
+
 /// The packets of one connection that wait for credit or a free descriptor, oldest first.
 /// The newest one takes more bytes while it waits.
 #[derive(Debug)]
@@ -55,46 +65,49 @@ impl SendQueue {
         self.segments.front().map_or(0, |s| s.len as usize)
     }
 
-    /// Bytes [`SendQueue::append`] would take now, at most.
+    /// The payload space [`SendQueue::append`] would offer now (0: it would take nothing).
     pub fn room<H: Hal, T: Transport>(
         &self,
         device: &VirtioVsock<H, T>,
         conn: &Connection,
         send_buffer: usize,
     ) -> usize {
-        let immediate = self.immediate_room(device, conn);
-        if immediate > 0 {
-            return immediate;
+        match self.next_space(device, conn, send_buffer, usize::MAX) {
+            Space::Back(n) | Space::New(n) => n,
+            Space::None => 0,
         }
-        let queued = self.unsent();
-        let back_room = self
-            .segments
-            .back()
-            .map_or(0, |s| (s.capacity - s.len) as usize);
-        let new_room = if self.segments.is_full() || device.tx_free_chunks() == 0 {
-            0
-        } else {
-            Self::waiting_capacity(device, conn, send_buffer)
-        };
-        send_buffer
-            .saturating_sub(queued)
-            .min(back_room.max(new_room))
     }
 
-    /// Bytes a new packet could take and submit at once: nothing waits, the peer has room,
-    /// and a descriptor and transmit memory are free.
-    fn immediate_room<H: Hal, T: Transport>(
+    /// Where the next bytes go: the newest waiting packet while it has room, else a new
+    /// packet, which goes out at once when nothing waits, the peer has room and a
+    /// descriptor and memory are free (it then holds at most `size_hint` bytes, and
+    /// `send_buffer` does not count), or else waits.
+    fn next_space<H: Hal, T: Transport>(
         &self,
         device: &VirtioVsock<H, T>,
         conn: &Connection,
-    ) -> usize {
-        if !self.segments.is_empty()
-            || device.tx_free_descriptors() == 0
-            || device.tx_free_chunks() == 0
-        {
-            return 0;
+        send_buffer: usize,
+        size_hint: usize,
+    ) -> Space {
+        let credit = conn.credit.peer_free() as usize;
+        let can_submit = device.tx_free_descriptors() > 0 && device.tx_free_chunks() > 0;
+        if self.segments.is_empty() && credit > 0 && can_submit {
+            return Space::New(credit.min(device.max_tx_payload()).min(size_hint));
         }
-        (conn.credit.peer_free() as usize).min(device.max_tx_payload())
+        let queued_room = send_buffer.saturating_sub(self.unsent());
+        if queued_room == 0 {
+            return Space::None;
+        }
+        if let Some(back) = self.segments.back() {
+            let free = ((back.capacity - back.len) as usize).min(queued_room);
+            if free > 0 {
+                return Space::Back(free);
+            }
+        }
+        if self.segments.is_full() || device.tx_free_chunks() == 0 {
+            return Space::None;
+        }
+        Space::New(Self::waiting_capacity(device, conn, send_buffer).min(queued_room))
     }
 
     /// The payload capacity of a packet that will wait for credit: a quarter of the
@@ -115,12 +128,12 @@ impl SendQueue {
             .max(1)
     }
 
-    /// Gives `write` the free payload space of the newest waiting packet, or of a new one,
-    /// for it to fill; returns the bytes it wrote (what it returns, at most the space).
-    /// `size_hint`: the most bytes `write` will want (a packet that goes out at once is
-    /// not made larger). 0 when there is no room: the peer's credit plus `send_buffer` is
-    /// taken, or transmit memory or descriptors ran out. The caller submits with
-    /// [`SendQueue::dispatch`].
+    /// Gives `write` the free payload space of the newest waiting packet, or of a new one
+    /// (see [`SendQueue::room`]), for it to fill; returns the bytes it wrote (what it
+    /// returns, at most the space). `size_hint`: the most bytes `write` will want (a
+    /// packet that goes out at once is not made larger). 0 when there is no room: the
+    /// peer's credit plus `send_buffer` is taken, or transmit memory or descriptors ran
+    /// out. The caller submits with [`SendQueue::dispatch`].
     pub fn append<H: Hal, T: Transport>(
         &mut self,
         device: &mut VirtioVsock<H, T>,
@@ -129,33 +142,22 @@ impl SendQueue {
         size_hint: usize,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> usize {
-        let immediate = self.immediate_room(device, conn).min(size_hint);
-        let queued_room = send_buffer.saturating_sub(self.unsent());
-        if immediate == 0 {
-            if queued_room == 0 {
-                return 0;
+        let capacity = match self.next_space(device, conn, send_buffer, size_hint) {
+            Space::None => return 0,
+            Space::Back(free) => {
+                let Some(back) = self.segments.back_mut() else {
+                    return 0;
+                };
+                let start = back.len as usize;
+                let space = device
+                    .tx_payload_mut(&back.buffer)
+                    .get_mut(start..start + free)
+                    .unwrap_or_default();
+                let n = write(space).min(free);
+                back.len += n as u32;
+                return n;
             }
-            if let Some(back) = self.segments.back_mut() {
-                let free = ((back.capacity - back.len) as usize).min(queued_room);
-                if free > 0 {
-                    let start = back.len as usize;
-                    let space = device
-                        .tx_payload_mut(&back.buffer)
-                        .get_mut(start..start + free)
-                        .unwrap_or_default();
-                    let n = write(space).min(free);
-                    back.len += n as u32;
-                    return n;
-                }
-            }
-        }
-        if self.segments.is_full() {
-            return 0;
-        }
-        let capacity = if immediate > 0 {
-            immediate
-        } else {
-            Self::waiting_capacity(device, conn, send_buffer).min(queued_room)
+            Space::New(capacity) => capacity,
         };
         let Some(buffer) = device.alloc_tx(capacity) else {
             return 0;

@@ -550,8 +550,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             .unsent())
     }
 
-    /// Bytes [`VsockDevice::send`] would take now (0 when it would return `WouldBlock` or
-    /// an error).
+    /// The space the next [`VsockDevice::send_with`] would offer now (`send` may take
+    /// more, packet after packet); 0 when it would return `WouldBlock` or an error.
     pub fn send_room(&self, handle: SocketHandle) -> Result<usize> {
         let socket = self.sockets.get(handle)?;
         let conn = socket.conn().ok_or(Error::NotConnected)?;
