@@ -107,23 +107,20 @@ impl SendQueue {
         if self.segments.is_full() || device.tx_free_chunks() == 0 {
             return Space::None;
         }
-        Space::New(Self::waiting_capacity(device, conn, send_buffer).min(queued_room))
+        Space::New(Self::waiting_capacity(device, conn).min(queued_room))
     }
 
-    /// The payload capacity of a packet that will wait for credit: a quarter of the
-    /// peer's buffer (so that credit the peer returns in parts still moves whole packets),
-    /// or more where that is needed for `send_buffer` to fit in [`SEGMENTS`] packets; never
-    /// more than the peer's whole buffer (so that it can go out once the peer has read
-    /// everything) or one packet's payload.
+    /// The payload capacity of a packet that will wait for credit: the peer's whole
+    /// buffer, at most one packet's payload. Peers tend to give credit back in large
+    /// steps (vhost-device-vsock after every batch it takes from the ring, so once per
+    /// window), and every packet costs the peer a write to its socket: large packets
+    /// move the most per step. A peer that returns credit in smaller parts still moves
+    /// every packet, which fits in its buffer once it has read everything.
     fn waiting_capacity<H: Hal, T: Transport>(
         device: &VirtioVsock<H, T>,
         conn: &Connection,
-        send_buffer: usize,
     ) -> usize {
-        let peer_buffer = conn.credit.peer_buf_alloc() as usize;
-        (peer_buffer / 4)
-            .max(send_buffer.div_ceil(SEGMENTS))
-            .min(peer_buffer)
+        (conn.credit.peer_buf_alloc() as usize)
             .min(device.max_tx_payload())
             .max(1)
     }

@@ -53,7 +53,7 @@ impl Default for Config {
             rx_buffer_size: 16 * 1024,
             tx_packet_size: 64 * 1024 + 44,
             tx_memory: 512 * 1024,
-            send_buffer: 64 * 1024,
+            send_buffer: 128 * 1024,
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),
             allow_privileged_ports: false,
