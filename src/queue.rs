@@ -125,6 +125,8 @@ struct SplitRing<H: Hal> {
     notified_avail_idx: u16,
     /// Next used-ring entry to read (free-running).
     last_used_idx: u16,
+    /// `last_used_idx` when `used_event` was last written.
+    used_event_base: u16,
     kicks: u64,
 }
 
@@ -160,6 +162,7 @@ impl<H: Hal> SplitRing<H> {
             avail_idx: 0,
             notified_avail_idx: 0,
             last_used_idx: 0,
+            used_event_base: 0,
             kicks: 0,
         };
         // We poll; ask the device not to interrupt (without EVENT_IDX this flag is the
@@ -244,11 +247,14 @@ impl<H: Hal> SplitRing<H> {
         self.write_ring_u16(self.avail_offset + 2, self.avail_idx);
     }
 
-    /// Keeps the device's `used_event` far ahead so it does not interrupt us (we poll).
+    /// Keeps the device's `used_event` far ahead so it does not interrupt us (we poll):
+    /// half the index space ahead when written, rewritten once a quarter of it is used
+    /// (not on every entry: the device reads that cache line too).
     fn write_used_event(&mut self) {
         if self.event_idx {
             let offset = self.avail_offset + 4 + 2 * usize::from(self.size);
             self.write_ring_u16(offset, self.last_used_idx.wrapping_add(0x8000));
+            self.used_event_base = self.last_used_idx;
         }
     }
 
@@ -267,7 +273,9 @@ impl<H: Hal> SplitRing<H> {
         let raw_id = self.read_used_u32(entry);
         let raw_len = self.read_used_u32(entry + 4);
         self.last_used_idx = self.last_used_idx.wrapping_add(1);
-        self.write_used_event();
+        if self.last_used_idx.wrapping_sub(self.used_event_base) >= 0x4000 {
+            self.write_used_event();
+        }
         let Some(id) = u16::try_from(raw_id).ok().filter(|&id| self.is_posted(id)) else {
             return Some(Err(raw_id));
         };

@@ -186,7 +186,11 @@ fn ring_push(ring: &mut [u8], head: usize, len: &mut usize, data: &[u8]) {
         return;
     }
     let n = data.len().min(capacity - *len);
-    let tail = (head + *len) % capacity;
+    // head < capacity and len <= capacity: one subtraction wraps (no division).
+    let mut tail = head + *len;
+    if tail >= capacity {
+        tail -= capacity;
+    }
     let first = n.min(capacity - tail);
     ring[tail..tail + first].copy_from_slice(&data[..first]);
     ring[..n - first].copy_from_slice(&data[first..n]);
@@ -208,7 +212,10 @@ fn ring_pop(
     out[..first].copy_from_slice(&ring[*head..*head + first]);
     out[first..n].copy_from_slice(&ring[..n - first]);
     if consume {
-        *head = (*head + n) % capacity.max(1);
+        *head += n;
+        if *head >= capacity {
+            *head -= capacity;
+        }
         *len -= n;
         if *len == 0 {
             *head = 0;
@@ -771,6 +778,17 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     }
 }
 
+/// The open socket `handle` names in `slots`.
+fn socket_mut(slots: &mut [SocketSlot], handle: SocketHandle) -> Result<&mut Socket> {
+    let slot = slots
+        .get_mut(usize::from(handle.index))
+        .ok_or(Error::InvalidHandle)?;
+    match &mut slot.socket {
+        Some(socket) if slot.generation == handle.generation && !socket.orphaned => Ok(socket),
+        _ => Err(Error::InvalidHandle),
+    }
+}
+
 impl Sockets<'_> {
     fn get(&self, handle: SocketHandle) -> Result<&Socket> {
         let slot = self
@@ -784,14 +802,7 @@ impl Sockets<'_> {
     }
 
     fn get_mut(&mut self, handle: SocketHandle) -> Result<&mut Socket> {
-        let slot = self
-            .slots
-            .get_mut(usize::from(handle.index))
-            .ok_or(Error::InvalidHandle)?;
-        match &mut slot.socket {
-            Some(socket) if slot.generation == handle.generation && !socket.orphaned => Ok(socket),
-            _ => Err(Error::InvalidHandle),
-        }
+        socket_mut(self.slots, handle)
     }
 
     fn conn_mut(&mut self, handle: SocketHandle) -> Result<&mut Connection> {
@@ -976,9 +987,9 @@ impl Sockets<'_> {
         let index = usize::from(handle.index);
         let per = self.rx_per_socket;
         let start = index * per;
-        let socket = self.get_mut(handle)?;
+        let socket = socket_mut(self.slots, handle)?;
         let (head, len) = (socket.rx_head, socket.rx_len);
-        let Some(conn) = socket.conn() else {
+        let Some(conn) = socket.conn_mut() else {
             return Err(Error::NotConnected);
         };
         if len == 0 {
@@ -1000,14 +1011,11 @@ impl Sockets<'_> {
         let (mut head, mut len) = (head, len);
         let ring = &self.rx_memory[start..start + per];
         let n = ring_pop(ring, &mut head, &mut len, buf, consume);
-        let socket = self.get_mut(handle)?;
+        if consume {
+            conn.credit.on_consumed(n as u32);
+        }
         socket.rx_head = head;
         socket.rx_len = len;
-        if consume {
-            if let Some(conn) = socket.conn_mut() {
-                conn.credit.on_consumed(n as u32);
-            }
-        }
         Ok(n)
     }
 
