@@ -197,33 +197,6 @@ fn ring_push(ring: &mut [u8], head: usize, len: &mut usize, data: &[u8]) {
     *len += n;
 }
 
-/// Copies up to `out.len()` bytes from the front of the ring into `out`, consuming them if
-/// `consume`. Returns the number copied.
-fn ring_pop(
-    ring: &[u8],
-    head: &mut usize,
-    len: &mut usize,
-    out: &mut [u8],
-    consume: bool,
-) -> usize {
-    let capacity = ring.len();
-    let n = out.len().min(*len);
-    let first = n.min(capacity - *head);
-    out[..first].copy_from_slice(&ring[*head..*head + first]);
-    out[first..n].copy_from_slice(&ring[..n - first]);
-    if consume {
-        *head += n;
-        if *head >= capacity {
-            *head -= capacity;
-        }
-        *len -= n;
-        if *len == 0 {
-            *head = 0;
-        }
-    }
-    n
-}
-
 /// The socket table and everything that is not the device.
 struct Sockets<'a> {
     slots: &'a mut [SocketSlot],
@@ -607,14 +580,36 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Receives into `buf`; `Ok(0)` at end of stream (B33), `WouldBlock` when no data waits.
     pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
         let n = self.sockets.read(handle, buf, true)?;
-        if n > 0 && self.sockets.credit_update_due(handle.index as usize) {
-            // B28: tell the peer about the space we made, when its view ran low.
+        self.after_recv(handle, n);
+        Ok(n)
+    }
+
+    /// Receives in place: `read` gets the oldest unread bytes where they are (one
+    /// contiguous piece of the socket's receive buffer: call again for the rest) and
+    /// returns how many it took; those are consumed (at most all it was given). Returns
+    /// that number; `Ok(0)` at end of stream and `WouldBlock` when no data waits, without
+    /// calling `read`.
+    pub fn recv_with(
+        &mut self,
+        handle: SocketHandle,
+        read: impl FnOnce(&[u8]) -> usize,
+    ) -> Result<usize> {
+        let n = self
+            .sockets
+            .read_with(handle, true, |first, _| read(first).min(first.len()))?;
+        self.after_recv(handle, n);
+        Ok(n)
+    }
+
+    /// After `n` bytes were consumed: B28, tell the peer about the space we made, when
+    /// its view ran low.
+    fn after_recv(&mut self, handle: SocketHandle, n: usize) {
+        if n > 0 && self.sockets.credit_update_due(usize::from(handle.index)) {
             self.sockets
-                .queue_control(handle.index as usize, Op::CreditUpdate, 0);
+                .queue_control(usize::from(handle.index), Op::CreditUpdate, 0);
             self.sockets.drain_pending(&mut self.device);
             self.device.flush();
         }
-        Ok(n)
     }
 
     /// Copies waiting data into `buf` without consuming it.
@@ -983,10 +978,18 @@ impl Sockets<'_> {
         Err(Error::AddrNotAvailable)
     }
 
-    fn read(&mut self, handle: SocketHandle, buf: &mut [u8], consume: bool) -> Result<usize> {
-        let index = usize::from(handle.index);
+    /// Gives `read` the unread data of `handle`'s connection, in the two pieces the ring
+    /// holds it in (the second empty unless it wraps), and consumes what `read` says it
+    /// took (if `consume`; at most all of it). `Ok(0)` at end of stream, `WouldBlock`
+    /// when no data waits; `read` is called only when there is data.
+    fn read_with(
+        &mut self,
+        handle: SocketHandle,
+        consume: bool,
+        read: impl FnOnce(&[u8], &[u8]) -> usize,
+    ) -> Result<usize> {
         let per = self.rx_per_socket;
-        let start = index * per;
+        let start = usize::from(handle.index) * per;
         let socket = socket_mut(self.slots, handle)?;
         let (head, len) = (socket.rx_head, socket.rx_len);
         let Some(conn) = socket.conn_mut() else {
@@ -1005,18 +1008,39 @@ impl Sockets<'_> {
                 State::Closed | State::Closing { .. } => Ok(0),
             };
         }
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        let (mut head, mut len) = (head, len);
         let ring = &self.rx_memory[start..start + per];
-        let n = ring_pop(ring, &mut head, &mut len, buf, consume);
-        if consume {
+        // head < per and len <= per (ring_push keeps them so).
+        let first_len = len.min(per - head);
+        let first = &ring[head..head + first_len];
+        let second = &ring[..len - first_len];
+        let n = read(first, second).min(len);
+        if consume && n > 0 {
             conn.credit.on_consumed(n as u32);
+            socket.rx_len = len - n;
+            socket.rx_head = if socket.rx_len == 0 {
+                0
+            } else if head + n >= per {
+                head + n - per
+            } else {
+                head + n
+            };
         }
-        socket.rx_head = head;
-        socket.rx_len = len;
         Ok(n)
+    }
+
+    /// [`Sockets::read_with`], copying into `buf`.
+    fn read(&mut self, handle: SocketHandle, buf: &mut [u8], consume: bool) -> Result<usize> {
+        if buf.is_empty() {
+            // Errors and end of stream still show; an empty read takes nothing.
+            return self.read_with(handle, false, |_, _| 0);
+        }
+        self.read_with(handle, consume, |first, second| {
+            let a = first.len().min(buf.len());
+            buf[..a].copy_from_slice(&first[..a]);
+            let b = second.len().min(buf.len() - a);
+            buf[a..a + b].copy_from_slice(&second[..b]);
+            a + b
+        })
     }
 
     fn credit_update_due(&self, index: usize) -> bool {

@@ -1462,6 +1462,86 @@ fn send_recv_peek_and_recv_queue_on_a_connection() {
 }
 
 #[test]
+fn recv_with_reads_in_place_in_the_pieces_of_the_ring() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 1);
+    let tuple = Tuple::host();
+    model.deliver(&tuple.peer_sends(Op::Request), &[]).unwrap();
+    vsock.poll(ms(1));
+    control(&mut model);
+    let (conn, _) = vsock.accept(listener).unwrap();
+    let called = std::cell::Cell::new(false);
+
+    // Nothing waits: WouldBlock, and the reader is not called.
+    let result = vsock.recv_with(conn, |_| {
+        called.set(true);
+        0
+    });
+    assert_eq!(result, Err(Error::WouldBlock));
+    assert!(!called.get());
+
+    // 10000 bytes in, 9000 read: the next 10000 wrap around the 16 KiB ring.
+    let data = pattern(20_000);
+    for part in data[..10_000].chunks(MAX_TX_PAYLOAD - 44) {
+        model.deliver(&tuple.peer_sends(Op::Rw), part).unwrap();
+    }
+    vsock.poll(ms(2));
+    let mut seen = Vec::new();
+    let n = vsock.recv_with(conn, |bytes| {
+        seen.extend_from_slice(&bytes[..9000]);
+        9000
+    });
+    assert_eq!(n, Ok(9000));
+    assert_eq!(seen, &data[..9000]);
+    assert_eq!(vsock.recv_queue(conn), Ok(1000));
+    for part in data[10_000..].chunks(MAX_TX_PAYLOAD - 44) {
+        model.deliver(&tuple.peer_sends(Op::Rw), part).unwrap();
+    }
+    vsock.poll(ms(3));
+    // The first piece runs to the end of the ring: 16384 - 9000 bytes.
+    let n = vsock.recv_with(conn, |bytes| {
+        assert_eq!(bytes, &data[9000..16_384]);
+        bytes.len()
+    });
+    assert_eq!(n, Ok(16_384 - 9000));
+    // A reader that claims more than it was given takes what it was given.
+    let n = vsock.recv_with(conn, |bytes| {
+        assert_eq!(bytes, &data[16_384..]);
+        usize::MAX
+    });
+    assert_eq!(n, Ok(20_000 - 16_384));
+    assert_eq!(vsock.recv_queue(conn), Ok(0));
+    // B28: the space made is announced as for recv: when the host's view of it fell
+    // below half the ring (after 9000 read, and after 16384), not after the rest.
+    let updates: Vec<u32> = control(&mut model)
+        .into_iter()
+        .filter(|h| h.op == Op::CreditUpdate as u16)
+        .map(|h| h.fwd_cnt)
+        .collect();
+    assert_eq!(updates, [9000, 16_384]);
+
+    // End of stream: Ok(0), and the reader is not called.
+    model
+        .deliver(
+            &Header {
+                flags: vsock_guest::wire::ShutdownFlags::SEND.bits(),
+                ..tuple.peer_sends(Op::Shutdown)
+            },
+            &[],
+        )
+        .unwrap();
+    vsock.poll(ms(4));
+    let result = vsock.recv_with(conn, |_| {
+        called.set(true);
+        0
+    });
+    assert_eq!(result, Ok(0));
+    assert!(!called.get());
+}
+
+#[test]
 fn calls_on_unconnected_or_listening_sockets_are_not_connected() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
