@@ -25,9 +25,11 @@
 //!   instead writes the pattern straight into its transmit memory with `send_with` (its
 //!   zero-copy call), while virtio-drivers, which has no such call, does what it always
 //!   does (its `send` hands the filled buffer itself to the device).
-//! - `recv <total> <chunk>`: the host sends `total` bytes of the pattern; the guest reads
-//!   them `chunk` bytes at a time, checks every byte and answers `ok <bytes> <bad>\n`,
-//!   then waits for the host to close.
+//! - `recv <total> <chunk> [in-place]`: the host sends `total` bytes of the pattern; the
+//!   guest reads them `chunk` bytes at a time, checks every byte and answers
+//!   `ok <bytes> <bad>\n`, then waits for the host to close. With `in-place`, our driver
+//!   checks the bytes where they arrived (`recv_with`) instead of copying them out first;
+//!   virtio-drivers, which has no such call, reads into a buffer as always.
 //! - `pingpong`: the guest sends back every byte it reads, until the host closes.
 //! - `cycles <n>`: the guest answers `go\n`; the next `n` connections that close without
 //!   a command are connect/close cycles, summed up in one log line after the last.
@@ -264,6 +266,13 @@ mod bench {
         Eof,
     }
 
+    /// What a checking read found: bytes read and how many of them were wrong.
+    enum Recv2 {
+        Data(usize, u64),
+        Empty,
+        Eof,
+    }
+
     /// A driver failure, with the driver's own words.
     #[derive(Clone, Copy, Debug)]
     enum Failure {
@@ -305,6 +314,22 @@ mod bench {
         ) -> Result<()> {
             fill_pattern(offset, buffer);
             send_all(self, conn, buffer)
+        }
+        /// Reads up to `want` bytes the driver's zero-copy way and counts the ones that
+        /// differ from the pattern at stream offset `offset`: by default, `recv` into
+        /// `buffer` and check it there. `Ok(None)` when nothing waits.
+        fn check_in_place(
+            &mut self,
+            conn: Self::Conn,
+            offset: u64,
+            want: usize,
+            buffer: &mut [u8],
+        ) -> Result<Recv2> {
+            Ok(match self.recv(conn, &mut buffer[..want])? {
+                Recv::Data(n) => Recv2::Data(n, count_mismatches(offset, &buffer[..n])),
+                Recv::Empty => Recv2::Empty,
+                Recv::Eof => Recv2::Eof,
+            })
         }
         fn close(&mut self, conn: Self::Conn);
         /// The driver's own counters, for the result line.
@@ -406,6 +431,26 @@ mod bench {
                 }
             }
             Ok(())
+        }
+
+        fn check_in_place(
+            &mut self,
+            conn: SocketHandle,
+            offset: u64,
+            want: usize,
+            _buffer: &mut [u8],
+        ) -> Result<Recv2> {
+            let mut bad = 0;
+            match self.device.recv_with(conn, |bytes| {
+                let n = bytes.len().min(want);
+                bad = count_mismatches(offset, &bytes[..n]);
+                n
+            }) {
+                Ok(0) => Ok(Recv2::Eof),
+                Ok(n) => Ok(Recv2::Data(n, bad)),
+                Err(vsock_guest::Error::WouldBlock) => Ok(Recv2::Empty),
+                Err(e) => Err(Failure::Ours(e)),
+            }
         }
 
         fn recv(&mut self, conn: SocketHandle, buf: &mut [u8]) -> Result<Recv> {
@@ -718,18 +763,28 @@ mod bench {
                 if chunk == 0 || chunk > MAX_IO {
                     return Err(Failure::Protocol("recv: read size not in 1..=65536"));
                 }
+                let in_place = words.next() == Some("in-place");
                 let mut got = leftover.len() as u64;
                 let mut bad = count_mismatches(0, leftover);
                 while got < total {
                     let want = (total - got).min(chunk as u64) as usize;
-                    match driver.recv(conn, &mut buffer[..want])? {
-                        Recv::Data(n) => {
-                            bad += count_mismatches(got, &buffer[..n]);
+                    let read = if in_place {
+                        driver.check_in_place(conn, got, want, &mut buffer[..])?
+                    } else {
+                        match driver.recv(conn, &mut buffer[..want])? {
+                            Recv::Data(n) => Recv2::Data(n, count_mismatches(got, &buffer[..n])),
+                            Recv::Empty => Recv2::Empty,
+                            Recv::Eof => Recv2::Eof,
+                        }
+                    };
+                    match read {
+                        Recv2::Data(n, wrong) => {
+                            bad += wrong;
                             got += n as u64;
                             progress.bytes = got;
                         }
-                        Recv::Empty => driver.poll()?,
-                        Recv::Eof => return Err(Failure::Protocol("recv: closed early")),
+                        Recv2::Empty => driver.poll()?,
+                        Recv2::Eof => return Err(Failure::Protocol("recv: closed early")),
                     }
                 }
                 let mut reply: heapless::String<64> = heapless::String::new();
