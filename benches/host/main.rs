@@ -53,11 +53,28 @@ impl Sample {
 /// What a workload measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
-    GuestToHost { total: u64, write: usize },
-    HostToGuest { total: u64, chunk: usize },
-    PingPong { round_trips: u64 },
-    ConnectClose { cycles: u64 },
-    ManyConnections { connections: usize, each: u64 },
+    GuestToHost {
+        total: u64,
+        write: usize,
+    },
+    /// `in_place`: our driver takes the bytes where they arrived (`recv_with`) instead of
+    /// copying them into a buffer; virtio-drivers, which has no such call, copies as
+    /// always.
+    HostToGuest {
+        total: u64,
+        chunk: usize,
+        in_place: bool,
+    },
+    PingPong {
+        round_trips: u64,
+    },
+    ConnectClose {
+        cycles: u64,
+    },
+    ManyConnections {
+        connections: usize,
+        each: u64,
+    },
 }
 
 impl Kind {
@@ -66,9 +83,16 @@ impl Kind {
             Kind::GuestToHost { total, write } => {
                 format!("guest->host {} MiB, {} writes", total >> 20, size(write))
             }
-            Kind::HostToGuest { total, chunk } => {
-                format!("host->guest {} MiB, {} packets", total >> 20, size(chunk))
-            }
+            Kind::HostToGuest {
+                total,
+                chunk,
+                in_place,
+            } => format!(
+                "host->guest {} MiB, {} packets{}",
+                total >> 20,
+                size(chunk),
+                if in_place { ", read in place" } else { "" }
+            ),
             Kind::PingPong { round_trips } => format!("1-byte ping-pong x {round_trips}"),
             Kind::ConnectClose { cycles } => format!("connect/close x {cycles}"),
             Kind::ManyConnections { connections, each } => {
@@ -96,7 +120,7 @@ impl Kind {
 
     fn role(&self) -> HostRole {
         match *self {
-            Kind::HostToGuest { total, chunk } => HostRole::Source { total, chunk },
+            Kind::HostToGuest { total, chunk, .. } => HostRole::Source { total, chunk },
             Kind::PingPong { .. } => HostRole::Echo,
             _ => HostRole::Sink,
         }
@@ -188,12 +212,21 @@ impl Ours {
                 });
                 total
             }
-            Kind::HostToGuest { total, chunk } => {
+            Kind::HostToGuest {
+                total,
+                chunk,
+                in_place,
+            } => {
                 let socket = self.connect(&mut vsock, &device);
                 let mut buf = vec![0u8; chunk.max(1)];
                 let mut got = 0;
                 while got < total {
-                    match vsock.recv(socket, &mut buf) {
+                    let read = if in_place {
+                        vsock.recv_with(socket, |bytes| bytes.len().min(chunk))
+                    } else {
+                        vsock.recv(socket, &mut buf)
+                    };
+                    match read {
                         Ok(n) => got += n as u64,
                         Err(Error::WouldBlock) => {
                             vsock.poll(self.now());
@@ -359,7 +392,7 @@ fn their_run<const RX: usize>(kind: Kind, capacity: u32) -> Sample {
             wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
             total
         }
-        Kind::HostToGuest { total, chunk } => {
+        Kind::HostToGuest { total, chunk, .. } => {
             their_connect(&mut manager, 40000);
             let mut buf = vec![0u8; chunk.max(1)];
             let mut got = 0u64;
@@ -578,14 +611,22 @@ fn main() {
         Kind::HostToGuest {
             total: mib(256),
             chunk: 64 * 1024,
+            in_place: false,
         },
         Kind::HostToGuest {
             total: mib(256),
             chunk: 4096,
+            in_place: false,
         },
         Kind::HostToGuest {
             total: small,
             chunk: 64,
+            in_place: false,
+        },
+        Kind::HostToGuest {
+            total: mib(256),
+            chunk: 64 * 1024,
+            in_place: true,
         },
         Kind::PingPong {
             round_trips: 20_000,
@@ -623,7 +664,7 @@ fn main() {
     }
     println!();
     println!(
-        "{:<40} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
+        "{:<52} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
         "workload", "ours", "theirs", "theirs best", "x def", "x best", "ns/unit", "kicks/MiB"
     );
     let mut results = Vec::new();
@@ -659,7 +700,7 @@ fn main() {
             format!("{}", ours_median.kicks)
         };
         println!(
-            "{:<40} {:>14.1} {:>14.1} {:>14.1} {:>7.2}x {:>7.2}x {:>10.3} {:>12}",
+            "{:<52} {:>14.1} {:>14.1} {:>14.1} {:>7.2}x {:>7.2}x {:>10.3} {:>12}",
             kind.name(),
             ours_median.rate() / scale,
             default_median.rate() / scale,
