@@ -53,9 +53,14 @@ impl Sample {
 /// What a workload measures.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Kind {
+    /// `produced`: the application writes every byte before it sends it (a producer, not a
+    /// resend of an unchanged buffer): virtio-drivers' application fills its buffer and
+    /// sends it; ours writes in place (`send_with`). Without it both send one unchanged
+    /// buffer over and over, which the device thread then reads from a warm cache.
     GuestToHost {
         total: u64,
         write: usize,
+        produced: bool,
     },
     /// `in_place`: our driver takes the bytes where they arrived (`recv_with`) instead of
     /// copying them into a buffer; virtio-drivers, which has no such call, copies as
@@ -80,9 +85,20 @@ enum Kind {
 impl Kind {
     fn name(&self) -> String {
         match *self {
-            Kind::GuestToHost { total, write } => {
-                format!("guest->host {} MiB, {} writes", total >> 20, size(write))
-            }
+            Kind::GuestToHost {
+                total,
+                write,
+                produced,
+            } => format!(
+                "guest->host {} MiB, {} writes{}",
+                total >> 20,
+                size(write),
+                if produced {
+                    ", produced (ours in place)"
+                } else {
+                    ""
+                }
+            ),
             Kind::HostToGuest {
                 total,
                 chunk,
@@ -201,9 +217,17 @@ impl Ours {
         let kicks_before = device.kicks();
         let started = Instant::now();
         let units = match kind {
-            Kind::GuestToHost { total, write } => {
+            Kind::GuestToHost {
+                total,
+                write,
+                produced,
+            } => {
                 let socket = self.connect(&mut vsock, &device);
-                self.send_all(&mut vsock, socket, total, write);
+                if produced {
+                    self.produce_all(&mut vsock, socket, total, write);
+                } else {
+                    self.send_all(&mut vsock, socket, total, write);
+                }
                 // Bytes send took may still wait in the send buffer: poll until the
                 // host has them all.
                 wait_until(|| {
@@ -342,6 +366,39 @@ impl Ours {
         }
     }
 
+    /// `send_all` for a producing application: each write's bytes are written in place.
+    fn produce_all(
+        &self,
+        vsock: &mut VsockDevice<'_, BenchHal, BenchTransport>,
+        socket: SocketHandle,
+        total: u64,
+        write: usize,
+    ) {
+        let started = Instant::now();
+        let mut sent = 0u64;
+        while sent < total {
+            let left = write.min((total - sent) as usize);
+            let mut done = 0;
+            while done < left {
+                let offset = sent + done as u64;
+                let result = vsock.send_with(socket, |space| {
+                    let k = space.len().min(left - done);
+                    produce(&mut space[..k], offset);
+                    k
+                });
+                match result {
+                    Ok(k) => done += k,
+                    Err(Error::WouldBlock) => {
+                        vsock.poll(self.now());
+                        check_stuck(started, "our send_with");
+                    }
+                    Err(e) => panic!("our send_with: {e}"),
+                }
+            }
+            sent += left as u64;
+        }
+    }
+
     fn send_all(
         &self,
         vsock: &mut VsockDevice<'_, BenchHal, BenchTransport>,
@@ -386,9 +443,13 @@ fn their_run<const RX: usize>(kind: Kind, capacity: u32) -> Sample {
     let kicks_before = device.kicks();
     let started = Instant::now();
     let units = match kind {
-        Kind::GuestToHost { total, write } => {
+        Kind::GuestToHost {
+            total,
+            write,
+            produced,
+        } => {
             their_connect(&mut manager, 40000);
-            their_send_all(&mut manager, 40000, total, write);
+            their_send_all(&mut manager, 40000, total, write, produced);
             wait_until(|| device.counters.received.load(Ordering::Relaxed) >= total);
             total
         }
@@ -416,7 +477,7 @@ fn their_run<const RX: usize>(kind: Kind, capacity: u32) -> Sample {
             their_connect(&mut manager, 40000);
             let mut byte = [0u8; 1];
             for _ in 0..round_trips {
-                their_send_all(&mut manager, 40000, 1, 1);
+                their_send_all(&mut manager, 40000, 1, 1, false);
                 loop {
                     manager.poll().expect("their poll");
                     if manager
@@ -510,12 +571,28 @@ fn their_connect<const RX: usize>(manager: &mut Theirs<RX>, port: u32) {
     }
 }
 
-fn their_send_all<const RX: usize>(manager: &mut Theirs<RX>, port: u32, total: u64, write: usize) {
-    let chunk = vec![0xa5_u8; write];
+/// What a producing application writes: every byte of each write, a value per write.
+fn produce(buf: &mut [u8], offset: u64) {
+    buf.fill((offset / 4096) as u8);
+}
+
+fn their_send_all<const RX: usize>(
+    manager: &mut Theirs<RX>,
+    port: u32,
+    total: u64,
+    write: usize,
+    produced: bool,
+) {
+    let mut chunk = vec![0xa5_u8; write];
     let started = Instant::now();
     let mut sent = 0u64;
+    let mut filled = None;
     while sent < total {
         let n = write.min((total - sent) as usize);
+        if produced && filled != Some(sent) {
+            produce(&mut chunk[..n], sent);
+            filled = Some(sent);
+        }
         match manager.send(their_host(), port, &chunk[..n]) {
             Ok(()) => sent += n as u64,
             Err(virtio_drivers::Error::SocketDeviceError(
@@ -599,14 +676,27 @@ fn main() {
         Kind::GuestToHost {
             total: mib(256),
             write: 64 * 1024,
+            produced: false,
         },
         Kind::GuestToHost {
             total: mib(256),
             write: 4096,
+            produced: false,
         },
         Kind::GuestToHost {
             total: small,
             write: 64,
+            produced: false,
+        },
+        Kind::GuestToHost {
+            total: mib(256),
+            write: 64 * 1024,
+            produced: true,
+        },
+        Kind::GuestToHost {
+            total: mib(256),
+            write: 4096,
+            produced: true,
         },
         Kind::HostToGuest {
             total: mib(256),
@@ -664,7 +754,7 @@ fn main() {
     }
     println!();
     println!(
-        "{:<52} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
+        "{:<60} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
         "workload", "ours", "theirs", "theirs best", "x def", "x best", "ns/unit", "kicks/MiB"
     );
     let mut results = Vec::new();
@@ -700,7 +790,7 @@ fn main() {
             format!("{}", ours_median.kicks)
         };
         println!(
-            "{:<52} {:>14.1} {:>14.1} {:>14.1} {:>7.2}x {:>7.2}x {:>10.3} {:>12}",
+            "{:<60} {:>14.1} {:>14.1} {:>14.1} {:>7.2}x {:>7.2}x {:>10.3} {:>12}",
             kind.name(),
             ours_median.rate() / scale,
             default_median.rate() / scale,
