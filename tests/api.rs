@@ -2337,20 +2337,17 @@ fn scripted_clock<'s>(tick: &'s Cell<u64>, script: impl Fn(u64) + 's) -> impl Fn
     }
 }
 
-#[test]
-fn io_write_all_sends_rw_packets_within_the_peer_credit_and_waits_for_more() {
-    use embedded_io::Write;
-    let (transport, model) = new_transport();
-    let model = RefCell::new(model);
-    let mut storage = storage(2);
-    let (device, conn) = io_setup(&transport, &model, &mut storage, 1000);
+/// A host with 1000 bytes of receive buffer, for `scripted_clock`: it takes every packet
+/// the guest sent (into `sent`), counts the payload bytes in `received`, and reports them
+/// in a CREDIT_UPDATE three ticks after the last data arrived.
+fn crediting_host<'s>(
+    model: &'s RefCell<DeviceModel>,
+    received: &'s Cell<u32>,
+    sent: &'s RefCell<Vec<Packet>>,
+) -> impl Fn(u64) + 's {
     let tuple = Tuple::host();
-    let sent = RefCell::new(Vec::new());
-    // The host reads what arrives and reports it in a CREDIT_UPDATE three ticks later.
-    let received = Cell::new(0u32);
     let update_due = Cell::new(None::<u64>);
-    let tick = Cell::new(0);
-    let clock = scripted_clock(&tick, |now| {
+    move |now| {
         let mut model = model.borrow_mut();
         for packet in model.drain_tx() {
             if packet.header.op == Op::Rw as u16 {
@@ -2368,7 +2365,22 @@ fn io_write_all_sends_rw_packets_within_the_peer_credit_and_waits_for_more() {
             };
             model.deliver(&update, &[]).unwrap();
         }
-    });
+    }
+}
+
+#[test]
+fn io_write_all_sends_rw_packets_within_the_peer_credit_and_waits_for_more() {
+    use embedded_io::Write;
+    let (transport, model) = new_transport();
+    let model = RefCell::new(model);
+    let mut storage = storage(2);
+    let (device, conn) = io_setup(&transport, &model, &mut storage, 1000);
+    let tuple = Tuple::host();
+    let sent = RefCell::new(Vec::new());
+    // The host reads what arrives and reports it in a CREDIT_UPDATE three ticks later.
+    let received = Cell::new(0u32);
+    let tick = Cell::new(0);
+    let clock = scripted_clock(&tick, crediting_host(&model, &received, &sent));
     let mut stream = BlockingStream::new(&device, conn, clock);
     assert_eq!(stream.handle(), conn);
     let data = pattern(2500);
@@ -2408,29 +2420,11 @@ fn io_write_all_fills_the_send_buffer_and_flush_waits_until_it_went_out() {
         ..test_config()
     };
     let (device, conn) = io_setup_with(&transport, &model, &mut storage, 1000, config);
-    let tuple = Tuple::host();
     // The host reads what arrives and reports it in a CREDIT_UPDATE three ticks later.
     let received = Cell::new(0u32);
-    let update_due = Cell::new(None::<u64>);
+    let sent = RefCell::new(Vec::new());
     let tick = Cell::new(0);
-    let clock = scripted_clock(&tick, |now| {
-        let mut model = model.borrow_mut();
-        for packet in model.drain_tx() {
-            if packet.header.op == Op::Rw as u16 {
-                received.set(received.get() + packet.header.len);
-                update_due.set(Some(now + 3));
-            }
-        }
-        if update_due.get().is_some_and(|due| now >= due) {
-            update_due.set(None);
-            let update = Header {
-                buf_alloc: 1000,
-                fwd_cnt: received.get(),
-                ..tuple.peer_sends(Op::CreditUpdate)
-            };
-            model.deliver(&update, &[]).unwrap();
-        }
-    });
+    let clock = scripted_clock(&tick, crediting_host(&model, &received, &sent));
     let mut stream = BlockingStream::new(&device, conn, clock);
     let data = pattern(2500);
     // 1000 bytes of credit and 1500 into the send buffer: write_all polls once and
