@@ -501,7 +501,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             // A long send keeps the device busy as it goes (B8).
             self.device.flush_tx_batch();
         }
-        self.after_send(index, sent, sent == 0)
+        self.after_send(index, sent)
     }
 
     /// Sends bytes written in place: `write` gets free space in transmit memory (the DMA
@@ -518,7 +518,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let n = self
             .sockets
             .append(index, &mut self.device, usize::MAX, write);
-        self.after_send(index, n, n == 0)
+        self.after_send(index, n)
     }
 
     /// Bytes `send` took that wait for the peer's credit (or a free descriptor) and have
@@ -560,10 +560,13 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         Ok(usize::from(handle.index))
     }
 
-    /// After `sent` bytes were taken (`refused`: none of the caller's were): asks for credit
-    /// when blocked on it (B29), notifies the device (B8), and gives the caller its result.
-    fn after_send(&mut self, index: usize, sent: usize, refused: bool) -> Result<usize> {
-        if self.sockets.ask_credit_if_blocked(index, refused, self.now) {
+    /// After `sent` bytes were taken: asks for credit when blocked on it (B29), notifies
+    /// the device (B8), and gives the caller its result.
+    fn after_send(&mut self, index: usize, sent: usize) -> Result<usize> {
+        if self
+            .sockets
+            .ask_credit_if_blocked(index, sent == 0, self.now)
+        {
             self.sockets.drain_pending(&mut self.device);
         }
         // One send is one batch (B8): the device hears of it now, if it asked to. With
@@ -739,12 +742,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 // take bytes or because it fails at once (as poll(2) reports POLLOUT).
                 let send_fails = matches!(conn.state, State::Closed | State::Closing { .. })
                     || conn.sending_shut();
-                let send_takes = conn.state == State::Connected
-                    && sockets.slots[usize::from(handle.index)].send_queue.room(
-                        &self.device,
-                        conn,
-                        sockets.config.send_buffer,
-                    ) > 0;
+                let send_takes = self.send_room(handle)? > 0;
                 if send_fails || send_takes {
                     ready |= Readiness::WRITABLE;
                 }
