@@ -1195,7 +1195,10 @@ mod regressions {
     /// bytes never left (B29: data that waits keeps a probe armed, and the probe asks
     /// whenever no request is outstanding).
     #[test]
-    #[cfg_attr(miri, ignore = "minutes under Miri; protocol logic, no unsafe path of its own")]
+    #[cfg_attr(
+        miri,
+        ignore = "minutes under Miri; protocol logic, no unsafe path of its own"
+    )]
     fn waiting_packet_larger_than_the_credit_returned() {
         let setup = Setup {
             tx_packet_size: 100,
@@ -1240,7 +1243,10 @@ mod regressions {
     /// The send buffer: the host shrank its window below a packet that waited, which
     /// then could never go whole (B25: it goes in parts within the credit).
     #[test]
-    #[cfg_attr(miri, ignore = "minutes under Miri; protocol logic, no unsafe path of its own")]
+    #[cfg_attr(
+        miri,
+        ignore = "minutes under Miri; protocol logic, no unsafe path of its own"
+    )]
     fn host_window_shrinks_below_a_waiting_packet() {
         let setup = Setup {
             tx_packet_size: 1000,
