@@ -352,16 +352,6 @@ impl<H: Hal> RxQueue<H> {
         })
     }
 
-    /// Number of descriptors (and buffers).
-    pub fn size(&self) -> u16 {
-        self.rings.size
-    }
-
-    /// Bytes per buffer.
-    pub fn buffer_size(&self) -> usize {
-        self.buffer_size
-    }
-
     /// Notifications sent to the device so far.
     pub fn kicks(&self) -> u64 {
         self.rings.kicks
