@@ -507,12 +507,6 @@ impl<H: Hal> TxQueue<H> {
         self.free_chunks
     }
 
-    fn chunk_in_use(&self, chunk: usize) -> bool {
-        self.in_use
-            .get(chunk / 64)
-            .is_some_and(|word| word & (1 << (chunk % 64)) != 0)
-    }
-
     fn mark(&mut self, first: usize, chunks: usize, in_use: bool) {
         let end = first + chunks;
         let mut chunk = first;
@@ -580,8 +574,8 @@ impl<H: Hal> TxQueue<H> {
             if chunk >= self.chunk_count {
                 chunk = 0;
             }
-            if self.chunk_in_use(chunk) {
-                let used = self.used_run_from(chunk).max(1);
+            let used = self.used_run_from(chunk);
+            if used > 0 {
                 chunk += used;
                 scanned += used;
                 continue;
