@@ -608,9 +608,9 @@ fn their_send_all<const RX: usize>(
 
 // ---------------------------------------------------------------- reporting
 
-fn median(samples: &mut [Sample]) -> Sample {
+fn median(samples: &mut [Sample]) -> Option<Sample> {
     samples.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
-    samples[samples.len() / 2]
+    samples.get(samples.len() / 2).copied()
 }
 
 /// The time a plain memcpy takes for `total` bytes in copies of `block` bytes, from one
@@ -637,6 +637,14 @@ struct Options {
     scale: u64,
     json: Option<String>,
     only: Option<String>,
+    /// Which drivers run: any of `ours`, `theirs`, `theirs-best` (all by default).
+    drivers: Vec<String>,
+}
+
+impl Options {
+    fn runs(&self, driver: &str) -> bool {
+        self.drivers.is_empty() || self.drivers.iter().any(|d| d == driver)
+    }
 }
 
 fn options() -> Options {
@@ -645,6 +653,7 @@ fn options() -> Options {
         scale: 1,
         json: None,
         only: None,
+        drivers: Vec::new(),
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -656,6 +665,14 @@ fn options() -> Options {
             "--full" => options.scale = 0,
             "--json" => options.json = args.next(),
             "--only" => options.only = args.next(),
+            "--driver" => {
+                options.drivers = args
+                    .next()
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::to_owned)
+                    .collect()
+            }
             _ => {} // cargo bench passes --bench
         }
     }
@@ -772,47 +789,57 @@ fn main() {
         let mut default_samples = Vec::new();
         let mut best_samples = Vec::new();
         for _ in 0..options.repetitions {
-            ours_samples.push(ours.run(*kind));
-            default_samples.push(their_run::<512>(*kind, 1024));
-            best_samples.push(their_run::<THEIR_BEST_RX>(*kind, THEIR_BEST_CAPACITY));
+            if options.runs("ours") {
+                ours_samples.push(ours.run(*kind));
+            }
+            if options.runs("theirs") {
+                default_samples.push(their_run::<512>(*kind, 1024));
+            }
+            if options.runs("theirs-best") {
+                best_samples.push(their_run::<THEIR_BEST_RX>(*kind, THEIR_BEST_CAPACITY));
+            }
         }
         let ours_median = median(&mut ours_samples);
         let default_median = median(&mut default_samples);
         let best_median = median(&mut best_samples);
         let scale = kind.scale();
-        let per_unit_ns = ours_median.seconds * 1e9 / ours_median.units as f64;
-        let kicks_per_mib = if kind.unit() == "MiB/s" {
-            format!(
-                "{:.1}",
-                ours_median.kicks as f64 / (ours_median.units as f64 / (1 << 20) as f64)
-            )
-        } else {
-            format!("{}", ours_median.kicks)
+        let rate = |sample: Option<Sample>| sample.map(|s| s.rate() / scale);
+        let ratio = |theirs: Option<Sample>| Some(ours_median?.rate() / theirs?.rate());
+        let per_unit_ns = ours_median.map(|s| s.seconds * 1e9 / s.units as f64);
+        let kicks_per_mib = ours_median.map(|s| {
+            if kind.unit() == "MiB/s" {
+                s.kicks as f64 / (s.units as f64 / (1 << 20) as f64)
+            } else {
+                s.kicks as f64
+            }
+        });
+        let show = |value: Option<f64>, precision: usize, suffix: &str| {
+            value.map_or_else(|| "-".to_owned(), |v| format!("{v:.precision$}{suffix}"))
         };
         println!(
-            "{:<60} {:>14.1} {:>14.1} {:>14.1} {:>7.2}x {:>7.2}x {:>10.3} {:>12}",
+            "{:<60} {:>14} {:>14} {:>14} {:>8} {:>8} {:>10} {:>12}",
             kind.name(),
-            ours_median.rate() / scale,
-            default_median.rate() / scale,
-            best_median.rate() / scale,
-            ours_median.rate() / default_median.rate(),
-            ours_median.rate() / best_median.rate(),
-            per_unit_ns,
-            kicks_per_mib
+            show(rate(ours_median), 1, ""),
+            show(rate(default_median), 1, ""),
+            show(rate(best_median), 1, ""),
+            show(ratio(default_median), 2, "x"),
+            show(ratio(best_median), 2, "x"),
+            show(per_unit_ns, 3, ""),
+            show(kicks_per_mib, 1, "")
         );
         results.push(serde_json::json!({
             "workload": kind.name(),
             "unit": kind.unit(),
-            "ours": ours_median.rate() / scale,
-            "theirs_default": default_median.rate() / scale,
-            "theirs_best": best_median.rate() / scale,
-            "ratio_default": ours_median.rate() / default_median.rate(),
-            "ratio_best": ours_median.rate() / best_median.rate(),
+            "ours": rate(ours_median),
+            "theirs_default": rate(default_median),
+            "theirs_best": rate(best_median),
+            "ratio_default": ratio(default_median),
+            "ratio_best": ratio(best_median),
             "ours_ns_per_unit": per_unit_ns,
-            "ours_packets": ours_median.packets,
-            "ours_kicks": ours_median.kicks,
-            "theirs_default_kicks": default_median.kicks,
-            "theirs_best_kicks": best_median.kicks,
+            "ours_packets": ours_median.map(|s| s.packets),
+            "ours_kicks": ours_median.map(|s| s.kicks),
+            "theirs_default_kicks": default_median.map(|s| s.kicks),
+            "theirs_best_kicks": best_median.map(|s| s.kicks),
         }));
     }
     println!("\nunits: MiB/s for transfers (ns/unit = ns per byte), operations per second otherwise (ns/unit = ns per operation); x = ours / theirs");

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 /// Runs the host benchmark (`benches/host/`), printing its table and writing
 /// `target/bench/host.json`.
-pub fn host(quick: bool, full: bool, only: Option<&str>) -> Result<()> {
+pub fn host(quick: bool, full: bool, only: Option<&str>, drivers: &[String]) -> Result<()> {
     let dir = project_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
     let json = dir.join("host.json");
@@ -33,6 +33,9 @@ pub fn host(quick: bool, full: bool, only: Option<&str>) -> Result<()> {
     }
     if let Some(only) = only {
         command.args(["--only", only]);
+    }
+    if !drivers.is_empty() {
+        command.args(["--driver", &drivers.join(",")]);
     }
     process::run(&mut command)
 }

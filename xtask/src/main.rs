@@ -96,7 +96,7 @@ enum Command {
         /// `qemu` only: one accelerator; by default TCG, and KVM too when /dev/kvm opens.
         #[arg(long, value_enum)]
         accel: Option<Accel>,
-        /// `qemu` only: run only these drivers (ours, theirs, theirs-best; default all).
+        /// Run only these drivers (ours, theirs, theirs-best; default all).
         #[arg(long = "driver", value_delimiter = ',')]
         drivers: Vec<String>,
         /// `qemu` only: runs per workload (default 1 with --quick, 5 with --full, else 3).
@@ -172,9 +172,10 @@ fn run(command: Command) -> Result<ExitCode> {
             quick,
             full,
             only,
+            drivers,
             ..
         } => {
-            bench::host(quick, full, only.as_deref())?;
+            bench::host(quick, full, only.as_deref(), &drivers)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
