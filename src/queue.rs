@@ -234,15 +234,19 @@ impl<H: Hal> SplitRing<H> {
         }
     }
 
-    /// Gives descriptor `id` to the device. The device sees it at once; it is notified by
-    /// [`SplitRing::notify_if_needed`].
+    /// Gives descriptor `id` to the device: it sees it once [`SplitRing::notify_if_needed`]
+    /// publishes the index (once per batch: the device reads that cache line).
     fn post(&mut self, id: u16) {
         debug_assert!(id < self.size && !self.is_posted(id));
         self.set_posted(id, true);
         let slot = usize::from(self.avail_idx % self.size);
         self.write_ring_u16(self.avail_offset + 4 + 2 * slot, id);
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        // The ring entry (and the buffer behind it) must be visible before the index.
+    }
+
+    /// Lets the device see every posted descriptor, without notifying it.
+    fn publish(&mut self) {
+        // The ring entries (and the buffers behind them) must be visible before the index.
         fence(Ordering::Release);
         self.write_ring_u16(self.avail_offset + 2, self.avail_idx);
     }
@@ -288,14 +292,15 @@ impl<H: Hal> SplitRing<H> {
         self.avail_idx.wrapping_sub(self.notified_avail_idx)
     }
 
-    /// Notifies the device of buffers posted since the last call, unless it asked not to be
-    /// notified (B8). Returns whether it notified.
+    /// Publishes the buffers posted since the last call and notifies the device of them,
+    /// unless it asked not to be notified (B8). Returns whether it notified.
     fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
         let new = self.avail_idx;
         let old = self.notified_avail_idx;
         if new == old {
             return false;
         }
+        self.publish();
         self.notified_avail_idx = new;
         // The index write must be visible before we read the device's suppression state.
         fence(Ordering::SeqCst);
@@ -357,11 +362,12 @@ impl<H: Hal> RxQueue<H> {
         self.rings.kicks
     }
 
-    /// Posts every buffer (at start-up).
+    /// Posts and publishes every buffer (at start-up, before DRIVER_OK: B3).
     pub fn post_all(&mut self) {
         for id in 0..self.rings.size {
             self.repost(id);
         }
+        self.rings.publish();
     }
 
     /// Posts buffer `id` again after its contents were consumed.
@@ -711,8 +717,9 @@ mod tests {
         buffers.iter().map(|b| (b.first, b.chunks)).collect()
     }
 
-    /// Plays the device: returns every posted descriptor as used, in the order posted.
-    fn complete_all(transport: &FakeTransport, queue: &mut TxQueue<FakeHal>) -> usize {
+    /// Plays the device: returns every published descriptor as used, in the order posted.
+    fn complete_all(transport: &mut FakeTransport, queue: &mut TxQueue<FakeHal>) -> usize {
+        queue.notify_if_needed(transport);
         let mut model = crate::testing::DeviceModel::new(transport);
         let taken = core::iter::from_fn(|| model.pop_tx_bytes()).count();
         let mut reclaimed = 0;
@@ -777,13 +784,13 @@ mod tests {
 
     #[test]
     fn allocation_goes_on_after_the_last_one_and_wraps() {
-        let (transport, mut queue) = tx_queue(8, 10 * TX_CHUNK);
+        let (mut transport, mut queue) = tx_queue(8, 10 * TX_CHUNK);
         let first = queue.alloc(1, 4 * TX_CHUNK).unwrap();
         queue.submit(first, 100).unwrap();
         let second = queue.alloc(1, 4 * TX_CHUNK).unwrap();
         assert_eq!(second.first, 4);
         queue.submit(second, 100).unwrap();
-        assert_eq!(complete_all(&transport, &mut queue), 2);
+        assert_eq!(complete_all(&mut transport, &mut queue), 2);
         // Chunks 0..8 are free again, but the next allocation starts at 8: the two chunks
         // there are too few for four, so it wraps to the start.
         let third = queue.alloc(1, 4 * TX_CHUNK).unwrap();
@@ -794,7 +801,7 @@ mod tests {
 
     #[test]
     fn submitted_packets_hold_descriptors_until_the_device_returns_them() {
-        let (transport, mut queue) = tx_queue(2, 8 * TX_CHUNK);
+        let (mut transport, mut queue) = tx_queue(2, 8 * TX_CHUNK);
         for _ in 0..2 {
             let buffer = queue.alloc(1, 1).unwrap();
             queue.buffer_mut(&buffer)[..3].copy_from_slice(b"abc");
@@ -805,6 +812,7 @@ mod tests {
         let third = queue.submit(third, 3).unwrap_err();
         queue.release(third);
         assert_eq!(queue.free_chunks(), 6);
+        queue.notify_if_needed(&mut transport);
         let mut model = crate::testing::DeviceModel::new(&transport);
         assert_eq!(model.pop_tx_bytes(), Some(Ok(b"abc".to_vec())));
         assert_eq!(queue.reclaim_one(), Some(Ok(())));
@@ -845,6 +853,32 @@ mod tests {
         queue.release(foreign);
         assert_eq!(queue.free_chunks(), 4);
         assert_eq!(other.free_chunks(), 3);
+    }
+
+    #[test]
+    fn reposted_buffers_reach_the_device_once_per_batch() {
+        let mut transport = FakeTransport::new(3, FEATURES);
+        let mut queue = RxQueue::<FakeHal>::new(&mut transport, 0, 8, 64, false).unwrap();
+        queue.post_all();
+        let mut model = crate::testing::DeviceModel::new(&transport);
+        assert_eq!(model.available(0), 8, "start-up publishes every buffer");
+        for _ in 0..3 {
+            model.deliver_raw(&[0; 8], 8).unwrap();
+        }
+        assert_eq!(model.available(0), 5);
+        for _ in 0..3 {
+            let Some(Ok(Used { id, .. })) = queue.pop_used() else {
+                panic!("three buffers came back");
+            };
+            queue.repost(id);
+        }
+        assert_eq!(model.available(0), 5, "reposts wait for the batch to end");
+        assert!(queue.notify_if_needed(&mut transport));
+        assert_eq!(model.available(0), 8);
+        assert!(
+            !queue.notify_if_needed(&mut transport),
+            "nothing new to publish"
+        );
     }
 
     #[test]
