@@ -125,6 +125,9 @@ struct SplitRing<H: Hal> {
     notified_avail_idx: u16,
     /// Next used-ring entry to read (free-running).
     last_used_idx: u16,
+    /// The device's used index as last read: entries up to it are taken without reading
+    /// the index again (the device writes that cache line with every entry).
+    seen_used_idx: u16,
     /// `last_used_idx` when `used_event` was last written.
     used_event_base: u16,
     kicks: u64,
@@ -162,6 +165,7 @@ impl<H: Hal> SplitRing<H> {
             avail_idx: 0,
             notified_avail_idx: 0,
             last_used_idx: 0,
+            seen_used_idx: 0,
             used_event_base: 0,
             kicks: 0,
         };
@@ -266,12 +270,15 @@ impl<H: Hal> SplitRing<H> {
     /// the driver's again) and the length the device claims. `Err` carries an id that was
     /// out of range or not posted.
     fn pop_used(&mut self) -> Option<Result<(u16, u32), u32>> {
-        let used_idx = self.read_used_u16(self.used_offset + 2);
-        if used_idx == self.last_used_idx {
-            return None;
+        if self.seen_used_idx == self.last_used_idx {
+            let used_idx = self.read_used_u16(self.used_offset + 2);
+            if used_idx == self.last_used_idx {
+                return None;
+            }
+            // Read the entries (and later the buffers) only after seeing the index.
+            fence(Ordering::Acquire);
+            self.seen_used_idx = used_idx;
         }
-        // Read the entry (and later the buffer) only after seeing the index.
-        fence(Ordering::Acquire);
         let slot = usize::from(self.last_used_idx % self.size);
         let entry = self.used_offset + 4 + 8 * slot;
         let raw_id = self.read_used_u32(entry);
@@ -285,6 +292,16 @@ impl<H: Hal> SplitRing<H> {
         };
         self.set_posted(id, false);
         Some(Ok((id, raw_len)))
+    }
+
+    /// The raw id of the next used entry, when the index last read already covers it
+    /// (unchecked: only a hint).
+    fn peek_used_id(&self) -> Option<u32> {
+        if self.seen_used_idx == self.last_used_idx {
+            return None;
+        }
+        let slot = usize::from(self.last_used_idx % self.size);
+        Some(self.read_used_u32(self.used_offset + 4 + 8 * slot))
     }
 
     /// Buffers posted since the last notification decision.
@@ -317,6 +334,27 @@ impl<H: Hal> SplitRing<H> {
         }
         needed
     }
+}
+
+/// Asks the CPU to start loading the cache line at `addr` (a hint: nothing is read).
+#[inline(always)]
+fn prefetch(addr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch does not access memory architecturally; any address is allowed.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(addr.cast())
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: PRFM is a hint: it neither faults nor changes memory or flags.
+    unsafe {
+        core::arch::asm!(
+            "prfm pldl1keep, [{addr}]",
+            addr = in(reg) addr,
+            options(nostack, readonly, preserves_flags)
+        )
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = addr;
 }
 
 /// A queue whose device writes into a fixed pool of equally sized buffers (rx, events).
@@ -378,9 +416,17 @@ impl<H: Hal> RxQueue<H> {
     }
 
     /// Takes the next entry of the used ring, if any, and checks it (B6). A bad entry is
-    /// reported (and consumed); the caller decides what to log.
+    /// reported (and consumed); the caller decides what to log. The start of the buffer
+    /// after it, when the device already returned that one too, is fetched into the cache
+    /// meanwhile.
     pub fn pop_used(&mut self) -> Option<Result<Used, BadUsed>> {
-        Some(match self.rings.pop_used()? {
+        let entry = self.rings.pop_used()?;
+        if let Some(next) = self.rings.peek_used_id() {
+            if next < u32::from(self.rings.size) {
+                prefetch(self.buffers.at::<u8>(next as usize * self.buffer_size));
+            }
+        }
+        Some(match entry {
             Err(raw_id) => Err(BadUsed::UnknownId(raw_id)),
             Ok((id, len)) if len as usize > self.buffer_size => Err(BadUsed::TooLong { id, len }),
             Ok((id, len)) => Ok(Used {
