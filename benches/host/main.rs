@@ -42,6 +42,11 @@ struct Sample {
     packets: u64,
     /// Notifications the driver sent.
     kicks: u64,
+    /// Ours, host→guest: the time spent in the driver calls that moved data (a `recv`
+    /// that returned bytes, a `poll` that received some), without the waits for the
+    /// device thread in between. The wall time of these rows is mostly the device
+    /// thread's, which writes every byte into the receive buffers.
+    busy_seconds: Option<f64>,
 }
 
 impl Sample {
@@ -215,6 +220,7 @@ impl Ours {
         )
         .expect("our bring-up");
         let kicks_before = device.kicks();
+        let mut busy_seconds = None;
         let started = Instant::now();
         let units = match kind {
             Kind::GuestToHost {
@@ -244,21 +250,33 @@ impl Ours {
                 let socket = self.connect(&mut vsock, &device);
                 let mut buf = vec![0u8; chunk.max(1)];
                 let mut got = 0;
+                let mut busy = Duration::ZERO;
                 while got < total {
+                    let call = Instant::now();
                     let read = if in_place {
                         vsock.recv_with(socket, |bytes| bytes.len().min(chunk))
                     } else {
                         vsock.recv(socket, &mut buf)
                     };
                     match read {
-                        Ok(n) => got += n as u64,
+                        Ok(n) => {
+                            busy += call.elapsed();
+                            got += n as u64;
+                        }
                         Err(Error::WouldBlock) => {
-                            vsock.poll(self.now());
+                            let waiting = vsock.recv_queue(socket).unwrap_or(0);
+                            let now = self.now();
+                            let call = Instant::now();
+                            vsock.poll(now);
+                            if vsock.recv_queue(socket).unwrap_or(0) > waiting {
+                                busy += call.elapsed();
+                            }
                             check_stuck(started, "our host->guest");
                         }
                         Err(e) => panic!("our recv: {e}"),
                     }
                 }
+                busy_seconds = Some(busy.as_secs_f64());
                 total
             }
             Kind::PingPong { round_trips } => {
@@ -326,6 +344,7 @@ impl Ours {
             packets: device.counters.packets_from_guest.load(Ordering::Relaxed)
                 + device.counters.packets_to_guest.load(Ordering::Relaxed),
             kicks: device.kicks() - kicks_before,
+            busy_seconds,
         };
         // The device must stop touching the rings before the driver frees them.
         let mut device = device;
@@ -547,6 +566,7 @@ fn their_run<const RX: usize>(kind: Kind, capacity: u32) -> Sample {
         packets: device.counters.packets_from_guest.load(Ordering::Relaxed)
             + device.counters.packets_to_guest.load(Ordering::Relaxed),
         kicks: device.kicks() - kicks_before,
+        busy_seconds: None,
     };
     // The device must stop touching the rings before the driver frees them.
     let mut device = device;
@@ -759,9 +779,11 @@ fn main() {
         "host benchmark: median of {} runs each, A/B alternating, device on its own thread",
         options.repetitions
     );
+    let mut memcpy_ns_per_byte = Vec::new();
     for block in [64 * 1024, 4096, 64] {
         let total = if block == 64 { small } else { mib(256) };
         let seconds = memcpy_seconds(total, block);
+        memcpy_ns_per_byte.push((block, seconds * 1e9 / total as f64));
         println!(
             "reference: memcpy in {} blocks: {:.3} ns/byte ({:.0} MiB/s)",
             size(block),
@@ -827,8 +849,25 @@ fn main() {
             show(per_unit_ns, 3, ""),
             show(kicks_per_mib, 1, "")
         );
+        // The driver's own time per byte against a memcpy in blocks of the packet size.
+        let own = ours_median.and_then(|s| Some(s.busy_seconds? * 1e9 / s.units as f64));
+        let reference = match kind {
+            Kind::HostToGuest { chunk, .. } => memcpy_ns_per_byte
+                .iter()
+                .find(|(block, _)| *block == *chunk)
+                .map(|(_, ns)| *ns),
+            _ => None,
+        };
+        if let (Some(own_ns), Some(memcpy_ns)) = (own, reference) {
+            println!(
+                "    our driver's own time in that row (calls that moved data, not the waits for the device): {own_ns:.3} ns/byte, {:.2}x the memcpy reference",
+                own_ns / memcpy_ns
+            );
+        }
         results.push(serde_json::json!({
             "workload": kind.name(),
+            "ours_own_ns_per_byte": own,
+            "memcpy_ns_per_byte": reference,
             "unit": kind.unit(),
             "ours": rate(ours_median),
             "theirs_default": rate(default_median),
