@@ -281,7 +281,7 @@ impl Ours {
                         Err(e) => panic!("our recv: {e}"),
                     }
                 }
-                busy_seconds = timed.then(|| busy.as_secs_f64());
+                busy_seconds = timed.then_some(busy.as_secs_f64());
                 total
             }
             Kind::PingPong { round_trips } => {
