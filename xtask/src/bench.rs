@@ -793,9 +793,130 @@ struct Plan<'a> {
     guest_args: &'a str,
 }
 
-/// Runs every workload on one driver, booting a fresh guest after a failure; returns one
-/// outcome per workload.
-/// One driver's results.
+/// One round of one driver: one outcome per workload (`None` for a workload it skipped).
+struct DriverRound {
+    outcomes: Vec<Option<Outcome>>,
+    /// The guest's memory reference from its first boot.
+    reference: Option<Reference>,
+    /// How the guest described its driver.
+    description: Option<String>,
+}
+
+/// Runs every workload not in `skip` once on one driver, booting a fresh guest after a
+/// failure.
+fn run_driver_round(
+    plan: &Plan<'_>,
+    accel: Accel,
+    driver: Driver,
+    round: usize,
+    skip: &[bool],
+) -> DriverRound {
+    let Plan {
+        machine,
+        workloads,
+        pattern,
+        limit,
+        ..
+    } = *plan;
+    let mut outcomes = Vec::new();
+    let mut reference = None;
+    let mut description = None;
+    let mut vm: Option<BenchVm> = None;
+    for (index, &workload) in workloads.iter().enumerate() {
+        if skip.get(index).copied().unwrap_or(false) {
+            outcomes.push(None);
+            continue;
+        }
+        if vm.is_none() {
+            let run = format!("bench-{accel}-{machine}-{}-r{round}-w{index}", driver.arg);
+            let started = Instant::now();
+            match BenchVm::boot(plan, accel, driver, &run) {
+                Ok(booted) => {
+                    let rate = |r: Option<f64>| r.map_or("?".into(), |r| format!("{r:.0} MiB/s"));
+                    println!(
+                        "  {accel}/{}: guest up in {:.1}s; in the guest: pattern fill {}, memcpy {}",
+                        driver.arg,
+                        started.elapsed().as_secs_f64(),
+                        rate(booted.reference.map(|r| r.fill_mib_s)),
+                        rate(booted.reference.map(|r| r.copy_mib_s)),
+                    );
+                    reference = reference.or(booted.reference);
+                    description = description.or(booted.description.clone());
+                    vm = Some(booted);
+                }
+                Err(e) => {
+                    let error = format!("boot failed: {e:#}");
+                    println!("  {accel}/{}: {error}", driver.arg);
+                    outcomes.extend((index..workloads.len()).map(|i| {
+                        (!skip.get(i).copied().unwrap_or(false)).then(|| Err(error.clone()))
+                    }));
+                    return DriverRound {
+                        outcomes,
+                        reference,
+                        description,
+                    };
+                }
+            }
+        }
+        let Some(running) = vm.as_mut() else {
+            break;
+        };
+        let seq = (index * 100 + round) as u32;
+        let outcome = run_workload(running, workload, seq, pattern, limit);
+        match &outcome {
+            Ok(run) => {
+                let values: Vec<String> = workload
+                    .metrics()
+                    .iter()
+                    .zip(&run.values)
+                    .map(|(metric, value)| format!("{value:.1} {}", metric.unit))
+                    .collect();
+                println!(
+                    "  {accel}/{}: {}: {} in {:.2}s; kicks per {}: rx {:.2}, tx {:.2}{}",
+                    driver.arg,
+                    workload.name(),
+                    values.join(", "),
+                    run.seconds,
+                    workload.kick_unit(),
+                    run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
+                    run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN),
+                    run.partial
+                        .as_ref()
+                        .map_or(String::new(), |note| format!(" (PARTIAL: {note})")),
+                );
+            }
+            Err(e) => {
+                println!(
+                    "  {accel}/{}: {}: FAILED: {e:#}",
+                    driver.arg,
+                    workload.name()
+                );
+                let log = running.guest.serial_log();
+                let tail: Vec<&str> = log.lines().rev().take(8).collect();
+                for line in tail.iter().rev() {
+                    println!("      guest: {line}");
+                }
+                // Whatever state the guest is in, the next workload gets a fresh one. (A
+                // run stopped at the limit ends its connection like any other.)
+                running.stop();
+                vm = None;
+            }
+        }
+        outcomes.push(Some(outcome.map_err(|e| format!("{e:#}"))));
+    }
+    if let Some(running) = vm {
+        if let Err(e) = running.exit() {
+            println!("  {accel}/{}: exit: {e:#}", driver.arg);
+        }
+    }
+    DriverRound {
+        outcomes,
+        reference,
+        description,
+    }
+}
+
+/// One driver's results over every round.
 struct DriverResults {
     /// One per workload.
     outcomes: Vec<Outcome>,
@@ -805,129 +926,70 @@ struct DriverResults {
     description: Option<String>,
 }
 
-fn run_driver(plan: &Plan<'_>, accel: Accel, driver: Driver) -> DriverResults {
-    let Plan {
-        machine,
-        workloads,
-        pattern,
-        limit,
-        repetitions,
-        ..
-    } = *plan;
-    let mut outcomes = Vec::new();
-    let mut reference = None;
-    let mut description = None;
-    let mut vm: Option<BenchVm> = None;
-    let mut boots = 0;
-    for (index, &workload) in workloads.iter().enumerate() {
-        let mut runs: Vec<Run> = Vec::new();
-        let mut failure = None;
-        for repetition in 0..repetitions {
-            if vm.is_none() {
-                boots += 1;
-                let run = format!("bench-{accel}-{machine}-{}-{boots}", driver.arg);
-                let started = Instant::now();
-                match BenchVm::boot(plan, accel, driver, &run) {
-                    Ok(booted) => {
-                        let rate =
-                            |r: Option<f64>| r.map_or("?".into(), |r| format!("{r:.0} MiB/s"));
-                        println!(
-                            "  {accel}/{}: guest up in {:.1}s; in the guest: pattern fill {}, memcpy {}",
-                            driver.arg,
-                            started.elapsed().as_secs_f64(),
-                            rate(booted.reference.map(|r| r.fill_mib_s)),
-                            rate(booted.reference.map(|r| r.copy_mib_s)),
-                        );
-                        reference = reference.or(booted.reference);
-                        description = description.or(booted.description.clone());
-                        vm = Some(booted);
-                    }
-                    Err(e) => {
-                        let error = format!("boot failed: {e:#}");
-                        println!("  {accel}/{}: {error}", driver.arg);
-                        outcomes.extend(workloads[index..].iter().map(|_| Err(error.clone())));
-                        return DriverResults {
-                            outcomes,
-                            reference,
-                            description,
-                        };
-                    }
-                }
-            }
-            let Some(running) = vm.as_mut() else {
-                break;
+/// Runs `plan.repetitions` rounds; each round runs every selected driver once through
+/// every workload, one driver after the other, so that a slow spell of the machine
+/// (this VM has them, lasting seconds to minutes) falls on every driver's runs alike
+/// rather than on all runs of one. A workload that failed, or stopped at the time limit,
+/// is not run again for that driver. Returns one `DriverResults` per entry of `drivers`
+/// (`None`: not selected).
+fn run_rounds(plan: &Plan<'_>, accel: Accel, drivers: &[Option<Driver>]) -> Vec<DriverResults> {
+    let workloads = plan.workloads.len();
+    let mut runs: Vec<Vec<Vec<Run>>> = drivers
+        .iter()
+        .map(|_| vec![Vec::new(); workloads])
+        .collect();
+    let mut failures: Vec<Vec<Option<String>>> =
+        drivers.iter().map(|_| vec![None; workloads]).collect();
+    let mut references: Vec<Option<Reference>> = drivers.iter().map(|_| None).collect();
+    let mut descriptions: Vec<Option<String>> = drivers.iter().map(|_| None).collect();
+    for round in 0..plan.repetitions {
+        for (slot, driver) in drivers.iter().enumerate() {
+            let Some(driver) = *driver else {
+                continue;
             };
-            let seq = (index * 100 + repetition) as u32;
-            let outcome = run_workload(running, workload, seq, pattern, limit);
-            match &outcome {
-                Ok(run) => {
-                    let values: Vec<String> = workload
-                        .metrics()
-                        .iter()
-                        .zip(&run.values)
-                        .map(|(metric, value)| format!("{value:.1} {}", metric.unit))
-                        .collect();
-                    println!(
-                        "  {accel}/{}: {}: {} in {:.2}s; kicks per {}: rx {:.2}, tx {:.2}{}",
-                        driver.arg,
-                        workload.name(),
-                        values.join(", "),
-                        run.seconds,
-                        workload.kick_unit(),
-                        run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
-                        run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN),
-                        run.partial
-                            .as_ref()
-                            .map_or(String::new(), |note| format!(" (PARTIAL: {note})")),
-                    );
+            let skip: Vec<bool> = (0..workloads)
+                .map(|w| {
+                    failures[slot][w].is_some()
+                        || runs[slot][w].iter().any(|run| run.partial.is_some())
+                })
+                .collect();
+            if skip.iter().all(|&s| s) {
+                continue;
+            }
+            let result = run_driver_round(plan, accel, driver, round, &skip);
+            references[slot] = references[slot].or(result.reference);
+            descriptions[slot] = descriptions[slot].take().or(result.description);
+            for (w, outcome) in result.outcomes.into_iter().enumerate() {
+                match outcome {
+                    Some(Ok(run)) => runs[slot][w].push(run),
+                    Some(Err(e)) => failures[slot][w] = Some(e),
+                    None => {}
                 }
-                Err(e) => {
-                    println!(
-                        "  {accel}/{}: {}: FAILED: {e:#}",
-                        driver.arg,
-                        workload.name()
-                    );
-                    let log = running.guest.serial_log();
-                    let tail: Vec<&str> = log.lines().rev().take(8).collect();
-                    for line in tail.iter().rev() {
-                        println!("      guest: {line}");
+            }
+        }
+    }
+    drivers
+        .iter()
+        .enumerate()
+        .map(|(slot, driver)| {
+            let outcomes = (0..workloads)
+                .map(|w| {
+                    if driver.is_none() {
+                        return Err("not run (--driver)".to_string());
                     }
-                }
+                    if let Some(e) = failures[slot][w].take() {
+                        return Err(e);
+                    }
+                    median_run(plan.workloads[w], std::mem::take(&mut runs[slot][w]))
+                })
+                .collect();
+            DriverResults {
+                outcomes,
+                reference: references[slot],
+                description: descriptions[slot].take(),
             }
-            if outcome.is_err() {
-                // Whatever state the guest is in, the next workload gets a fresh one. (A
-                // run stopped at the limit ends its connection like any other.)
-                running.stop();
-                vm = None;
-            }
-            match outcome {
-                // A run stopped at the time limit is not repeated.
-                Ok(run) if run.partial.is_some() => {
-                    runs = vec![run];
-                    break;
-                }
-                Ok(run) => runs.push(run),
-                Err(e) => {
-                    failure = Some(format!("{e:#}"));
-                    break;
-                }
-            }
-        }
-        outcomes.push(match failure {
-            Some(error) => Err(error),
-            None => median_run(workload, runs),
-        });
-    }
-    if let Some(running) = vm {
-        if let Err(e) = running.exit() {
-            println!("  {accel}/{}: exit: {e:#}", driver.arg);
-        }
-    }
-    DriverResults {
-        outcomes,
-        reference,
-        description,
-    }
+        })
+        .collect()
 }
 
 /// The run with the median first metric.
@@ -1044,23 +1106,11 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             plan.limit.as_secs()
         );
         let started = Instant::now();
-        let results: Vec<DriverResults> = DRIVERS
+        let drivers: Vec<Option<Driver>> = DRIVERS
             .iter()
-            .map(|&driver| {
-                if selected(&driver) {
-                    run_driver(&plan, accel, driver)
-                } else {
-                    DriverResults {
-                        outcomes: workloads
-                            .iter()
-                            .map(|_| Err("not run (--driver)".to_string()))
-                            .collect(),
-                        reference: None,
-                        description: None,
-                    }
-                }
-            })
+            .map(|&driver| selected(&driver).then_some(driver))
             .collect();
+        let results = run_rounds(&plan, accel, &drivers);
         let reference = results.iter().find_map(|r| r.reference);
         let descriptions: Vec<String> = results
             .iter()
@@ -1175,7 +1225,10 @@ fn render_table(
         if plan.repetitions == 1 {
             "one run".to_string()
         } else {
-            format!("median of {} runs", plan.repetitions)
+            format!(
+                "median of {} runs (in rounds: each driver once, then again)",
+                plan.repetitions
+            )
         },
         plan.limit.as_secs()
     );
