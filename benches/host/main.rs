@@ -174,6 +174,17 @@ fn check_stuck(started: Instant, what: &str) {
     }
 }
 
+/// In a wait that began at `started`: spins at first, then gives the CPU away on every
+/// call. Once (a slow spell of this VM) the device thread ran 119 loops in the 30 s a
+/// connect waited for it, while this thread spun.
+fn relax(started: Instant) {
+    if started.elapsed() > Duration::from_millis(1) {
+        std::thread::yield_now();
+    } else {
+        std::hint::spin_loop();
+    }
+}
+
 // ---------------------------------------------------------------- our driver
 
 struct Ours {
@@ -387,6 +398,7 @@ impl Ours {
                 return socket;
             }
             check_stuck(started, "our connect");
+            relax(started);
         }
     }
 
@@ -451,7 +463,7 @@ fn wait_until(mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
         check_stuck(started, "waiting for the host");
-        std::hint::spin_loop();
+        relax(started);
     }
 }
 
@@ -593,6 +605,7 @@ fn their_connect<const RX: usize>(manager: &mut Theirs<RX>, port: u32) {
             }
         }
         check_stuck(started, "their connect");
+        relax(started);
     }
 }
 
