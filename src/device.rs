@@ -349,8 +349,9 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
     }
 
     /// Takes the next received packet, hands its header and payload to `handle`, and
-    /// reposts the buffer at once (B31). Malformed packets are dropped with a warning
-    /// (B6, B10). Returns `false` when there was nothing to take.
+    /// reposts the buffer at once (B31; the device sees the batch of reposts at the next
+    /// [`VirtioVsock::flush`]). Malformed packets are dropped with a warning (B6, B10).
+    /// Returns `false` when there was nothing to take.
     pub fn receive(&mut self, handle: impl FnOnce(&Header, &[u8])) -> bool {
         let Some(entry) = self.rx.pop_used() else {
             return false;
