@@ -44,8 +44,9 @@ struct Sample {
     kicks: u64,
     /// Ours, host→guest with packets of 4 KiB or more: the time spent in the driver calls
     /// that moved data (a `recv` that returned bytes, a `poll` that received some),
-    /// without the waits for the device thread in between. The wall time of these rows is mostly the device
-    /// thread's, which writes every byte into the receive buffers.
+    /// without the waits for the device thread in between. The wall time of these rows
+    /// is the pipeline's: the device thread writes every byte into the receive buffers
+    /// meanwhile.
     busy_seconds: Option<f64>,
 }
 
