@@ -272,7 +272,7 @@ mod bench {
     }
 
     /// What a checking read found: bytes read and how many of them were wrong.
-    enum Recv2 {
+    enum Checked {
         Data(usize, u64),
         Empty,
         Eof,
@@ -321,20 +321,16 @@ mod bench {
             send_all(self, conn, buffer)
         }
         /// Reads up to `want` bytes the driver's zero-copy way and counts the ones that
-        /// differ from the pattern at stream offset `offset`: by default, `recv` into
-        /// `buffer` and check it there. `Ok(None)` when nothing waits.
+        /// differ from the pattern at stream offset `offset`: by default as
+        /// [`check_copied`] does. `Checked::Empty` when nothing waits.
         fn check_in_place(
             &mut self,
             conn: Self::Conn,
             offset: u64,
             want: usize,
             buffer: &mut [u8],
-        ) -> Result<Recv2> {
-            Ok(match self.recv(conn, &mut buffer[..want])? {
-                Recv::Data(n) => Recv2::Data(n, count_mismatches(offset, &buffer[..n])),
-                Recv::Empty => Recv2::Empty,
-                Recv::Eof => Recv2::Eof,
-            })
+        ) -> Result<Checked> {
+            check_copied(self, conn, offset, want, buffer)
         }
         fn close(&mut self, conn: Self::Conn);
         /// The driver's own counters, for the result line.
@@ -444,16 +440,16 @@ mod bench {
             offset: u64,
             want: usize,
             _buffer: &mut [u8],
-        ) -> Result<Recv2> {
+        ) -> Result<Checked> {
             let mut bad = 0;
             match self.device.recv_with(conn, |bytes| {
                 let n = bytes.len().min(want);
                 bad = count_mismatches(offset, &bytes[..n]);
                 n
             }) {
-                Ok(0) => Ok(Recv2::Eof),
-                Ok(n) => Ok(Recv2::Data(n, bad)),
-                Err(vsock_guest::Error::WouldBlock) => Ok(Recv2::Empty),
+                Ok(0) => Ok(Checked::Eof),
+                Ok(n) => Ok(Checked::Data(n, bad)),
+                Err(vsock_guest::Error::WouldBlock) => Ok(Checked::Empty),
                 Err(e) => Err(Failure::Ours(e)),
             }
         }
@@ -658,6 +654,22 @@ mod bench {
         line: heapless::String<MAX_LINE>,
     }
 
+    /// Reads up to `want` bytes into `buffer` with `recv` and counts the ones that differ
+    /// from the pattern at stream offset `offset`.
+    fn check_copied<D: Driver>(
+        driver: &mut D,
+        conn: D::Conn,
+        offset: u64,
+        want: usize,
+        buffer: &mut [u8],
+    ) -> Result<Checked> {
+        Ok(match driver.recv(conn, &mut buffer[..want])? {
+            Recv::Data(n) => Checked::Data(n, count_mismatches(offset, &buffer[..n])),
+            Recv::Empty => Checked::Empty,
+            Recv::Eof => Checked::Eof,
+        })
+    }
+
     fn send_all<D: Driver>(driver: &mut D, conn: D::Conn, data: &[u8]) -> Result<()> {
         let mut offset = 0;
         while offset < data.len() {
@@ -776,20 +788,16 @@ mod bench {
                     let read = if in_place {
                         driver.check_in_place(conn, got, want, &mut buffer[..])?
                     } else {
-                        match driver.recv(conn, &mut buffer[..want])? {
-                            Recv::Data(n) => Recv2::Data(n, count_mismatches(got, &buffer[..n])),
-                            Recv::Empty => Recv2::Empty,
-                            Recv::Eof => Recv2::Eof,
-                        }
+                        check_copied(driver, conn, got, want, &mut buffer[..])?
                     };
                     match read {
-                        Recv2::Data(n, wrong) => {
+                        Checked::Data(n, wrong) => {
                             bad += wrong;
                             got += n as u64;
                             progress.bytes = got;
                         }
-                        Recv2::Empty => driver.poll()?,
-                        Recv2::Eof => return Err(Failure::Protocol("recv: closed early")),
+                        Checked::Empty => driver.poll()?,
+                        Checked::Eof => return Err(Failure::Protocol("recv: closed early")),
                     }
                 }
                 let mut reply: heapless::String<64> = heapless::String::new();
