@@ -60,7 +60,16 @@ pub struct QemuOptions {
     pub repetitions: Option<usize>,
     /// Extra words for the guest's command line (see `examples/bench.rs`).
     pub guest_args: String,
+    /// The receive window vhost-device-vsock advertises per connection, in bytes
+    /// (its `tx-buffer-size`): how much guest->host data may be in flight.
+    pub host_window: u32,
 }
+
+/// The host's receive window unless `--host-window` says otherwise: 256 KiB, what Linux's
+/// vhost-vsock advertises (`VIRTIO_VSOCK_DEFAULT_BUF_SIZE`), where vhost-device-vsock
+/// 0.3.0 defaults to 64 KiB. With 64 KiB a 64 KiB write takes all of it, and every
+/// write waits for the backend's credit update, for every driver.
+pub const DEFAULT_HOST_WINDOW: u32 = 256 * 1024;
 
 /// The benchmark guest's CID.
 const GUEST_CID: u32 = 3;
@@ -343,7 +352,13 @@ impl BenchVm {
             ..
         } = *plan;
         let dir = vm::run_dir(run)?;
-        let backend = Backend::start(tools, &dir, &[GUEST_CID], PROCESS_LIMIT)?;
+        let backend = Backend::start(
+            tools,
+            &dir,
+            &[GUEST_CID],
+            Some(plan.host_window),
+            PROCESS_LIMIT,
+        )?;
         let Some(slot) = backend.guest(GUEST_CID).cloned() else {
             bail!("backend has no slot for cid {GUEST_CID}");
         };
@@ -791,6 +806,8 @@ struct Plan<'a> {
     repetitions: usize,
     /// Extra words for the guest's command line.
     guest_args: &'a str,
+    /// The backend's receive window per connection, in bytes.
+    host_window: u32,
 }
 
 /// One round of one driver: one outcome per workload (`None` for a workload it skipped).
@@ -1099,6 +1116,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             limit: limit_for(nested),
             repetitions,
             guest_args: &options.guest_args,
+            host_window: options.host_window,
         };
         println!("\n=== {accel} ({note})");
         println!(
@@ -1140,6 +1158,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
         run["nested_virtualisation"] = nested.into();
         run["drivers_as_the_guest_reported"] = descriptions.clone().into();
         run["workload_limit_seconds"] = plan.limit.as_secs().into();
+        run["host_window_bytes"] = plan.host_window.into();
         json_runs.push(run);
     }
     if tables.len() > 1 {
@@ -1231,6 +1250,11 @@ fn render_table(
             )
         },
         plan.limit.as_secs()
+    );
+    let _ = writeln!(
+        out,
+        "host: vhost-device-vsock with a receive window of {} KiB per connection (tx-buffer-size)",
+        plan.host_window / 1024
     );
     if let Some(r) = reference {
         let _ = writeln!(

@@ -106,6 +106,10 @@ enum Command {
         /// (see examples/bench.rs), e.g. "rx=16384".
         #[arg(long, default_value = "")]
         guest_args: String,
+        /// `qemu` only: the receive window vhost-device-vsock advertises per connection,
+        /// in bytes (its tx-buffer-size; its own default is 65536).
+        #[arg(long, default_value_t = bench::DEFAULT_HOST_WINDOW)]
+        host_window: u32,
     },
     /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
     /// guest exits through `boot::exit_success`. Used as the cargo runner.
@@ -188,6 +192,7 @@ fn run(command: Command) -> Result<ExitCode> {
             drivers,
             repetitions,
             guest_args,
+            host_window,
         } => {
             bench::qemu(&bench::QemuOptions {
                 machine,
@@ -198,6 +203,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 drivers,
                 repetitions,
                 guest_args,
+                host_window,
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -289,7 +295,7 @@ fn run_kernel(
         .file_name()
         .map_or_else(|| "kernel".into(), |n| n.to_string_lossy().into_owned());
     let dir = vm::run_dir(&format!("run-{name}"))?;
-    let mut backend = vm::Backend::start(&tools, &dir, &[qemu_tests::GUEST_CID], limit)?;
+    let mut backend = vm::Backend::start(&tools, &dir, &[qemu_tests::GUEST_CID], None, limit)?;
     let Some(slot) = backend.guest(qemu_tests::GUEST_CID).cloned() else {
         anyhow::bail!("backend has no guest slot");
     };

@@ -81,7 +81,7 @@ impl EchoVm {
         } else {
             &[GUEST_CID]
         };
-        let backend = Backend::start(tools, &dir, cids, PROCESS_LIMIT)?;
+        let backend = Backend::start(tools, &dir, cids, None, PROCESS_LIMIT)?;
         let Some(slot) = backend.guest(GUEST_CID).cloned() else {
             bail!("backend has no slot for cid {GUEST_CID}");
         };

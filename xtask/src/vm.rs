@@ -127,8 +127,16 @@ pub struct Backend {
 
 impl Backend {
     /// Starts the backend in `dir` for guests with `cids`, all in one sibling group (so
-    /// they can reach each other by CID).
-    pub fn start(tools: &Tools, dir: &Path, cids: &[u32], limit: Duration) -> Result<Self> {
+    /// they can reach each other by CID). `host_window` is the receive window the backend
+    /// advertises per connection (its `tx-buffer-size`, in bytes); `None` keeps its default
+    /// of 64 KiB.
+    pub fn start(
+        tools: &Tools,
+        dir: &Path,
+        cids: &[u32],
+        host_window: Option<u32>,
+        limit: Duration,
+    ) -> Result<Self> {
         let guests: Vec<GuestSlot> = cids
             .iter()
             .map(|&cid| GuestSlot {
@@ -141,10 +149,11 @@ impl Backend {
         let mut command = Command::new(&tools.backend);
         for guest in &guests {
             command.arg("--vm").arg(format!(
-                "guest-cid={},socket={},uds-path={},groups=siblings",
+                "guest-cid={},socket={},uds-path={},groups=siblings{}",
                 guest.cid,
                 guest.vhost_socket.display(),
-                guest.uds.display()
+                guest.uds.display(),
+                host_window.map_or_else(String::new, |bytes| format!(",tx-buffer-size={bytes}"))
             ));
         }
         let log_file = std::fs::File::create(&log)?;
