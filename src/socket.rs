@@ -1318,12 +1318,15 @@ impl Sockets<'_> {
     /// Fires connect and close timeouts (B19, B36).
     fn fire_timers(&mut self, now: Instant) {
         for index in 0..self.slots.len() {
-            // Credit the oldest waiting data needs (B29).
-            let waiting = !self.slots[index].send_queue.is_empty();
-            let needed = self.slots[index].send_queue.front_len().max(1) as u32;
-            let Some(conn) = self.slots[index].socket.as_mut().and_then(Socket::conn_mut) else {
+            let slot = &mut self.slots[index];
+            // Most slots hold no connection: they are passed over before their send queue
+            // is read (the walk runs every poll).
+            let Some(conn) = slot.socket.as_mut().and_then(Socket::conn_mut) else {
                 continue;
             };
+            // Credit the oldest waiting data needs (B29).
+            let waiting = !slot.send_queue.is_empty();
+            let needed = slot.send_queue.front_len().max(1) as u32;
             match conn.state {
                 State::Connecting { deadline } if now >= deadline => {
                     conn.fail(Some(Error::TimedOut));
