@@ -307,6 +307,9 @@ mod bench {
         fn accept(&mut self) -> Option<Self::Conn>;
         /// Bytes taken (0: no room now).
         fn send(&mut self, conn: Self::Conn, data: &[u8]) -> Result<usize>;
+        /// Logs what a `send` that has taken nothing for seconds waits for, as far as the
+        /// driver shows it.
+        fn log_send_stall(&self, _conn: Self::Conn) {}
         fn recv(&mut self, conn: Self::Conn, buf: &mut [u8]) -> Result<Recv>;
         /// Sends `n` bytes of the pattern from stream offset `offset` the driver's
         /// zero-copy way: by default, fill `buffer` and send it (virtio-drivers' `send`
@@ -403,6 +406,17 @@ mod bench {
             }
         }
 
+        fn log_send_stall(&self, conn: SocketHandle) {
+            warn!(
+                "bench: send waits: send_queue={:?} send_room={:?} tx_memory_in_use={} readiness={:?} {:?}",
+                self.device.send_queue(conn),
+                self.device.send_room(conn),
+                self.device.tx_memory_in_use(),
+                self.device.readiness(conn),
+                self.device.stats()
+            );
+        }
+
         fn send(&mut self, conn: SocketHandle, data: &[u8]) -> Result<usize> {
             match self.device.send(conn, data) {
                 Ok(n) => Ok(n),
@@ -419,6 +433,7 @@ mod bench {
         ) -> Result<()> {
             let n = buffer.len();
             let mut done = 0;
+            let mut watch = StallWatch::new();
             while done < n {
                 let result = self.device.send_with(conn, |space| {
                     let k = space.len().min(n - done);
@@ -426,8 +441,14 @@ mod bench {
                     k
                 });
                 match result {
-                    Ok(k) => done += k,
-                    Err(vsock_guest::Error::WouldBlock) => self.poll()?,
+                    Ok(k) => {
+                        done += k;
+                        watch.progressed();
+                    }
+                    Err(vsock_guest::Error::WouldBlock) => {
+                        self.poll()?;
+                        watch.waited(self, conn);
+                    }
                     Err(e) => return Err(Failure::Ours(e)),
                 }
             }
@@ -670,12 +691,46 @@ mod bench {
         })
     }
 
+    /// Has a send loop log what it waits for (`Driver::log_send_stall`) when it has moved
+    /// nothing for 5 s, and again every 5 s: a stalled run then shows where it stands.
+    struct StallWatch {
+        since: u64,
+    }
+
+    impl StallWatch {
+        const LOG_AFTER_US: u64 = 5_000_000;
+
+        fn new() -> Self {
+            StallWatch {
+                since: now_micros(),
+            }
+        }
+
+        fn progressed(&mut self) {
+            self.since = now_micros();
+        }
+
+        fn waited<D: Driver>(&mut self, driver: &D, conn: D::Conn) {
+            if now_micros() - self.since > Self::LOG_AFTER_US {
+                driver.log_send_stall(conn);
+                self.since = now_micros();
+            }
+        }
+    }
+
     fn send_all<D: Driver>(driver: &mut D, conn: D::Conn, data: &[u8]) -> Result<()> {
         let mut offset = 0;
+        let mut watch = StallWatch::new();
         while offset < data.len() {
             match driver.send(conn, &data[offset..])? {
-                0 => driver.poll()?,
-                n => offset += n,
+                0 => {
+                    driver.poll()?;
+                    watch.waited(driver, conn);
+                }
+                n => {
+                    offset += n;
+                    watch.progressed();
+                }
             }
         }
         Ok(())
