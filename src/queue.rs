@@ -108,6 +108,21 @@ pub enum BadUsed {
     },
 }
 
+/// A queue's indices at one moment (free-running, as in the rings), for diagnostics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingIndices {
+    /// Our next available-ring slot.
+    pub avail: u16,
+    /// `avail` when we last decided whether to notify.
+    pub notified: u16,
+    /// The next used-ring entry we will take.
+    pub used_taken: u16,
+    /// The used index the device has written.
+    pub device_used: u16,
+    /// The available index the device asked to be notified at (`VIRTIO_F_EVENT_IDX`).
+    pub avail_event: Option<u16>,
+}
+
 /// The rings of one split virtqueue: descriptor table, available and used rings, which
 /// ids the device owns, and when to notify it.
 struct SplitRing<H: Hal> {
@@ -307,6 +322,34 @@ impl<H: Hal> SplitRing<H> {
     /// Buffers posted since the last notification decision.
     fn unnotified(&self) -> u16 {
         self.avail_idx.wrapping_sub(self.notified_avail_idx)
+    }
+
+    /// Buffers the device holds: posted and not yet taken back from the used ring.
+    fn outstanding(&self) -> u16 {
+        self.avail_idx.wrapping_sub(self.last_used_idx)
+    }
+
+    /// Where the indices stand: for a log line about a device that stopped.
+    fn indices(&self) -> RingIndices {
+        RingIndices {
+            avail: self.avail_idx,
+            notified: self.notified_avail_idx,
+            used_taken: self.last_used_idx,
+            device_used: self.read_used_u16(self.used_offset + 2),
+            avail_event: self
+                .event_idx
+                .then(|| self.read_used_u16(self.used_offset + 4 + 8 * usize::from(self.size))),
+        }
+    }
+
+    /// Publishes what is posted and notifies the device whatever it asked for: the way out
+    /// for a device that holds buffers, uses none, and has not asked to hear of new ones.
+    fn notify_anyway<T: Transport>(&mut self, transport: &mut T) {
+        self.publish();
+        self.notified_avail_idx = self.avail_idx;
+        fence(Ordering::SeqCst);
+        transport.notify(self.index);
+        self.kicks += 1;
     }
 
     /// Publishes the buffers posted since the last call and notifies the device of them,
@@ -737,6 +780,22 @@ impl<H: Hal> TxQueue<H> {
     /// Packets submitted since the last notification decision.
     pub fn unnotified(&self) -> u16 {
         self.rings.unnotified()
+    }
+
+    /// Packets the device holds (submitted, not yet reclaimed).
+    pub fn outstanding(&self) -> u16 {
+        self.rings.outstanding()
+    }
+
+    /// The ring's indices now (see [`RingIndices`]).
+    pub fn indices(&self) -> RingIndices {
+        self.rings.indices()
+    }
+
+    /// Publishes and notifies the device whatever it asked for: the way out for a device
+    /// that holds packets, uses none, and has not asked to hear of new ones.
+    pub fn notify_anyway<T: Transport>(&mut self, transport: &mut T) {
+        self.rings.notify_anyway(transport);
     }
 
     /// Notifies the device of packets submitted since the last call, where it asked to

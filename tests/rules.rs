@@ -770,6 +770,58 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     assert_eq!(packets[6], rw_to_host(b"z", per, 0));
 }
 
+/// B8's one exception (`VirtioVsock::watch_tx`): a device that holds packets, uses none
+/// and has not asked to hear of new ones is notified after `TX_STALL` (100 ms) all the
+/// same, and every `TX_STALL` while it lasts; a device that uses packets is not.
+#[test]
+fn b8_a_device_that_holds_tx_packets_and_uses_none_is_notified_after_100_ms() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 64 * 1024);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
+    let listener = listen(&mut vsock);
+    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
+    let before = model.notifications(TX);
+
+    // The device asks not to hear of new packets, and then takes none.
+    let next = avail_idx(&transport, TX);
+    set_avail_event(&transport, TX, next.wrapping_add(1000));
+    assert_eq!(vsock.send(conn, b"held"), Ok(4));
+    vsock.poll(ms(10));
+    vsock.poll(ms(109));
+    assert_eq!(model.available(TX), 1);
+    assert_eq!(model.notifications(TX), before, "99 ms: not yet");
+    vsock.poll(ms(110));
+    assert_eq!(model.notifications(TX), before + 1, "100 ms: notified");
+    assert_eq!(vsock.stats().tx_stall_notifies, 1);
+    vsock.poll(ms(150));
+    assert_eq!(model.notifications(TX), before + 1);
+    vsock.poll(ms(210));
+    assert_eq!(
+        model.notifications(TX),
+        before + 2,
+        "and again 100 ms later"
+    );
+    assert_eq!(vsock.stats().tx_stall_notifies, 2);
+
+    // Once it takes them, nothing is outstanding: no more notifications.
+    assert_eq!(model.drain_tx(), [rw_to_host(b"held", 64 * 1024, 0)]);
+    set_avail_event(&transport, TX, avail_idx(&transport, TX).wrapping_add(1000));
+    vsock.poll(ms(300));
+    vsock.poll(ms(600));
+    assert_eq!(model.notifications(TX), before + 2);
+
+    // A device that keeps using packets is never notified against its wish, however long
+    // the whole exchange takes: the wait restarts with every packet it uses. (It asks for
+    // each next packet here, so `send` notifies it as usual.)
+    for step in 0..5u64 {
+        assert_eq!(vsock.send(conn, b"more"), Ok(4));
+        vsock.poll(ms(700 + 90 * step));
+        assert_eq!(model.drain_tx().len(), 1);
+    }
+    vsock.poll(ms(1200));
+    assert_eq!(vsock.stats().tx_stall_notifies, 2);
+}
+
 #[test]
 fn b8_event_idx_rx_reposting_notifies_only_when_the_device_ran_dry() {
     let (transport, mut model) = new_transport();
