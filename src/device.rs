@@ -66,23 +66,57 @@ pub struct Stats {
     /// Used-ring entries rejected (unknown id or bad length).
     pub bad_used_entries: u64,
     /// Notifications on the tx queue sent although the device had not asked for them,
-    /// because it held packets and used none for [`TX_STALL`] (counted in `tx_kicks` too).
+    /// because it held packets and used none for [`DEVICE_STALL`] (counted in `tx_kicks`
+    /// too; see [`VirtioVsock::watch_queues`]).
     pub tx_stall_notifies: u64,
+    /// Notifications on the rx queue sent although the device had not asked for them,
+    /// because it had run out of receive buffers and used none of the reposted ones for
+    /// [`DEVICE_STALL`] (counted in `rx_kicks` too).
+    pub rx_stall_notifies: u64,
 }
 
-/// How long the device may hold transmit packets without using any before it is notified
-/// whatever it asked for (see [`VirtioVsock::watch_tx`]). A working device takes them in
-/// microseconds; a needless notification costs one exit.
-pub const TX_STALL: Duration = Duration::from_millis(100);
+/// How long the device may sit on work we gave it (transmit packets, or receive buffers
+/// after it ran out) without using any before it is notified whatever it asked for (see
+/// [`VirtioVsock::watch_queues`]). A working device takes them in microseconds; a needless
+/// notification costs one exit.
+pub const DEVICE_STALL: Duration = Duration::from_millis(100);
 
-/// What [`VirtioVsock::watch_tx`] remembers between polls.
+/// How long one queue's device has sat on work, between polls.
 #[derive(Clone, Copy, Debug, Default)]
-struct TxWatch {
-    /// Used entries taken back so far.
-    reclaimed: u64,
-    /// Since when the device has held packets without using one; `None` while it holds
-    /// none.
+struct StallWatch {
+    /// The queue's used entries taken so far, when the wait began.
+    taken: u64,
+    /// Since when the device has had work and used no entry; `None` while it has none.
     since: Option<Instant>,
+}
+
+impl StallWatch {
+    /// `waiting`: the device has work it has not done; `taken`: the queue's used entries
+    /// taken so far. Returns how long the device has sat on the work once that reaches
+    /// [`DEVICE_STALL`], and starts the wait again; a used entry restarts it too.
+    fn overdue(&mut self, waiting: bool, taken: u64, now: Instant) -> Option<Duration> {
+        if !waiting {
+            self.since = None;
+            return None;
+        }
+        match self.since {
+            Some(since) if self.taken == taken => {
+                let waited = now - since;
+                if waited < DEVICE_STALL {
+                    return None;
+                }
+                self.since = Some(now);
+                Some(waited)
+            }
+            _ => {
+                *self = StallWatch {
+                    taken,
+                    since: Some(now),
+                };
+                None
+            }
+        }
+    }
 }
 
 /// The virtio side of the driver.
@@ -97,8 +131,14 @@ pub struct VirtioVsock<H: Hal, T: Transport> {
     features: Features,
     stats: Stats,
     /// Used tx entries taken back so far (good and rejected ones).
-    tx_reclaimed: u64,
-    tx_watch: TxWatch,
+    tx_taken: u64,
+    tx_watch: StallWatch,
+    /// Used rx entries taken so far (good and rejected ones).
+    rx_taken: u64,
+    /// `rx_taken` when the device last had no receive buffer left, until it uses one of
+    /// the reposted ones or is notified of them anyway.
+    rx_ran_dry_at: Option<u64>,
+    rx_watch: StallWatch,
 }
 
 fn largest_power_of_two_at_most(n: u32) -> u16 {
@@ -216,8 +256,11 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
             guest_cid,
             features,
             stats: Stats::default(),
-            tx_reclaimed: 0,
-            tx_watch: TxWatch::default(),
+            tx_taken: 0,
+            tx_watch: StallWatch::default(),
+            rx_taken: 0,
+            rx_ran_dry_at: None,
+            rx_watch: StallWatch::default(),
         };
         device.flush();
         let _ = device.events.notify_if_needed(&mut device.transport);
@@ -275,7 +318,7 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
     /// Returns sent packets' memory and descriptors.
     pub fn reclaim_tx(&mut self) {
         while let Some(entry) = self.tx.reclaim_one() {
-            self.tx_reclaimed += 1;
+            self.tx_taken += 1;
             if let Err(bad) = entry {
                 self.stats.bad_used_entries += 1;
                 log::warn!("vsock: tx used entry rejected: {bad:?}");
@@ -283,42 +326,41 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
     }
 
-    /// Notifies the device of its transmit queue whatever it asked for, once it has held
-    /// packets for [`TX_STALL`] without using any, and again every [`TX_STALL`] while that
-    /// lasts; logged. The one exception to B8, for a device that lost a wake-up and would
-    /// never take those packets. `VIRTIO_F_EVENT_IDX` is a store-then-load handshake on
-    /// both sides (we write the available index and read `avail_event`; the device writes
-    /// `avail_event` and reads the index), and it holds only with a full fence on both.
-    /// Under QEMU's TCG with one vCPU a guest fence emits no host barrier, so the two can
-    /// pass each other: seen here with vhost-device-vsock, about once in 40 runs of
-    /// 64 MiB, the backend idle in `epoll_wait` with packets on the ring. Call after the
-    /// packets of a poll are submitted; `now` as passed to `poll`.
-    pub fn watch_tx(&mut self, now: Instant) {
-        if self.tx.outstanding() == 0 {
-            self.tx_watch.since = None;
-            return;
+    /// The one exception to B8, for a device that lost a wake-up: notifies it whatever it
+    /// asked for when it has sat on work for [`DEVICE_STALL`] without using any, and logs
+    /// that. Transmit: it holds packets and took none (again every [`DEVICE_STALL`] while
+    /// that lasts). Receive: it ran out of buffers and used none of those reposted since
+    /// (once; a quiet peer sends nothing either).
+    ///
+    /// `VIRTIO_F_EVENT_IDX` is a store-then-load handshake on both sides (we write the
+    /// available index and read `avail_event`; the device writes `avail_event` and reads
+    /// the index), and it holds only with a full fence on each. QEMU 7.2's TCG with one
+    /// vCPU emits no host barrier for a guest fence, so the two can pass each other: seen
+    /// with vhost-device-vsock about once in 40 runs of 64 MiB in 4 KiB writes, the backend
+    /// idle in `epoll_wait` with packets on the ring that it never took. Call once a poll,
+    /// after its packets are submitted; `now` as passed to `poll`.
+    pub fn watch_queues(&mut self, now: Instant) {
+        let holding = self.tx.outstanding() > 0;
+        if let Some(waited) = self.tx_watch.overdue(holding, self.tx_taken, now) {
+            log::warn!(
+                "vsock: the device holds {} tx packets and took none for {} ms ({:?}); notifying it",
+                self.tx.outstanding(),
+                waited.as_millis(),
+                self.tx.indices()
+            );
+            self.tx.notify_anyway(&mut self.transport);
+            self.stats.tx_stall_notifies += 1;
         }
-        match self.tx_watch.since {
-            Some(since) if self.tx_watch.reclaimed == self.tx_reclaimed => {
-                if now - since < TX_STALL {
-                    return;
-                }
-                log::warn!(
-                    "vsock: the device holds {} tx packets and used none for {} ms ({:?}); notifying it",
-                    self.tx.outstanding(),
-                    (now - since).as_millis(),
-                    self.tx.indices()
-                );
-                self.tx.notify_anyway(&mut self.transport);
-                self.stats.tx_stall_notifies += 1;
-                self.tx_watch.since = Some(now);
-            }
-            _ => {
-                self.tx_watch = TxWatch {
-                    reclaimed: self.tx_reclaimed,
-                    since: Some(now),
-                };
-            }
+        let dry = self.rx_ran_dry_at == Some(self.rx_taken);
+        if let Some(waited) = self.rx_watch.overdue(dry, self.rx_taken, now) {
+            log::warn!(
+                "vsock: the device ran out of rx buffers and used none of the reposted ones for {} ms ({:?}); notifying it",
+                waited.as_millis(),
+                self.rx.indices()
+            );
+            self.rx.notify_anyway(&mut self.transport);
+            self.stats.rx_stall_notifies += 1;
+            self.rx_ran_dry_at = None;
         }
     }
 
@@ -421,6 +463,10 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         let Some(entry) = self.rx.pop_used() else {
             return false;
         };
+        self.rx_taken += 1;
+        if self.rx.device_ran_dry() {
+            self.rx_ran_dry_at = Some(self.rx_taken);
+        }
         match entry {
             Ok(Used { id, len }) => {
                 match Header::parse_packet(self.rx.buffer(id), len) {

@@ -138,6 +138,8 @@ struct SplitRing<H: Hal> {
     avail_idx: u16,
     /// `avail_idx` when we last decided whether to notify.
     notified_avail_idx: u16,
+    /// The available index the device was last shown.
+    published_avail_idx: u16,
     /// Next used-ring entry to read (free-running).
     last_used_idx: u16,
     /// The device's used index as last read: entries up to it are taken without reading
@@ -179,6 +181,7 @@ impl<H: Hal> SplitRing<H> {
             posted: [0; POSTED_WORDS],
             avail_idx: 0,
             notified_avail_idx: 0,
+            published_avail_idx: 0,
             last_used_idx: 0,
             seen_used_idx: 0,
             used_event_base: 0,
@@ -268,6 +271,7 @@ impl<H: Hal> SplitRing<H> {
         // The ring entries (and the buffers behind them) must be visible before the index.
         fence(Ordering::Release);
         self.write_ring_u16(self.avail_offset + 2, self.avail_idx);
+        self.published_avail_idx = self.avail_idx;
     }
 
     /// Keeps the device's `used_event` far ahead so it does not interrupt us (we poll):
@@ -327,6 +331,12 @@ impl<H: Hal> SplitRing<H> {
     /// Buffers the device holds: posted and not yet taken back from the used ring.
     fn outstanding(&self) -> u16 {
         self.avail_idx.wrapping_sub(self.last_used_idx)
+    }
+
+    /// Whether the device has used every buffer it was shown (as far as we have taken
+    /// its used entries).
+    fn device_used_all(&self) -> bool {
+        self.last_used_idx == self.published_avail_idx
     }
 
     /// Where the indices stand: for a log line about a device that stopped.
@@ -477,6 +487,23 @@ impl<H: Hal> RxQueue<H> {
                 len: len as usize,
             }),
         })
+    }
+
+    /// Whether the device has used every buffer it was shown: it has none to fill until
+    /// it hears of the reposted ones.
+    pub fn device_ran_dry(&self) -> bool {
+        self.rings.device_used_all()
+    }
+
+    /// The ring's indices now (see [`RingIndices`]).
+    pub fn indices(&self) -> RingIndices {
+        self.rings.indices()
+    }
+
+    /// Publishes and notifies the device whatever it asked for: the way out for a device
+    /// that ran out of buffers and has not asked to hear of new ones.
+    pub fn notify_anyway<T: Transport>(&mut self, transport: &mut T) {
+        self.rings.notify_anyway(transport);
     }
 
     /// The contents of buffer `id`, which the driver owns (returned by the device). Empty

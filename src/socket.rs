@@ -333,7 +333,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         self.sockets.fire_timers(now);
         self.sockets.release_dead_queues(&mut self.device);
         self.sockets.drain_pending(&mut self.device);
-        self.device.watch_tx(now);
+        self.device.watch_queues(now);
         self.device.flush();
     }
 

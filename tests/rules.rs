@@ -770,9 +770,10 @@ fn b8_event_idx_one_tx_notification_per_batch_none_when_the_device_does_not_want
     assert_eq!(packets[6], rw_to_host(b"z", per, 0));
 }
 
-/// B8's one exception (`VirtioVsock::watch_tx`): a device that holds packets, uses none
-/// and has not asked to hear of new ones is notified after `TX_STALL` (100 ms) all the
-/// same, and every `TX_STALL` while it lasts; a device that uses packets is not.
+/// B8's one exception (`VirtioVsock::watch_queues`): a device that holds packets, uses
+/// none and has not asked to hear of new ones is notified after `DEVICE_STALL` (100 ms)
+/// all the same, and every `DEVICE_STALL` while it lasts; a device that uses packets is
+/// not.
 #[test]
 fn b8_a_device_that_holds_tx_packets_and_uses_none_is_notified_after_100_ms() {
     let (transport, mut model) = new_transport();
@@ -866,6 +867,52 @@ fn b8_event_idx_rx_reposting_notifies_only_when_the_device_ran_dry() {
     assert_eq!(model.available(RX), 16);
     assert_eq!(model.notifications(RX), 2);
     assert_eq!(vsock.stats().rx_kicks, 2);
+    assert_eq!(control(&mut model), []);
+}
+
+/// B8's exception on the receive side: a device that ran out of receive buffers, said it
+/// does not want to hear of new ones and uses none of the reposted ones is notified once,
+/// after `DEVICE_STALL` (100 ms); one that uses them is not.
+#[test]
+fn b8_a_device_that_ran_dry_and_uses_no_reposted_rx_buffer_is_notified_once_after_100_ms() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 4096);
+    let config = Config {
+        queue_size: 16,
+        ..test_config()
+    };
+    let (mut vsock, _, _conn) = serve_host(&transport, &mut model, &mut storage, config);
+    let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
+    let before = model.notifications(RX);
+
+    // Dry, and the device says it does not want to hear of the reposted buffers.
+    for _ in 0..16 {
+        model.deliver(&credit, &[]).unwrap();
+    }
+    let next = avail_idx(&transport, RX);
+    set_avail_event(&transport, RX, next.wrapping_add(100));
+    vsock.poll(ms(10));
+    assert_eq!(model.available(RX), 16);
+    vsock.poll(ms(109));
+    assert_eq!(model.notifications(RX), before, "99 ms: not yet");
+    vsock.poll(ms(110));
+    assert_eq!(model.notifications(RX), before + 1, "100 ms: notified");
+    assert_eq!(vsock.stats().rx_stall_notifies, 1);
+    vsock.poll(ms(300));
+    vsock.poll(ms(1000));
+    assert_eq!(model.notifications(RX), before + 1, "once");
+
+    // Dry again, and this time the device goes on filling the reposted buffers: nothing.
+    for _ in 0..16 {
+        model.deliver(&credit, &[]).unwrap();
+    }
+    set_avail_event(&transport, RX, avail_idx(&transport, RX).wrapping_add(100));
+    vsock.poll(ms(1010));
+    model.deliver(&credit, &[]).unwrap();
+    vsock.poll(ms(1200));
+    vsock.poll(ms(1400));
+    assert_eq!(model.notifications(RX), before + 1);
+    assert_eq!(vsock.stats().rx_stall_notifies, 1);
     assert_eq!(control(&mut model), []);
 }
 
