@@ -823,6 +823,15 @@ fn b8_a_device_that_holds_tx_packets_and_uses_none_is_notified_after_100_ms() {
     assert_eq!(vsock.stats().tx_stall_notifies, 2);
 }
 
+/// Plays the host filling `count` receive buffers, each with a CREDIT_UPDATE: a packet the
+/// driver takes without a reply.
+fn fill_rx_buffers(model: &mut DeviceModel, count: usize) {
+    let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
+    for _ in 0..count {
+        model.deliver(&credit, &[]).unwrap();
+    }
+}
+
 #[test]
 fn b8_event_idx_rx_reposting_notifies_only_when_the_device_ran_dry() {
     let (transport, mut model) = new_transport();
@@ -833,34 +842,27 @@ fn b8_event_idx_rx_reposting_notifies_only_when_the_device_ran_dry() {
     };
     let (mut vsock, _, _conn) = serve_host(&transport, &mut model, &mut storage, config);
     assert_eq!(model.notifications(RX), 1, "at bring-up");
-    let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
 
     // One buffer used, 15 left: reposting it does not notify.
-    model.deliver(&credit, &[]).unwrap();
+    fill_rx_buffers(&mut model, 1);
     vsock.poll(ms(2));
     assert_eq!(model.available(RX), 16);
     assert_eq!(model.notifications(RX), 1);
     // 15 used, one left: the device is not dry, no notification.
-    for _ in 0..15 {
-        model.deliver(&credit, &[]).unwrap();
-    }
+    fill_rx_buffers(&mut model, 15);
     assert_eq!(model.available(RX), 1);
     vsock.poll(ms(3));
     assert_eq!(model.available(RX), 16);
     assert_eq!(model.notifications(RX), 1);
     // All 16 used: the device ran dry and asked for the next buffer; one notification for
     // the 16 reposted in one poll.
-    for _ in 0..16 {
-        model.deliver(&credit, &[]).unwrap();
-    }
+    fill_rx_buffers(&mut model, 16);
     assert_eq!(model.available(RX), 0);
     vsock.poll(ms(4));
     assert_eq!(model.available(RX), 16);
     assert_eq!(model.notifications(RX), 2);
     // Dry again, but the device said it does not want to hear (avail_event far ahead).
-    for _ in 0..16 {
-        model.deliver(&credit, &[]).unwrap();
-    }
+    fill_rx_buffers(&mut model, 16);
     let next = avail_idx(&transport, RX);
     set_avail_event(&transport, RX, next.wrapping_add(100));
     vsock.poll(ms(5));
@@ -882,13 +884,10 @@ fn b8_a_device_that_ran_dry_and_uses_no_reposted_rx_buffer_is_notified_once_afte
         ..test_config()
     };
     let (mut vsock, _, _conn) = serve_host(&transport, &mut model, &mut storage, config);
-    let credit = from_host(Op::CreditUpdate, HOST_BUF_ALLOC, 0);
     let before = model.notifications(RX);
 
     // Dry, and the device says it does not want to hear of the reposted buffers.
-    for _ in 0..16 {
-        model.deliver(&credit, &[]).unwrap();
-    }
+    fill_rx_buffers(&mut model, 16);
     let next = avail_idx(&transport, RX);
     set_avail_event(&transport, RX, next.wrapping_add(100));
     vsock.poll(ms(10));
@@ -903,12 +902,10 @@ fn b8_a_device_that_ran_dry_and_uses_no_reposted_rx_buffer_is_notified_once_afte
     assert_eq!(model.notifications(RX), before + 1, "once");
 
     // Dry again, and this time the device goes on filling the reposted buffers: nothing.
-    for _ in 0..16 {
-        model.deliver(&credit, &[]).unwrap();
-    }
+    fill_rx_buffers(&mut model, 16);
     set_avail_event(&transport, RX, avail_idx(&transport, RX).wrapping_add(100));
     vsock.poll(ms(1010));
-    model.deliver(&credit, &[]).unwrap();
+    fill_rx_buffers(&mut model, 1);
     vsock.poll(ms(1200));
     vsock.poll(ms(1400));
     assert_eq!(model.notifications(RX), before + 1);
