@@ -346,20 +346,34 @@ impl<H: Hal> SplitRing<H> {
             notified: self.notified_avail_idx,
             used_taken: self.last_used_idx,
             device_used: self.read_used_u16(self.used_offset + 2),
-            avail_event: self
-                .event_idx
-                .then(|| self.read_used_u16(self.used_offset + 4 + 8 * usize::from(self.size))),
+            avail_event: self.event_idx.then(|| self.read_avail_event()),
         }
+    }
+
+    /// The available index the device asked to be notified at (`VIRTIO_F_EVENT_IDX`): the
+    /// field after the used ring's entries.
+    fn read_avail_event(&self) -> u16 {
+        self.read_used_u16(self.used_offset + 4 + 8 * usize::from(self.size))
+    }
+
+    /// Publishes what is posted, as decided on: what follows is the notification decision.
+    fn publish_for_decision(&mut self) {
+        self.publish();
+        self.notified_avail_idx = self.avail_idx;
+        // The index write must be visible before we read the device's suppression state.
+        fence(Ordering::SeqCst);
+    }
+
+    fn kick<T: Transport>(&mut self, transport: &mut T) {
+        transport.notify(self.index);
+        self.kicks += 1;
     }
 
     /// Publishes what is posted and notifies the device whatever it asked for: the way out
     /// for a device that holds buffers, uses none, and has not asked to hear of new ones.
     fn notify_anyway<T: Transport>(&mut self, transport: &mut T) {
-        self.publish();
-        self.notified_avail_idx = self.avail_idx;
-        fence(Ordering::SeqCst);
-        transport.notify(self.index);
-        self.kicks += 1;
+        self.publish_for_decision();
+        self.kick(transport);
     }
 
     /// Publishes the buffers posted since the last call and notifies the device of them,
@@ -370,20 +384,16 @@ impl<H: Hal> SplitRing<H> {
         if new == old {
             return false;
         }
-        self.publish();
-        self.notified_avail_idx = new;
-        // The index write must be visible before we read the device's suppression state.
-        fence(Ordering::SeqCst);
+        self.publish_for_decision();
         let needed = if self.event_idx {
-            let avail_event = self.read_used_u16(self.used_offset + 4 + 8 * usize::from(self.size));
+            let avail_event = self.read_avail_event();
             // vring_need_event: did the device's wake-up index fall in (old, new]?
             new.wrapping_sub(avail_event).wrapping_sub(1) < new.wrapping_sub(old)
         } else {
             self.read_used_u16(self.used_offset) & USED_F_NO_NOTIFY == 0
         };
         if needed {
-            transport.notify(self.index);
-            self.kicks += 1;
+            self.kick(transport);
         }
         needed
     }
