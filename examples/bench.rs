@@ -433,7 +433,7 @@ mod bench {
         ) -> Result<()> {
             let n = buffer.len();
             let mut done = 0;
-            let mut watch = StallWatch::new();
+            let mut watch = SendStallLog::new();
             while done < n {
                 let result = self.device.send_with(conn, |space| {
                     let k = space.len().min(n - done);
@@ -693,15 +693,15 @@ mod bench {
 
     /// Has a send loop log what it waits for (`Driver::log_send_stall`) when it has moved
     /// nothing for 5 s, and again every 5 s: a stalled run then shows where it stands.
-    struct StallWatch {
+    struct SendStallLog {
         since: u64,
     }
 
-    impl StallWatch {
+    impl SendStallLog {
         const LOG_AFTER_US: u64 = 5_000_000;
 
         fn new() -> Self {
-            StallWatch {
+            SendStallLog {
                 since: now_micros(),
             }
         }
@@ -720,7 +720,7 @@ mod bench {
 
     fn send_all<D: Driver>(driver: &mut D, conn: D::Conn, data: &[u8]) -> Result<()> {
         let mut offset = 0;
-        let mut watch = StallWatch::new();
+        let mut watch = SendStallLog::new();
         while offset < data.len() {
             match driver.send(conn, &data[offset..])? {
                 0 => {

@@ -364,6 +364,7 @@ impl<H: Hal> SplitRing<H> {
         fence(Ordering::SeqCst);
     }
 
+    /// Notifies the device of this queue, and counts it.
     fn kick<T: Transport>(&mut self, transport: &mut T) {
         transport.notify(self.index);
         self.kicks += 1;
