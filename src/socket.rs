@@ -214,6 +214,9 @@ struct Sockets<'a> {
     /// Some send queue may hold data, or a SHUTDOWN wait for one: `poll` looks at the
     /// send queues only then.
     send_waiting: bool,
+    /// One past the highest slot that may hold a socket or queued data: the walks of
+    /// every poll stop there (new sockets take the lowest free slot).
+    in_use_end: usize,
 }
 
 /// A vsock device with its sockets: the one owner of the queues (see the crate docs).
@@ -270,6 +273,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 next_accept_order: 0,
                 last_match: 0,
                 send_waiting: false,
+                in_use_end: 0,
                 config,
                 guest_cid,
             },
@@ -341,8 +345,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     pub fn stream_socket(&mut self) -> Result<SocketHandle> {
         let sockets = &mut self.sockets;
         let index = sockets.free_slot().ok_or(Error::TooManySockets)?;
-        let slot = &mut sockets.slots[index];
-        slot.socket = Some(Socket::new());
+        sockets.occupy(index, Socket::new());
+        let slot = &sockets.slots[index];
         Ok(SocketHandle {
             index: index as u16,
             generation: slot.generation,
@@ -803,6 +807,29 @@ impl Sockets<'_> {
         self.get_mut(handle)?.conn_mut().ok_or(Error::NotConnected)
     }
 
+    /// Puts `socket` into slot `index` (a free one).
+    fn occupy(&mut self, index: usize, socket: Socket) {
+        if let Some(slot) = self.slots.get_mut(index) {
+            slot.socket = Some(socket);
+            self.in_use_end = self.in_use_end.max(index + 1);
+        }
+    }
+
+    /// The slots the walks of every poll look at (see `in_use_end`).
+    fn slots_in_use(&self) -> core::ops::Range<usize> {
+        0..self.in_use_end.min(self.slots.len())
+    }
+
+    /// Lowers `in_use_end` past empty slots at the end.
+    fn shrink_in_use(&mut self) {
+        while let Some(last) = self.in_use_end.checked_sub(1) {
+            match self.slots.get(last) {
+                Some(slot) if slot.socket.is_some() || !slot.send_queue.is_empty() => break,
+                _ => self.in_use_end = last,
+            }
+        }
+    }
+
     fn free_slot(&self) -> Option<usize> {
         self.slots
             .iter()
@@ -870,7 +897,7 @@ impl Sockets<'_> {
         }
         // `dispatch` sets it again for whatever still waits.
         self.send_waiting = false;
-        for index in 0..self.slots.len() {
+        for index in self.slots_in_use() {
             let waiting = !self.slots[index].send_queue.is_empty()
                 || self.slots[index]
                     .socket
@@ -931,7 +958,8 @@ impl Sockets<'_> {
         if !self.send_waiting {
             return;
         }
-        for slot in self.slots.iter_mut() {
+        let end = self.slots_in_use().end;
+        for slot in self.slots.iter_mut().take(end) {
             if slot.send_queue.is_empty() {
                 continue;
             }
@@ -1302,23 +1330,26 @@ impl Sockets<'_> {
         conn.credit.update_peer(header.buf_alloc, header.fwd_cnt);
         let accept_order = self.next_accept_order;
         self.next_accept_order += 1;
-        self.slots[index].socket = Some(Socket {
-            local_port: Some(header.dst_port),
-            role: Role::Stream {
-                conn,
-                listener: Some(listener as u16),
-                accept_order,
+        self.occupy(
+            index,
+            Socket {
+                local_port: Some(header.dst_port),
+                role: Role::Stream {
+                    conn,
+                    listener: Some(listener as u16),
+                    accept_order,
+                },
+                orphaned: false,
+                rx_head: 0,
+                rx_len: 0,
             },
-            orphaned: false,
-            rx_head: 0,
-            rx_len: 0,
-        });
+        );
         self.queue_control(index, Op::Response, 0);
     }
 
     /// Fires connect and close timeouts (B19, B36).
     fn fire_timers(&mut self, now: Instant) {
-        for index in 0..self.slots.len() {
+        for index in self.slots_in_use() {
             let slot = &mut self.slots[index];
             // Most slots hold no connection: they are passed over before their send queue
             // is read (the walk runs every poll).
@@ -1366,6 +1397,7 @@ impl Sockets<'_> {
             }
             self.after_state_change(index);
         }
+        self.shrink_in_use();
     }
 
     /// B40: every connection fails with `ConnectionReset` (no packets); listeners stay.

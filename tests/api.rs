@@ -1226,6 +1226,62 @@ fn b19_connect_times_out_after_the_configured_timeout_and_a_late_response_gets_r
     }
 }
 
+/// `poll`'s walks over the sockets stop after the highest slot in use. A connect in the
+/// highest slot still times out after the sockets below it closed, and again after the
+/// walk's end came down (that slot emptied) and went up (a new socket took it).
+#[test]
+fn b19_connect_times_out_in_the_highest_slot_in_use() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(4);
+    let config = Config {
+        connect_timeout: Duration::from_millis(500),
+        ..test_config()
+    };
+    let mut vsock = bring_up(&transport, config, &mut storage);
+    vsock.poll(ms(100));
+    let low = [
+        vsock.stream_socket().unwrap(),
+        vsock.stream_socket().unwrap(),
+    ];
+    let high = vsock.stream_socket().unwrap();
+    let peer = VsockAddr::new(HOST_CID, HOST_PORT);
+    assert_eq!(vsock.connect(high, peer), Err(Error::InProgress));
+    let tuple = Tuple::new(EPHEMERAL, HOST_CID, HOST_PORT);
+    assert_eq!(control(&mut model), [tuple.to_peer(Op::Request, PER, 0)]);
+    for socket in low {
+        vsock.close(socket).unwrap();
+    }
+    vsock.poll(ms(200));
+    assert_silent(&mut model);
+    vsock.poll(ms(600));
+    assert_eq!(control(&mut model), [tuple.to_peer(Op::Rst, PER, 0)]);
+    assert_eq!(vsock.take_error(high), Ok(Some(Error::TimedOut)));
+    // Empty the highest slot, let a poll lower the walk's end, then fill the slots again:
+    // the third socket lands in the same slot, and its timeout fires too.
+    vsock.close(high).unwrap();
+    vsock.poll(ms(700));
+    let again = [
+        vsock.stream_socket().unwrap(),
+        vsock.stream_socket().unwrap(),
+    ];
+    let third = vsock.stream_socket().unwrap();
+    assert_eq!(vsock.connect(third, peer), Err(Error::InProgress));
+    let requests = control(&mut model);
+    assert_eq!(requests.len(), 1);
+    assert_eq!(requests[0].op, Op::Request as u16);
+    vsock.poll(ms(1199));
+    assert_silent(&mut model);
+    vsock.poll(ms(1200));
+    let rst = control(&mut model);
+    assert_eq!(rst.len(), 1);
+    assert_eq!(rst[0].op, Op::Rst as u16);
+    assert_eq!(rst[0].src_port, requests[0].src_port);
+    assert_eq!(vsock.take_error(third), Ok(Some(Error::TimedOut)));
+    for socket in again {
+        assert_eq!(vsock.readiness(socket), Ok(Readiness::empty()));
+    }
+}
+
 #[test]
 fn b18_any_op_but_response_or_rst_while_connecting_resets_the_attempt() {
     let (transport, mut model) = new_transport();
