@@ -791,6 +791,9 @@ fn qemu_workloads(quick: bool, full: bool) -> Vec<Workload> {
 
 type Outcome = std::result::Result<Run, String>;
 
+/// The outcome of a driver that `--driver` left out: shown as "-" in the tables.
+const NOT_RUN: &str = "not run (--driver)";
+
 /// What every driver's run shares.
 #[derive(Clone, Copy)]
 struct Plan<'a> {
@@ -992,7 +995,7 @@ fn run_rounds(plan: &Plan<'_>, accel: Accel, drivers: &[Option<Driver>]) -> Vec<
             let outcomes = (0..workloads)
                 .map(|w| {
                     if driver.is_none() {
-                        return Err("not run (--driver)".to_string());
+                        return Err(NOT_RUN.to_string());
                     }
                     if let Some(e) = failures[slot][w].take() {
                         return Err(e);
@@ -1223,6 +1226,7 @@ fn render_table(
                 format!("{}*", number(values[index]))
             }
             Ok(run) => number(run.values[index]),
+            Err(e) if e == NOT_RUN => "-".to_string(),
             Err(e) => {
                 failures += 1;
                 let tag = format!("[{failures}]");
@@ -1277,6 +1281,7 @@ fn render_table(
             let cells: Vec<String> = [(ours, DRIVERS[0]), (theirs, DRIVERS[1]), (best, DRIVERS[2])]
                 .iter()
                 .map(|(outcome, driver)| match (outcome, index) {
+                    (Err(e), _) if e == NOT_RUN => "-".to_string(),
                     (Err(_), i) if i > 0 => "failed".to_string(),
                     _ => cell(outcome, index, *driver, workload),
                 })
@@ -1315,6 +1320,7 @@ fn render_table(
                     run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
                     run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN)
                 ),
+                Err(e) if e == NOT_RUN => "-".to_string(),
                 Err(_) => "failed".to_string(),
             })
             .collect();
