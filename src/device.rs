@@ -88,12 +88,16 @@ struct StallWatch {
     taken: u64,
     /// Since when the device has had work and used no entry; `None` while it has none.
     since: Option<Instant>,
+    /// Notifications sent in this wait so far: only the first is logged as a warning, so
+    /// that a dead device does not fill the log ten lines a second.
+    notified: u32,
 }
 
 impl StallWatch {
     /// `waiting`: the device has work it has not done; `taken`: the queue's used entries
     /// taken so far. Returns how long the device has sat on the work once that reaches
-    /// [`DEVICE_STALL`], and starts the wait again; a used entry restarts it too.
+    /// [`DEVICE_STALL`] (and counts a notification), and starts the wait again; a used
+    /// entry starts a new one.
     fn overdue(&mut self, waiting: bool, taken: u64, now: Instant) -> Option<Duration> {
         if !waiting {
             self.since = None;
@@ -106,15 +110,26 @@ impl StallWatch {
                     return None;
                 }
                 self.since = Some(now);
+                self.notified = self.notified.saturating_add(1);
                 Some(waited)
             }
             _ => {
                 *self = StallWatch {
                     taken,
                     since: Some(now),
+                    notified: 0,
                 };
                 None
             }
+        }
+    }
+
+    /// The level to log the notification `overdue` just counted at.
+    fn log_level(&self) -> log::Level {
+        if self.notified <= 1 {
+            log::Level::Warn
+        } else {
+            log::Level::Debug
         }
     }
 }
@@ -328,9 +343,10 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
 
     /// The one exception to B8, for a device that lost a wake-up: notifies it whatever it
     /// asked for when it has sat on work for [`DEVICE_STALL`] without using any, and logs
-    /// that. Transmit: it holds packets and took none (again every [`DEVICE_STALL`] while
-    /// that lasts). Receive: it ran out of buffers and used none of those reposted since
-    /// (once; a quiet peer sends nothing either).
+    /// that (a warning for the first notification of a wait, debug after). Transmit: it
+    /// holds packets and took none (again every [`DEVICE_STALL`] while that lasts).
+    /// Receive: it ran out of buffers and used none of those reposted since (once; a
+    /// quiet peer sends nothing either).
     ///
     /// `VIRTIO_F_EVENT_IDX` is a store-then-load handshake on both sides (we write the
     /// available index and read `avail_event`; the device writes `avail_event` and reads
@@ -342,7 +358,8 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
     pub fn watch_queues(&mut self, now: Instant) {
         let holding = self.tx.outstanding() > 0;
         if let Some(waited) = self.tx_watch.overdue(holding, self.tx_taken, now) {
-            log::warn!(
+            log::log!(
+                self.tx_watch.log_level(),
                 "vsock: the device holds {} tx packets and took none for {} ms ({:?}); notifying it",
                 self.tx.outstanding(),
                 waited.as_millis(),
@@ -353,7 +370,8 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
         let dry = self.rx_ran_dry_at == Some(self.rx_taken);
         if let Some(waited) = self.rx_watch.overdue(dry, self.rx_taken, now) {
-            log::warn!(
+            log::log!(
+                self.rx_watch.log_level(),
                 "vsock: the device ran out of rx buffers and used none of the reposted ones for {} ms ({:?}); notifying it",
                 waited.as_millis(),
                 self.rx.indices()
@@ -554,7 +572,9 @@ impl<H: Hal, T: Transport> Drop for VirtioVsock<H, T> {
 
 #[cfg(test)]
 mod tests {
-    use super::largest_power_of_two_at_most;
+    use super::{largest_power_of_two_at_most, StallWatch, DEVICE_STALL};
+    use crate::time::Instant;
+    use core::time::Duration;
 
     #[test]
     fn queue_sizes_are_powers_of_two_capped_at_256() {
@@ -564,5 +584,34 @@ mod tests {
         assert_eq!(largest_power_of_two_at_most(128), 128);
         assert_eq!(largest_power_of_two_at_most(1024), 256);
         assert_eq!(largest_power_of_two_at_most(u32::MAX), 256);
+    }
+
+    #[test]
+    fn stall_watch_counts_100_ms_waits_and_warns_once_per_wait() {
+        let at = Instant::from_millis;
+        let mut watch = StallWatch::default();
+        // No work: nothing, whatever the time.
+        assert_eq!(watch.overdue(false, 0, at(0)), None);
+        // Work from 10 ms on, nothing used.
+        assert_eq!(watch.overdue(true, 0, at(10)), None);
+        assert_eq!(watch.overdue(true, 0, at(109)), None);
+        assert_eq!(watch.overdue(true, 0, at(110)), Some(DEVICE_STALL));
+        assert_eq!(watch.log_level(), log::Level::Warn);
+        assert_eq!(watch.overdue(true, 0, at(150)), None);
+        assert_eq!(
+            watch.overdue(true, 0, at(260)),
+            Some(Duration::from_millis(150))
+        );
+        assert_eq!(watch.log_level(), log::Level::Debug);
+        // A used entry starts a new wait, which warns again.
+        assert_eq!(watch.overdue(true, 1, at(300)), None);
+        assert_eq!(watch.overdue(true, 1, at(399)), None);
+        assert_eq!(watch.overdue(true, 1, at(400)), Some(DEVICE_STALL));
+        assert_eq!(watch.log_level(), log::Level::Warn);
+        // So does the end of the work.
+        assert_eq!(watch.overdue(false, 1, at(410)), None);
+        assert_eq!(watch.overdue(true, 1, at(420)), None);
+        assert_eq!(watch.overdue(true, 1, at(520)), Some(DEVICE_STALL));
+        assert_eq!(watch.log_level(), log::Level::Warn);
     }
 }
