@@ -197,6 +197,30 @@ fn ring_push(ring: &mut [u8], head: usize, len: &mut usize, data: &[u8]) {
     *len += n;
 }
 
+/// `recv`'s buffer, which one connection's arriving data goes straight into while that
+/// connection's receive ring is empty: one copy instead of two (see [`VsockDevice::recv`]).
+struct DirectRead<'b> {
+    /// The slot of the connection.
+    index: usize,
+    buf: &'b mut [u8],
+    /// Bytes of `buf` already written.
+    filled: usize,
+}
+
+impl DirectRead<'_> {
+    fn room(&self) -> usize {
+        self.buf.len() - self.filled
+    }
+
+    /// Copies as much of `payload` as fits and returns the rest.
+    fn take<'p>(&mut self, payload: &'p [u8]) -> &'p [u8] {
+        let n = payload.len().min(self.room());
+        self.buf[self.filled..self.filled + n].copy_from_slice(&payload[..n]);
+        self.filled += n;
+        &payload[n..]
+    }
+}
+
 /// The socket table and everything that is not the device.
 struct Sockets<'a> {
     slots: &'a mut [SocketSlot],
@@ -308,6 +332,20 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
         self.device.reclaim_tx();
+        self.take_arrivals(None);
+        // Credit that came in moves waiting data (B25).
+        self.sockets.dispatch_all(&mut self.device, now);
+        self.sockets.fire_timers(now);
+        self.sockets.release_dead_queues(&mut self.device);
+        self.sockets.drain_pending(&mut self.device);
+        self.device.watch_queues(now);
+        self.device.flush();
+    }
+
+    /// Takes device events, then received packets while replies can be queued (B7), and
+    /// sends the replies. With `direct`, its connection's data goes into `direct`'s buffer
+    /// until that is full, and no packet is taken after that.
+    fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>) {
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
         while let Some(event) = self.device.next_event() {
@@ -321,24 +359,17 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
         }
         self.sockets.drain_pending(&mut self.device);
-        // B7: keep taking rx while replies can be queued.
-        while !self.sockets.pending.is_full() {
+        while !self.sockets.pending.is_full() && direct.as_ref().is_none_or(|d| d.room() > 0) {
             let sockets = &mut self.sockets;
+            let direct = direct.as_deref_mut();
             let took = self
                 .device
-                .receive(|header, payload| sockets.on_packet(header, payload, now));
+                .receive(|header, payload| sockets.on_packet(header, payload, direct));
             if !took {
                 break;
             }
             self.sockets.drain_pending(&mut self.device);
         }
-        // Credit that came in moves waiting data (B25).
-        self.sockets.dispatch_all(&mut self.device, now);
-        self.sockets.fire_timers(now);
-        self.sockets.release_dead_queues(&mut self.device);
-        self.sockets.drain_pending(&mut self.device);
-        self.device.watch_queues(now);
-        self.device.flush();
     }
 
     /// Creates a stream socket (`socket(AF_VSOCK, SOCK_STREAM, 0)`).
@@ -586,7 +617,30 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     }
 
     /// Receives into `buf`; `Ok(0)` at end of stream (B33), `WouldBlock` when no data waits.
+    ///
+    /// When nothing waits in the socket's receive buffer, `recv` first takes what the
+    /// device has delivered, as [`VsockDevice::poll`] would, and copies this connection's
+    /// data straight into `buf`: a reader that keeps up gets its bytes with one copy, not
+    /// two. It stops taking packets once `buf` is full.
     pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
+        let index = usize::from(handle.index);
+        if !buf.is_empty() && self.sockets.nothing_buffered(handle) {
+            let mut direct = DirectRead {
+                index,
+                buf: &mut *buf,
+                filled: 0,
+            };
+            self.take_arrivals(Some(&mut direct));
+            // Replies go out in batches, as `send`'s packets do. The device sees the
+            // reposted buffers at the next poll or credit update: a reader that drained
+            // them all finds nothing, polls, and shows it the whole batch at once (B8).
+            self.device.flush_tx_batch();
+            if direct.filled > 0 {
+                let n = direct.filled;
+                self.after_recv(handle, n);
+                return Ok(n);
+            }
+        }
         let n = self.sockets.read(handle, buf, true)?;
         self.after_recv(handle, n);
         Ok(n)
@@ -1005,6 +1059,12 @@ impl Sockets<'_> {
         Err(Error::AddrNotAvailable)
     }
 
+    /// Whether `handle` is a connection with an empty receive ring.
+    fn nothing_buffered(&self, handle: SocketHandle) -> bool {
+        self.get(handle)
+            .is_ok_and(|socket| socket.conn().is_some() && socket.rx_len == 0)
+    }
+
     /// Gives `read` the unread data of `handle`'s connection, in the two pieces the ring
     /// holds it in (the second empty unless it wraps), and consumes what `read` says it
     /// took (if `consume`; at most all of it). `Ok(0)` at end of stream, `WouldBlock`
@@ -1168,8 +1228,8 @@ impl Sockets<'_> {
     }
 
     /// Dispatches one received packet (B10–B18).
-    fn on_packet(&mut self, header: &Header, payload: &[u8], now: Instant) {
-        let _ = now;
+    /// Handles one received packet; data of `direct`'s connection goes to `direct` first.
+    fn on_packet(&mut self, header: &Header, payload: &[u8], direct: Option<&mut DirectRead<'_>>) {
         if header.dst_cid != u64::from(self.guest_cid) {
             log::warn!("vsock: dropping packet for CID {}", header.dst_cid);
             return;
@@ -1208,7 +1268,7 @@ impl Sockets<'_> {
             return;
         }
         match found {
-            Some(index) => self.on_connection_packet(index, header, op, payload),
+            Some(index) => self.on_connection_packet(index, header, op, payload, direct),
             None if op == Op::Request => self.on_request(header),
             // B14: an RST for no connection is dropped silently.
             None if op == Op::Rst => {}
@@ -1244,27 +1304,42 @@ impl Sockets<'_> {
         }
     }
 
-    fn on_connection_packet(&mut self, index: usize, header: &Header, op: Op, payload: &[u8]) {
-        let Some(conn) = self
+    fn on_connection_packet(
+        &mut self,
+        index: usize,
+        header: &Header,
+        op: Op,
+        payload: &[u8],
+        direct: Option<&mut DirectRead<'_>>,
+    ) {
+        let Some(socket) = self
             .slots
             .get_mut(index)
             .and_then(|slot| slot.socket.as_mut())
-            .and_then(Socket::conn_mut)
         else {
+            return;
+        };
+        let ring_empty = socket.rx_len == 0;
+        let Some(conn) = socket.conn_mut() else {
             return;
         };
         let outcome = conn.on_packet(header, op);
         if outcome.deliver {
+            let mut rest = payload;
+            // Straight to the reader only while nothing older waits in the ring.
+            if let Some(direct) = direct.filter(|d| d.index == index && ring_empty) {
+                rest = direct.take(payload);
+                // B27: those bytes are consumed now.
+                conn.credit.on_consumed((payload.len() - rest.len()) as u32);
+            }
             let ring_start = index * self.rx_per_socket;
             let per = self.rx_per_socket;
-            if let Some(socket) = self.slots[index].socket.as_mut() {
-                let head = socket.rx_head;
-                let mut len = socket.rx_len;
-                // Credit was checked: rx_len + payload <= buf_alloc = ring size (B30).
-                let ring = &mut self.rx_memory[ring_start..ring_start + per];
-                ring_push(ring, head, &mut len, payload);
-                socket.rx_len = len;
-            }
+            let head = socket.rx_head;
+            let mut len = socket.rx_len;
+            // Credit was checked: rx_len + payload <= buf_alloc = ring size (B30).
+            let ring = &mut self.rx_memory[ring_start..ring_start + per];
+            ring_push(ring, head, &mut len, rest);
+            socket.rx_len = len;
         }
         match outcome.reply {
             Reply::Nothing => {}

@@ -1598,6 +1598,69 @@ fn recv_with_reads_in_place_in_the_pieces_of_the_ring() {
 }
 
 #[test]
+fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(3);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 2);
+    let a = Tuple::host();
+    let b = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 1);
+    let conn_a = accept_from(&mut vsock, &mut model, listener, a, ms(1));
+    let conn_b = accept_from(&mut vsock, &mut model, listener, b, ms(1));
+    let rx_shown = model.available(0);
+    let data = pattern(3000);
+
+    // The packets arrive and no poll runs before recv: recv takes them. A's bytes go to
+    // the caller until its buffer is full, the rest of that packet to A's ring, B's bytes
+    // to B's ring; the packet after the one that filled the buffer is left for later.
+    model.deliver(&a.peer_sends(Op::Rw), &data[..1000]).unwrap();
+    model.deliver(&b.peer_sends(Op::Rw), b"for b").unwrap();
+    model
+        .deliver(&a.peer_sends(Op::Rw), &data[1000..2500])
+        .unwrap();
+    model.deliver(&a.peer_sends(Op::Rw), &data[2500..]).unwrap();
+    let mut buf = vec![0u8; 1800];
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1800));
+    assert_eq!(buf, data[..1800]);
+    assert_eq!(vsock.recv_queue(conn_a), Ok(700));
+    assert_eq!(vsock.recv_queue(conn_b), Ok(5));
+    // Older bytes in the ring come first, and no packet is taken meanwhile.
+    let mut buf = vec![0u8; 1000];
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(700));
+    assert_eq!(buf[..700], data[1800..2500]);
+    assert_eq!(vsock.recv_queue(conn_a), Ok(0));
+    // The ring is empty: the last packet is taken now.
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(500));
+    assert_eq!(buf[..500], data[2500..]);
+    assert_eq!(vsock.recv(conn_a, &mut buf), Err(Error::WouldBlock));
+    let mut small = [0u8; 8];
+    assert_eq!(vsock.recv(conn_b, &mut small), Ok(5));
+    assert_eq!(&small[..5], b"for b");
+    assert_silent(&mut model);
+
+    // A CREDIT_REQUEST that recv takes is answered (B29), by the next poll at the latest,
+    // with every byte read counted as consumed (B27). That poll shows the device all four
+    // reposted buffers (B31).
+    model
+        .deliver(&a.peer_sends(Op::CreditRequest), &[])
+        .unwrap();
+    assert_eq!(vsock.recv(conn_a, &mut buf), Err(Error::WouldBlock));
+    vsock.poll(ms(2));
+    assert_eq!(
+        control(&mut model),
+        [a.to_peer(Op::CreditUpdate, PER, 3000)]
+    );
+    assert_eq!(model.available(0), rx_shown);
+
+    // Data, then the end of the stream, taken by one recv: the data, then Ok(0) (B33).
+    model.deliver(&a.peer_sends(Op::Rw), b"end").unwrap();
+    model.deliver(&a.peer_shutdown(2), &[]).unwrap();
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(3));
+    assert_eq!(&buf[..3], b"end");
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(0));
+}
+
+#[test]
 fn calls_on_unconnected_or_listening_sockets_are_not_connected() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);
