@@ -197,26 +197,57 @@ fn ring_push(ring: &mut [u8], head: usize, len: &mut usize, data: &[u8]) {
     *len += n;
 }
 
-/// `recv`'s buffer, which one connection's arriving data goes straight into while that
-/// connection's receive ring is empty: one copy instead of two (see [`VsockDevice::recv`]).
+/// Where one connection's arriving data goes straight to, while that connection's
+/// receive ring is empty: the caller of `recv` or `recv_with` (see [`VsockDevice::recv`]).
 struct DirectRead<'b> {
     /// The slot of the connection.
     index: usize,
-    buf: &'b mut [u8],
-    /// Bytes of `buf` already written.
-    filled: usize,
+    sink: DirectSink<'b>,
+    /// Bytes the sink took.
+    taken: usize,
 }
 
-impl DirectRead<'_> {
-    fn room(&self) -> usize {
-        self.buf.len() - self.filled
+/// `recv_with`'s reader: shown bytes, returns how many it took.
+type Reader<'b> = &'b mut dyn FnMut(&[u8]) -> usize;
+
+/// The caller's side of a [`DirectRead`].
+enum DirectSink<'b> {
+    /// `recv`'s buffer, filled in order until it is full.
+    Buffer(&'b mut [u8]),
+    /// `recv_with`'s reader, shown the first data where it lies, once; `None` after that.
+    Reader(Option<Reader<'b>>),
+}
+
+impl<'b> DirectRead<'b> {
+    fn new(index: usize, sink: DirectSink<'b>) -> Self {
+        DirectRead {
+            index,
+            sink,
+            taken: 0,
+        }
     }
 
-    /// Copies as much of `payload` as fits and returns the rest.
+    /// Whether the sink would take more.
+    fn has_room(&self) -> bool {
+        match &self.sink {
+            DirectSink::Buffer(buf) => self.taken < buf.len(),
+            DirectSink::Reader(read) => read.is_some(),
+        }
+    }
+
+    /// Gives the sink what it takes of `payload` and returns the rest.
     fn take<'p>(&mut self, payload: &'p [u8]) -> &'p [u8] {
-        let n = payload.len().min(self.room());
-        self.buf[self.filled..self.filled + n].copy_from_slice(&payload[..n]);
-        self.filled += n;
+        let n = match &mut self.sink {
+            DirectSink::Buffer(buf) => {
+                let n = payload.len().min(buf.len() - self.taken);
+                buf[self.taken..self.taken + n].copy_from_slice(&payload[..n]);
+                n
+            }
+            DirectSink::Reader(read) => read
+                .take()
+                .map_or(0, |read| read(payload).min(payload.len())),
+        };
+        self.taken += n;
         &payload[n..]
     }
 }
@@ -343,8 +374,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     }
 
     /// Takes device events, then received packets while replies can be queued (B7), and
-    /// sends the replies. With `direct`, its connection's data goes into `direct`'s buffer
-    /// until that is full, and no packet is taken after that.
+    /// sends the replies. With `direct`, its connection's data goes to `direct` while that
+    /// has room, and no packet is taken after that.
     fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>) {
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
@@ -359,7 +390,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
         }
         self.sockets.drain_pending(&mut self.device);
-        while !self.sockets.pending.is_full() && direct.as_ref().is_none_or(|d| d.room() > 0) {
+        while !self.sockets.pending.is_full() && direct.as_ref().is_none_or(|d| d.has_room()) {
             let sockets = &mut self.sockets;
             let direct = direct.as_deref_mut();
             let took = self
@@ -623,21 +654,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// data straight into `buf`: a reader that keeps up gets its bytes with one copy, not
     /// two. It stops taking packets once `buf` is full.
     pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
-        let index = usize::from(handle.index);
-        if !buf.is_empty() && self.sockets.nothing_buffered(handle) {
-            let mut direct = DirectRead {
-                index,
-                buf: &mut *buf,
-                filled: 0,
-            };
-            self.take_arrivals(Some(&mut direct));
-            // Replies go out in batches, as `send`'s packets do. The device sees the
-            // reposted buffers at the next poll or credit update: a reader that drained
-            // them all finds nothing, polls, and shows it the whole batch at once (B8).
-            self.device.flush_tx_batch();
-            if direct.filled > 0 {
-                let n = direct.filled;
-                self.after_recv(handle, n);
+        if !buf.is_empty() {
+            let sink = DirectSink::Buffer(&mut *buf);
+            if let Some(n) = self.recv_direct(handle, sink) {
                 return Ok(n);
             }
         }
@@ -646,21 +665,55 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         Ok(n)
     }
 
-    /// Receives in place: `read` gets the oldest unread bytes where they are (one
-    /// contiguous piece of the socket's receive buffer: call again for the rest) and
-    /// returns how many it took; those are consumed (at most all it was given). Returns
-    /// that number; `Ok(0)` at end of stream and `WouldBlock` when no data waits, without
+    /// Receives in place: `read` gets the oldest unread bytes where they are and returns
+    /// how many it took; those are consumed (at most all it was given). Returns that
+    /// number; `Ok(0)` at end of stream and `WouldBlock` when no data waits, without
     /// calling `read`.
+    ///
+    /// The bytes are one contiguous piece (call again for the rest): a piece of the
+    /// socket's receive buffer, or, when that is empty, the data of the next packet for
+    /// this connection in the device's receive buffer, with no copy at all. To find that
+    /// packet `recv_with` takes what the device has delivered, as `recv` does; what
+    /// `read` leaves of the packet is kept in the socket's receive buffer.
     pub fn recv_with(
         &mut self,
         handle: SocketHandle,
         read: impl FnOnce(&[u8]) -> usize,
     ) -> Result<usize> {
+        let mut read = Some(read);
+        let mut once = |bytes: &[u8]| read.take().map_or(0, |read| read(bytes));
+        if let Some(n) = self.recv_direct(handle, DirectSink::Reader(Some(&mut once))) {
+            return Ok(n);
+        }
         let n = self
             .sockets
-            .read_with(handle, true, |first, _| read(first).min(first.len()))?;
+            .read_with(handle, true, |first, _| once(first).min(first.len()))?;
         self.after_recv(handle, n);
         Ok(n)
+    }
+
+    /// When `handle`'s receive buffer is empty: takes what the device has delivered,
+    /// giving this connection's data to `sink` first. Returns what the sink took, or
+    /// `None` when it was given nothing (then the receive buffer is read as before).
+    fn recv_direct(&mut self, handle: SocketHandle, sink: DirectSink<'_>) -> Option<usize> {
+        if !self.sockets.nothing_buffered(handle) {
+            return None;
+        }
+        let mut direct = DirectRead::new(usize::from(handle.index), sink);
+        self.take_arrivals(Some(&mut direct));
+        // Replies go out in batches, as `send`'s packets do. The device sees the reposted
+        // buffers at the next poll or credit update: a reader that drained them all finds
+        // nothing, polls, and shows it the whole batch at once (B8).
+        self.device.flush_tx_batch();
+        let given = match direct.sink {
+            DirectSink::Buffer(_) => direct.taken > 0,
+            DirectSink::Reader(read) => read.is_none(),
+        };
+        if !given {
+            return None;
+        }
+        self.after_recv(handle, direct.taken);
+        Some(direct.taken)
     }
 
     /// After `n` bytes were consumed: B28, tell the peer about the space we made, when

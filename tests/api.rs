@@ -1661,6 +1661,67 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
 }
 
 #[test]
+fn recv_with_reads_the_next_packet_where_the_device_wrote_it_when_the_ring_is_empty() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2);
+    let ring = storage.rx_memory.as_ptr_range();
+    let in_ring = |bytes: &[u8]| ring.contains(&bytes.as_ptr());
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 1);
+    let tuple = Tuple::host();
+    let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
+    let data = pattern(1500);
+    model
+        .deliver(&tuple.peer_sends(Op::Rw), &data[..1000])
+        .unwrap();
+    model
+        .deliver(&tuple.peer_sends(Op::Rw), &data[1000..])
+        .unwrap();
+
+    // No poll: the reader gets the first packet's data in the device's receive buffer,
+    // not in the socket's ring. What it leaves goes to the ring; the second packet is not
+    // taken yet.
+    let n = vsock.recv_with(conn, |bytes| {
+        assert_eq!(bytes, &data[..1000]);
+        assert!(!in_ring(bytes));
+        600
+    });
+    assert_eq!(n, Ok(600));
+    assert_eq!(vsock.recv_queue(conn), Ok(400));
+    // The ring's bytes come first, in the ring.
+    let n = vsock.recv_with(conn, |bytes| {
+        assert_eq!(bytes, &data[600..1000]);
+        assert!(in_ring(bytes));
+        bytes.len()
+    });
+    assert_eq!(n, Ok(400));
+    // The ring is empty again: the second packet, where the device wrote it.
+    let n = vsock.recv_with(conn, |bytes| {
+        assert_eq!(bytes, &data[1000..]);
+        assert!(!in_ring(bytes));
+        usize::MAX
+    });
+    assert_eq!(n, Ok(500));
+    let called = Cell::new(false);
+    let result = vsock.recv_with(conn, |_| {
+        called.set(true);
+        0
+    });
+    assert_eq!(result, Err(Error::WouldBlock));
+    assert!(!called.get());
+
+    // Everything read counts as consumed (B27).
+    model
+        .deliver(&tuple.peer_sends(Op::CreditRequest), &[])
+        .unwrap();
+    vsock.poll(ms(2));
+    assert_eq!(
+        control(&mut model),
+        [tuple.to_peer(Op::CreditUpdate, PER, 1500)]
+    );
+}
+
+#[test]
 fn calls_on_unconnected_or_listening_sockets_are_not_connected() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(4);

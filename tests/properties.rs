@@ -151,6 +151,8 @@ enum Action {
     GuestRecv {
         pair: usize,
         len: usize,
+        /// Through `recv_with`, copying what the reader is shown, not `recv`.
+        in_place: bool,
     },
     HostSend {
         pair: usize,
@@ -244,7 +246,11 @@ fn polite_action() -> impl Strategy<Value = Action> {
         3 => Just(Action::GuestConnect),
         3 => Just(Action::HostConnect),
         8 => (pair(), len()).prop_map(|(pair, len)| Action::GuestSend { pair, len }),
-        6 => (pair(), len()).prop_map(|(pair, len)| Action::GuestRecv { pair, len }),
+        6 => (pair(), len(), any::<bool>()).prop_map(|(pair, len, in_place)| Action::GuestRecv {
+            pair,
+            len,
+            in_place
+        }),
         8 => (pair(), len()).prop_map(|(pair, len)| Action::HostSend { pair, len }),
         6 => (pair(), len()).prop_map(|(pair, len)| Action::HostRecv { pair, len }),
         1 => (pair(), any::<bool>()).prop_map(|(pair, read)| Action::GuestShutdown { pair, read }),
@@ -517,12 +523,26 @@ impl<'a> World<'a> {
 
     /// The guest reads up to `len` bytes of pair `index`; they must be the next bytes of
     /// the host's stream.
-    fn guest_recv(&mut self, index: usize, len: usize) -> Result<usize, TestCaseError> {
+    fn guest_recv(
+        &mut self,
+        index: usize,
+        len: usize,
+        in_place: bool,
+    ) -> Result<usize, TestCaseError> {
         let Some(socket) = self.pairs[index].guest else {
             return Ok(0);
         };
         let mut buf = vec![0u8; len];
-        match self.vsock.recv(socket, &mut buf) {
+        let result = if in_place {
+            self.vsock.recv_with(socket, |bytes| {
+                let n = bytes.len().min(len);
+                buf[..n].copy_from_slice(&bytes[..n]);
+                n
+            })
+        } else {
+            self.vsock.recv(socket, &mut buf)
+        };
+        match result {
             Ok(0) => {
                 let pair = &mut self.pairs[index];
                 if len > 0 {
@@ -614,9 +634,13 @@ impl<'a> World<'a> {
                     self.guest_send(index, len)?;
                 }
             }
-            Action::GuestRecv { pair, len } => {
+            Action::GuestRecv {
+                pair,
+                len,
+                in_place,
+            } => {
                 if let Some(index) = self.pick(pair) {
-                    self.guest_recv(index, len)?;
+                    self.guest_recv(index, len, in_place)?;
                 }
             }
             Action::HostSend { pair, len } => {
@@ -912,7 +936,7 @@ impl<'a> World<'a> {
             self.check_errors()?;
             for index in 0..self.pairs.len() {
                 progress |= self.host_recv(index, usize::MAX)? > 0;
-                progress |= self.guest_recv(index, 1 << 16)? > 0;
+                progress |= self.guest_recv(index, 1 << 16, index % 2 == 1)? > 0;
             }
             self.settle();
             self.accept()?;
