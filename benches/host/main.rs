@@ -196,7 +196,10 @@ struct Ours {
     config: Config,
 }
 
-/// `Config::default()` with the overrides from the environment.
+/// `Config::default()` with the overrides from the environment, and a connect timeout
+/// of 30 s: the device thread can lose its core for seconds when the VM is starved (one
+/// run saw it loop 96 times in the default 2 s), and virtio-drivers' connect has no
+/// timeout to fail on.
 fn our_config() -> Config {
     fn env<T: std::str::FromStr>(name: &str) -> Option<T> {
         std::env::var(name).ok().and_then(|v| v.parse().ok())
@@ -207,6 +210,7 @@ fn our_config() -> Config {
         rx_buffer_size: env("VSOCK_BENCH_RX").unwrap_or(default.rx_buffer_size),
         tx_packet_size: env("VSOCK_BENCH_TX").unwrap_or(default.tx_packet_size),
         tx_memory: env("VSOCK_BENCH_TX_MEMORY").unwrap_or(default.tx_memory),
+        connect_timeout: Duration::from_secs(30),
         ..default
     }
 }
