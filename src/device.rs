@@ -85,7 +85,7 @@ pub const DEVICE_STALL: Duration = Duration::from_millis(100);
 #[derive(Clone, Copy, Debug, Default)]
 struct StallWatch {
     /// The queue's used entries taken so far, when the wait began.
-    taken: u64,
+    taken: u16,
     /// Since when the device has had work and used no entry; `None` while it has none.
     since: Option<Instant>,
     /// Notifications sent in this wait so far: only the first is logged as a warning, so
@@ -95,10 +95,11 @@ struct StallWatch {
 
 impl StallWatch {
     /// `waiting`: the device has work it has not done; `taken`: the queue's used entries
-    /// taken so far. Returns how long the device has sat on the work once that reaches
-    /// [`DEVICE_STALL`] (and counts a notification), and starts the wait again; a used
-    /// entry starts a new one.
-    fn overdue(&mut self, waiting: bool, taken: u64, now: Instant) -> Option<Duration> {
+    /// taken so far (the ring's free-running count). Returns how long the device has sat
+    /// on the work once that reaches [`DEVICE_STALL`] (and counts a notification), and
+    /// starts the wait again; a used entry starts a new one. (Exactly 65,536 entries
+    /// between two polls look like none: at worst one needless notification.)
+    fn overdue(&mut self, waiting: bool, taken: u16, now: Instant) -> Option<Duration> {
         if !waiting {
             self.since = None;
             return None;
@@ -145,14 +146,11 @@ pub struct VirtioVsock<H: Hal, T: Transport> {
     guest_cid: u32,
     features: Features,
     stats: Stats,
-    /// Used tx entries taken back so far (good and rejected ones).
-    tx_taken: u64,
     tx_watch: StallWatch,
-    /// Used rx entries taken so far (good and rejected ones).
-    rx_taken: u64,
-    /// `rx_taken` when the device last had no receive buffer left, until it uses one of
-    /// the reposted ones or is notified of them anyway.
-    rx_ran_dry_at: Option<u64>,
+    /// The rx ring's used entries taken ([`RxQueue::used_taken`]) when the device last had
+    /// no receive buffer left, until it uses one of the reposted ones or is notified of
+    /// them anyway.
+    rx_ran_dry_at: Option<u16>,
     rx_watch: StallWatch,
 }
 
@@ -271,9 +269,7 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
             guest_cid,
             features,
             stats: Stats::default(),
-            tx_taken: 0,
             tx_watch: StallWatch::default(),
-            rx_taken: 0,
             rx_ran_dry_at: None,
             rx_watch: StallWatch::default(),
         };
@@ -333,7 +329,6 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
     /// Returns sent packets' memory and descriptors.
     pub fn reclaim_tx(&mut self) {
         while let Some(entry) = self.tx.reclaim_one() {
-            self.tx_taken += 1;
             if let Err(bad) = entry {
                 self.stats.bad_used_entries += 1;
                 log::warn!("vsock: tx used entry rejected: {bad:?}");
@@ -357,7 +352,7 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
     /// after its packets are submitted; `now` as passed to `poll`.
     pub fn watch_queues(&mut self, now: Instant) {
         let holding = self.tx.outstanding() > 0;
-        if let Some(waited) = self.tx_watch.overdue(holding, self.tx_taken, now) {
+        if let Some(waited) = self.tx_watch.overdue(holding, self.tx.used_taken(), now) {
             log::log!(
                 self.tx_watch.log_level(),
                 "vsock: the device holds {} tx packets and took none for {} ms ({:?}); notifying it",
@@ -368,8 +363,9 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
             self.tx.notify_anyway(&mut self.transport);
             self.stats.tx_stall_notifies += 1;
         }
-        let dry = self.rx_ran_dry_at == Some(self.rx_taken);
-        if let Some(waited) = self.rx_watch.overdue(dry, self.rx_taken, now) {
+        let rx_taken = self.rx.used_taken();
+        let dry = self.rx_ran_dry_at == Some(rx_taken);
+        if let Some(waited) = self.rx_watch.overdue(dry, rx_taken, now) {
             log::log!(
                 self.rx_watch.log_level(),
                 "vsock: the device ran out of rx buffers and used none of the reposted ones for {} ms ({:?}); notifying it",
@@ -481,9 +477,8 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         let Some(entry) = self.rx.pop_used() else {
             return false;
         };
-        self.rx_taken += 1;
         if self.rx.device_ran_dry() {
-            self.rx_ran_dry_at = Some(self.rx_taken);
+            self.rx_ran_dry_at = Some(self.rx.used_taken());
         }
         match entry {
             Ok(Used { id, len }) => {

@@ -333,6 +333,11 @@ impl<H: Hal> SplitRing<H> {
         self.avail_idx.wrapping_sub(self.last_used_idx)
     }
 
+    /// Used entries taken so far, good and rejected ones (free-running, wraps at 2^16).
+    fn used_taken(&self) -> u16 {
+        self.last_used_idx
+    }
+
     /// Whether the device has used every buffer it was shown (as far as we have taken
     /// its used entries).
     fn device_used_all(&self) -> bool {
@@ -504,6 +509,11 @@ impl<H: Hal> RxQueue<H> {
     /// it hears of the reposted ones.
     pub fn device_ran_dry(&self) -> bool {
         self.rings.device_used_all()
+    }
+
+    /// Used entries taken so far, good and rejected ones (wraps at 2^16).
+    pub fn used_taken(&self) -> u16 {
+        self.rings.used_taken()
     }
 
     /// The ring's indices now (see [`RingIndices`]).
@@ -823,6 +833,11 @@ impl<H: Hal> TxQueue<H> {
     /// Packets the device holds (submitted, not yet reclaimed).
     pub fn outstanding(&self) -> u16 {
         self.rings.outstanding()
+    }
+
+    /// Used entries taken back so far, good and rejected ones (wraps at 2^16).
+    pub fn used_taken(&self) -> u16 {
+        self.rings.used_taken()
     }
 
     /// The ring's indices now (see [`RingIndices`]).
