@@ -1,6 +1,8 @@
 //! A minimal IDT for the 32 CPU exceptions: each one prints what happened on COM1 and
 //! exits QEMU with the failure status (see [`super::exit_failure`]) instead of letting
 //! the CPU triple-fault (which, with `-no-reboot`, would make QEMU exit with status 0).
+//! The one exception that is not the end: a general protection fault on port I/O from
+//! ring 3, which the #GP entry does in ring 0 (see [`super::ring3`]).
 //!
 //! Interrupts stay disabled for the whole life of the guest (the drivers poll), so no
 //! IRQ vectors are installed.
@@ -77,6 +79,46 @@ boot_exception_stubs:
     BOOT_EXC_ERR 30
     BOOT_EXC_NOERR 31
 
+    /* #GP from ring 3 on `in`/`out` through DX (the forms boot::port uses): the port
+     * access is done here, in ring 0, and the program goes on after the instruction.
+     * Some hypervisors (kvm_pvm) do not give ring 3 the IOPL it was granted (see
+     * boot::ring3). Anything else goes to the report above. On entry: error code at
+     * 0(%rsp), then RIP, CS, RFLAGS, RSP, SS. */
+    .balign 16
+    .global boot_gp_entry
+boot_gp_entry:
+    testb $3, 16(%rsp)
+    jz 9f
+    push %rcx
+    mov 16(%rsp), %rcx
+    cmpb $0xec, (%rcx)
+    je 5f
+    cmpb $0xee, (%rcx)
+    je 6f
+    cmpb $0xed, (%rcx)
+    je 7f
+    cmpb $0xef, (%rcx)
+    je 8f
+    pop %rcx
+9:
+    jmp boot_exception_stubs + 16 * 13
+5:
+    inb %dx, %al
+    jmp 1f
+6:
+    outb %al, %dx
+    jmp 1f
+7:
+    inl %dx, %eax
+    jmp 1f
+8:
+    outl %eax, %dx
+1:
+    incq 16(%rsp)
+    pop %rcx
+    add $8, %rsp
+    iretq
+
 boot_exception_common:
     mov %rsp, %rdi
     and $-16, %rsp
@@ -94,6 +136,8 @@ boot_exception_common:
 unsafe extern "C" {
     /// The first of the 32 exception stubs above, each 16 bytes long.
     static boot_exception_stubs: u8;
+    /// The #GP entry that does ring 3's port I/O.
+    static boot_gp_entry: u8;
 }
 
 /// A 64-bit interrupt gate descriptor.
@@ -151,6 +195,9 @@ pub fn init() {
         // reference into the table.
         unsafe { (*table)[vector] = Gate::interrupt_gate(stubs + 16 * vector as u64) };
     }
+    let gp_entry = core::ptr::addr_of!(boot_gp_entry) as u64;
+    // SAFETY: as above.
+    unsafe { (*table)[13] = Gate::interrupt_gate(gp_entry) };
     #[repr(C, packed)]
     struct Pointer {
         limit: u16,

@@ -60,7 +60,8 @@
 //! # Command line
 //!
 //! The PVH command line (`-append "cid=4 port=1234"`) is [`BootInfo::cmdline`];
-//! [`BootInfo::cmdline_value`] looks up `key=value` words in it.
+//! [`BootInfo::cmdline_value`] looks up `key=value` words in it. The boot code reads
+//! `log=<level>` and `ring=3`: with that, `main` runs in ring 3 ([`ring3`]).
 //!
 //! # Devices
 //!
@@ -84,6 +85,7 @@ mod idt;
 pub mod paging;
 pub mod port;
 pub mod pvh;
+pub mod ring3;
 pub mod serial;
 mod start;
 pub mod time;
@@ -200,6 +202,11 @@ pub fn start(start_info_paddr: u64, main: fn(&BootInfo) -> !) -> ! {
         tsc_hz / 1_000_000,
         tsc_hz / 1_000 % 1_000
     );
+
+    if cmdline_value(cmdline, "ring") == Some("3") {
+        ring3::enter();
+        info!("boot: running in ring 3");
+    }
 
     let info = BootInfo {
         cmdline,

@@ -8,13 +8,14 @@
 //! static pool. [`super::hal::BootHal::mmio_phys_to_virt`] calls it for every BAR region
 //! the virtio transport maps.
 
-use core::arch::asm;
 use core::cell::UnsafeCell;
 
 use spin::Mutex;
 
 const PRESENT: u64 = 1 << 0;
 const WRITABLE: u64 = 1 << 1;
+/// Ring 3 may use the page (see [`super::ring3`]).
+const USER: u64 = 1 << 2;
 const WRITE_THROUGH: u64 = 1 << 3;
 const CACHE_DISABLE: u64 = 1 << 4;
 const HUGE: u64 = 1 << 7;
@@ -62,42 +63,33 @@ pub fn identity_map(paddr: u64, size: u64) -> Result<(), MapError> {
         return Err(MapError::OutOfRange);
     }
     let mut next = NEXT.lock();
-    let pml4 = read_cr3() & ADDRESS_MASK;
-    let mut changed = false;
+    // The boot code's PML4 (what CR3 holds; CR3 cannot be read from ring 3).
+    let pml4 = (&raw const boot_pml4) as u64;
     let mut page = paddr & !(PAGE_2M - 1);
     while page < end {
-        let pdpt = next_table(pml4, (page >> 39) & 511, &mut next, &mut changed)?;
-        let pd = next_table(pdpt, (page >> 30) & 511, &mut next, &mut changed)?;
+        let pdpt = next_table(pml4, (page >> 39) & 511, &mut next)?;
+        let pd = next_table(pdpt, (page >> 30) & 511, &mut next)?;
         let entry = (pd + 8 * ((page >> 21) & 511)) as *mut u64;
         // SAFETY: `pd` is a page directory reachable from CR3 (from the boot code or the
         // pool), identity-mapped, and page-table updates are serialised by `NEXT`.
         unsafe {
             if entry.read_volatile() & PRESENT == 0 {
                 entry.write_volatile(
-                    page | PRESENT | WRITABLE | HUGE | WRITE_THROUGH | CACHE_DISABLE,
+                    page | PRESENT | WRITABLE | USER | HUGE | WRITE_THROUGH | CACHE_DISABLE,
                 );
-                changed = true;
             }
         }
         page += PAGE_2M;
     }
-    if changed {
-        // Reloading CR3 flushes any paging-structure caches (only not-present entries
-        // changed, so this is belt and braces).
-        // SAFETY: CR3 is written back with its own value.
-        unsafe { asm!("mov cr3, {}", in(reg) read_cr3(), options(nostack, preserves_flags)) };
-    }
+    // Only not-present entries changed, and the CPU caches no translation or
+    // paging-structure entry that is not present: nothing to flush (which ring 3 could
+    // not do anyway).
     Ok(())
 }
 
 /// Returns the physical address of the table that entry `index` of `table` points to,
 /// creating it from the pool if the entry is not present.
-fn next_table(
-    table: u64,
-    index: u64,
-    next: &mut usize,
-    changed: &mut bool,
-) -> Result<u64, MapError> {
+fn next_table(table: u64, index: u64, next: &mut usize) -> Result<u64, MapError> {
     let entry = (table + 8 * index) as *mut u64;
     // SAFETY: `table` is a paging structure reachable from CR3, identity-mapped; updates
     // are serialised by the `NEXT` lock held by the caller.
@@ -115,14 +107,11 @@ fn next_table(
     let new = unsafe { (*POOL.0.get()).as_mut_ptr().add(*next) } as u64;
     *next += 1;
     // SAFETY: as above for `entry`; `new` is a zeroed, 4 KiB-aligned, identity-mapped page.
-    unsafe { entry.write_volatile(new | PRESENT | WRITABLE) };
-    *changed = true;
+    unsafe { entry.write_volatile(new | PRESENT | WRITABLE | USER) };
     Ok(new)
 }
 
-fn read_cr3() -> u64 {
-    let cr3: u64;
-    // SAFETY: reading CR3 has no side effects.
-    unsafe { asm!("mov {}, cr3", out(reg) cr3, options(nomem, nostack, preserves_flags)) };
-    cr3
+unsafe extern "C" {
+    /// The PML4 the entry code built and loaded into CR3 ([`super::start`]).
+    static boot_pml4: u8;
 }

@@ -13,8 +13,9 @@
 //! 2. saves `EBX` in the symbol `PVH_START_INFO` (in `.bss`, hence after the zeroing)
 //!    and later passes it to Rust;
 //! 3. builds identity-mapped page tables for the first 4 GiB with 2 MiB pages
-//!    (one PML4, one PDPT, four page directories, all in `.bss`); regions above 4 GiB
-//!    are added later, on demand, by [`super::paging`];
+//!    (one PML4, one PDPT, four page directories, all in `.bss`; every entry with the
+//!    user bit, for [`super::ring3`]); regions above 4 GiB are added later, on demand,
+//!    by [`super::paging`];
 //! 4. enables PAE, SSE state (`CR4.OSFXSR | CR4.OSXMMEXCPT`, `CR0.MP`, clearing
 //!    `CR0.EM` — the soft-float target does not need it, but it costs nothing and keeps
 //!    any SSE instruction from faulting), `EFER.LME`, then paging;
@@ -106,10 +107,11 @@ pvh_start32:
     /* Save the start-info pointer (the upper half stays zero). */
     mov %ebx, PVH_START_INFO
 
-    /* PML4[0] -> PDPT, PDPT[0..4] -> the four page directories (present, writable). */
-    mov $boot_pdpt + 0x3, %eax
+    /* PML4[0] -> PDPT, PDPT[0..4] -> the four page directories (present, writable,
+     * user: see boot::ring3). */
+    mov $boot_pdpt + 0x7, %eax
     mov %eax, boot_pml4
-    mov $boot_pd + 0x3, %eax
+    mov $boot_pd + 0x7, %eax
     mov $boot_pdpt, %edi
     mov $4, %ecx
 1:
@@ -118,8 +120,8 @@ pvh_start32:
     add $8, %edi
     loop 1b
 
-    /* 2048 PD entries: 2 MiB pages (present, writable, PS) covering 0..4 GiB. */
-    mov $0x83, %eax
+    /* 2048 PD entries: 2 MiB pages (present, writable, user, PS) covering 0..4 GiB. */
+    mov $0x87, %eax
     mov $boot_pd, %edi
     mov $2048, %ecx
 2:
