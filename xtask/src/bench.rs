@@ -1097,8 +1097,9 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
         options.drivers.is_empty() || options.drivers.iter().any(|d| d == driver.arg)
     };
     let limit_for = |nested: bool| {
-        // Nested KVM moves a few MiB/s at best: a minute per workload shows its rate
-        // (a run stopped at the limit is measured over what it did) without taking hours.
+        // On nested KVM virtio-drivers' defaults move under 1 MiB/s host->guest (an exit
+        // per 512-byte buffer): a minute per workload shows their rate (a run stopped at
+        // the limit is measured over what it did) without taking hours.
         Duration::from_secs(match (options.quick, options.full, nested) {
             (true, _, false) => 90,
             (true, _, true) => 20,
