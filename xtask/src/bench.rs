@@ -1078,7 +1078,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
     let pattern = pattern_stream(longest);
     // Every workload is bounded: the slowest (virtio-drivers' defaults from host to guest)
     // need about a minute on TCG for 64 MiB, and far longer on nested KVM, where each of
-    // their thousands of exits per MiB costs about 100 us.
+    // their thousands of exits per MiB costs about 80 us.
     let repetitions = options
         .repetitions
         .unwrap_or(match (options.quick, options.full) {
