@@ -186,6 +186,23 @@ unsafe impl Sync for Idt {}
 
 static IDT: Idt = Idt(UnsafeCell::new([Gate::EMPTY; 32]));
 
+/// The operand of `lidt` and `lgdt`: a table's last byte offset and its address.
+#[repr(C, packed)]
+pub struct TablePointer {
+    limit: u16,
+    base: u64,
+}
+
+impl TablePointer {
+    /// Points at a table of type `T` at `base`.
+    pub fn to<T>(base: u64) -> Self {
+        TablePointer {
+            limit: (size_of::<T>() - 1) as u16,
+            base,
+        }
+    }
+}
+
 /// Fills and loads the IDT. Called once by the boot code.
 pub fn init() {
     let stubs = core::ptr::addr_of!(boot_exception_stubs) as u64;
@@ -198,15 +215,7 @@ pub fn init() {
     let gp_entry = core::ptr::addr_of!(boot_gp_entry) as u64;
     // SAFETY: as above.
     unsafe { (*table)[13] = Gate::interrupt_gate(gp_entry) };
-    #[repr(C, packed)]
-    struct Pointer {
-        limit: u16,
-        base: u64,
-    }
-    let pointer = Pointer {
-        limit: (size_of::<[Gate; 32]>() - 1) as u16,
-        base: table as u64,
-    };
+    let pointer = TablePointer::to::<[Gate; 32]>(table as u64);
     // SAFETY: the pointer describes a valid, 'static IDT whose gates point at the stubs
     // above, in the code segment loaded by the boot code.
     unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) };

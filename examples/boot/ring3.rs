@@ -25,6 +25,8 @@ use core::arch::asm;
 use core::cell::UnsafeCell;
 use core::sync::atomic::{AtomicBool, Ordering};
 
+use super::idt::TablePointer;
+
 /// Selector of the user data segment, with RPL 3.
 const USER_DATA: u64 = 0x18 | 3;
 /// Selector of the user 64-bit code segment, with RPL 3.
@@ -114,15 +116,7 @@ pub fn enter() {
         (*tables).gdt[6] = tss >> 32;
         &raw const (*tables).gdt as u64
     };
-    #[repr(C, packed)]
-    struct Pointer {
-        limit: u16,
-        base: u64,
-    }
-    let pointer = Pointer {
-        limit: (size_of::<[u64; 7]>() - 1) as u16,
-        base: gdt_base,
-    };
+    let pointer = TablePointer::to::<[u64; 7]>(gdt_base);
     // SAFETY: the new GDT holds the boot GDT's segments at the same selectors (CS, SS
     // and the data segments stay valid) and a TSS descriptor for a 'static TSS. The
     // `iretq` frame returns to the next instruction in ring 3 with the stack pointer the
