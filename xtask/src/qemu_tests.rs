@@ -161,6 +161,10 @@ const TESTS: &[(&str, QemuTest)] = &[
     ),
     ("client_to_host_listener_exits_0", client_to_host_listener),
     ("client_to_sibling_echo_guest", client_to_sibling_echo),
+    (
+        "client_in_ring3_to_sibling_echo_guest",
+        client_in_ring3_to_sibling_echo,
+    ),
     ("guest_log_has_no_errors", guest_log_has_no_errors),
 ];
 
@@ -462,6 +466,26 @@ fn client_to_sibling_echo(vm: &mut EchoVm, kernels: &Kernels) -> Result<String> 
     }
     Ok(format!(
         "guest {CLIENT_CID} -> guest {GUEST_CID}:{ECHO_PORT}, line echoed, exit 33"
+    ))
+}
+
+/// The same, with the client in ring 3 after boot (`ring=3`, what the benchmark guest
+/// does): serial output, the device's registers and `isa-debug-exit` from ring 3.
+fn client_in_ring3_to_sibling_echo(vm: &mut EchoVm, kernels: &Kernels) -> Result<String> {
+    let cmdline = format!("cid={GUEST_CID} port={ECHO_PORT} ring=3");
+    let (status, log) = vm.run_client(&kernels.client, &cmdline)?;
+    if !log.contains("boot: running in ring 3") {
+        bail!("the client did not say it runs in ring 3; serial log:\n{log}");
+    }
+    if status != Some(GUEST_EXIT_SUCCESS) {
+        bail!("the client exited with {status:?}; serial log:\n{log}");
+    }
+    let expected = format!("client: got back \"hello from {CLIENT_CID}\"");
+    if !log.contains(&expected) {
+        bail!("the client did not print {expected:?}; serial log:\n{log}");
+    }
+    Ok(format!(
+        "ring 3, guest {CLIENT_CID} -> guest {GUEST_CID}:{ECHO_PORT}, line echoed, exit 33"
     ))
 }
 
