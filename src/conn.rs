@@ -6,6 +6,7 @@ use crate::credit::Credit;
 use crate::error::Error;
 use crate::time::Instant;
 use crate::wire::{Header, Op, ShutdownFlags, SocketType};
+use bitflags::bitflags;
 use core::time::Duration;
 
 /// First wait before asking a silent peer for credit again (B29).
@@ -46,6 +47,40 @@ impl CreditProbe {
             interval,
         }
     }
+}
+
+bitflags! {
+    /// The control packets a connection owes its peer, at most one of each. A header is
+    /// made for each only as it enters the ring, so it carries the credit fields of that
+    /// moment (B43), and none is ever dropped for want of queue space: the state is
+    /// bounded by the number of sockets, not by a queue.
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+    pub struct Owed: u8 {
+        /// REQUEST: our `connect`.
+        const REQUEST = 1 << 0;
+        /// RESPONSE: the peer's REQUEST was taken into a listener's queue (B15).
+        const RESPONSE = 1 << 1;
+        /// CREDIT_UPDATE (B28, B29).
+        const CREDIT_UPDATE = 1 << 2;
+        /// CREDIT_REQUEST (B29).
+        const CREDIT_REQUEST = 1 << 3;
+        /// SHUTDOWN with the flags of `local_shutdown`, once no data waits before it
+        /// (B35, B36).
+        const SHUTDOWN = 1 << 4;
+        /// RST: the connection's last packet; nothing else goes out after it.
+        const RST = 1 << 5;
+    }
+}
+
+impl Owed {
+    /// The packets that go out before the connection's data, in this order.
+    pub const SETUP: [(Owed, Op); 2] =
+        [(Owed::REQUEST, Op::Request), (Owed::RESPONSE, Op::Response)];
+    /// The packets that go out after the data the credit covers, in this order.
+    pub const CREDIT: [(Owed, Op); 2] = [
+        (Owed::CREDIT_UPDATE, Op::CreditUpdate),
+        (Owed::CREDIT_REQUEST, Op::CreditRequest),
+    ];
 }
 
 /// Where a connection stands.
@@ -118,8 +153,8 @@ pub struct Connection {
     pub pending_error: Option<Error>,
     /// Armed while we are blocked on the peer's credit (B29).
     pub credit_probe: Option<CreditProbe>,
-    /// Our SHUTDOWN (with `local_shutdown`) waits for queued data to go out first.
-    pub shutdown_pending: bool,
+    /// Control packets waiting to go out.
+    pub owed: Owed,
 }
 
 impl Connection {
@@ -135,13 +170,15 @@ impl Connection {
             reset: false,
             pending_error: None,
             credit_probe: None,
-            shutdown_pending: false,
+            owed: Owed::empty(),
         }
     }
 
-    /// A header of this connection from `guest_cid`, with no payload and the given credit
-    /// fields (B9).
-    pub const fn header(&self, guest_cid: u32, op: Op, buf_alloc: u32, fwd_cnt: u32) -> Header {
+    /// A header of this connection from `guest_cid`, with no payload, and its credit
+    /// fields as they are now (B9, B43): make it just before it enters the ring, then
+    /// record it with [`Credit::on_header_sent`].
+    pub const fn header(&self, guest_cid: u32, op: Op) -> Header {
+        let (buf_alloc, fwd_cnt) = self.credit.fields();
         Header {
             src_cid: guest_cid as u64,
             dst_cid: self.peer.cid as u64,

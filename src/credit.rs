@@ -93,12 +93,16 @@ impl Credit {
         self.fwd_cnt = self.fwd_cnt.wrapping_add(n);
     }
 
-    /// The `(buf_alloc, fwd_cnt)` to put in a header we send now (B9); remembers them as
-    /// the peer's view of our space.
-    pub fn stamp(&mut self) -> (u32, u32) {
-        self.fwd_cnt_sent = self.fwd_cnt;
-        self.buf_alloc_sent = self.buf_alloc;
+    /// The `(buf_alloc, fwd_cnt)` a header entering the ring now carries (B9, B43).
+    pub const fn fields(&self) -> (u32, u32) {
         (self.buf_alloc, self.fwd_cnt)
+    }
+
+    /// Records that a header with these credit fields entered the ring: from now on they
+    /// are the peer's view of our space. Call it only once the header is on the ring.
+    pub fn on_header_sent(&mut self, buf_alloc: u32, fwd_cnt: u32) {
+        self.buf_alloc_sent = buf_alloc;
+        self.fwd_cnt_sent = fwd_cnt;
     }
 
     /// The space the peer believes we have: what we last advertised minus what it sent
@@ -236,7 +240,8 @@ mod tests {
     #[test]
     fn b28_credit_update_only_when_peer_view_runs_low() {
         let mut c = Credit::new(256 * 1024);
-        assert_eq!(c.stamp(), (256 * 1024, 0));
+        assert_eq!(c.fields(), (256 * 1024, 0));
+        c.on_header_sent(256 * 1024, 0);
         c.on_received(100 * 1024).unwrap();
         c.on_consumed(100 * 1024);
         // Peer still thinks 156 KiB are free: above the 64 KiB threshold.
@@ -245,14 +250,15 @@ mod tests {
         c.on_consumed(100 * 1024);
         // Peer thinks 56 KiB are free, we really have 256 KiB.
         assert!(c.needs_update());
-        assert_eq!(c.stamp(), (256 * 1024, 200 * 1024));
+        assert_eq!(c.fields(), (256 * 1024, 200 * 1024));
+        c.on_header_sent(256 * 1024, 200 * 1024);
         assert!(!c.needs_update());
     }
 
     #[test]
     fn b28_no_update_when_it_would_not_show_more_space() {
         let mut c = Credit::new(1024);
-        c.stamp();
+        c.on_header_sent(1024, 0);
         c.on_received(1000).unwrap();
         // Nothing consumed: the peer's view equals reality, an update is useless.
         assert!(!c.needs_update());
@@ -265,12 +271,13 @@ mod tests {
         // Found by tests/properties.rs: with buf_alloc 1 the threshold was 0, so no update
         // ever went out and a one-way stream to us stalled after the first byte.
         let mut c = Credit::new(1);
-        c.stamp();
+        c.on_header_sent(1, 0);
         c.on_received(1).unwrap();
         assert!(!c.needs_update(), "nothing consumed yet");
         c.on_consumed(1);
         assert!(c.needs_update());
-        assert_eq!(c.stamp(), (1, 1));
+        assert_eq!(c.fields(), (1, 1));
+        c.on_header_sent(1, 1);
         assert!(!c.needs_update());
     }
 

@@ -3,7 +3,7 @@
 
 use crate::addr::is_valid_guest_cid;
 use crate::error::Error;
-use crate::queue::{BadUsed, RxQueue, TxBuffer, TxQueue, Used, MAX_QUEUE_SIZE};
+use crate::queue::{BadUsed, RxQueue, TxBuffer, TxQueue, Used, MAX_QUEUE_SIZE, TX_CHUNK};
 use crate::time::Instant;
 use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD};
 use bitflags::bitflags;
@@ -75,6 +75,22 @@ pub struct Stats {
     pub rx_stall_notifies: u64,
 }
 
+/// What [`VirtioVsock::receive`] took from the device.
+#[derive(Clone, Copy, Debug)]
+pub enum Arrival<'a> {
+    /// A well-formed packet: its header and payload.
+    Packet(&'a Header, &'a [u8]),
+    /// A packet the device cut short: its used entry claims `written` bytes, more than the
+    /// buffer holds, so only the header at the buffer's start is left and the payload's
+    /// bytes are lost (B44).
+    Truncated {
+        /// The header the device wrote.
+        header: &'a Header,
+        /// The length the used entry claimed.
+        written: u32,
+    },
+}
+
 /// How long the device may sit on work we gave it (transmit packets, or receive buffers
 /// after it ran out) without using any before it is notified whatever it asked for (see
 /// [`VirtioVsock::watch_queues`]). A working device takes them in microseconds; a needless
@@ -143,6 +159,8 @@ pub struct VirtioVsock<H: Hal, T: Transport> {
     events: RxQueue<H>,
     /// Largest payload of one transmitted packet.
     max_tx_payload: usize,
+    /// Chunks of transmit memory that data never takes (see [`control_reserve`]).
+    control_reserve: usize,
     guest_cid: u32,
     features: Features,
     stats: Stats,
@@ -152,6 +170,15 @@ pub struct VirtioVsock<H: Hal, T: Transport> {
     /// them anyway.
     rx_ran_dry_at: Option<u16>,
     rx_watch: StallWatch,
+}
+
+/// Chunks of transmit memory kept for control packets (a chunk each): a sixteenth of
+/// `chunks` (none below 16). Data waiting for credit can fill the rest, and control
+/// packets still go out meanwhile, among them the CREDIT_UPDATEs that let the peer send
+/// us more: without them a peer that writes before it reads would wait for our credit
+/// while we wait for its.
+fn control_reserve(chunks: usize) -> usize {
+    chunks / 16
 }
 
 fn largest_power_of_two_at_most(n: u32) -> u16 {
@@ -257,15 +284,18 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         events.post_all();
         rx.post_all();
         transport.finish_init();
-        let max_tx_payload = (config.tx_packet_size - HEADER_LEN)
-            .min(MAX_PAYLOAD)
-            .min(tx.arena_bytes().saturating_sub(HEADER_LEN));
+        let control_reserve = control_reserve(tx.free_chunks());
+        let max_tx_payload = (config.tx_packet_size - HEADER_LEN).min(MAX_PAYLOAD).min(
+            tx.arena_bytes()
+                .saturating_sub(control_reserve * TX_CHUNK + HEADER_LEN),
+        );
         let mut device = VirtioVsock {
             transport,
             rx,
             tx,
             events,
             max_tx_payload,
+            control_reserve,
             guest_cid,
             features,
             stats: Stats::default(),
@@ -316,14 +346,15 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         self.tx.free_descriptors()
     }
 
-    /// Chunks of transmit memory free.
+    /// Chunks of transmit memory free for data: those beyond the reserve for control
+    /// packets.
     pub fn tx_free_chunks(&self) -> usize {
-        self.tx.free_chunks()
+        self.tx.free_chunks().saturating_sub(self.control_reserve)
     }
 
     /// Bytes of transmit memory held by packets being built, waiting or with the device.
     pub fn tx_memory_in_use(&self) -> usize {
-        self.tx.arena_bytes() - self.tx.free_chunks() * crate::queue::TX_CHUNK
+        self.tx.arena_bytes() - self.tx.free_chunks() * TX_CHUNK
     }
 
     /// Returns sent packets' memory and descriptors.
@@ -378,12 +409,17 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
     }
 
-    /// Transmit memory for a packet of up to `payload` bytes (at most
+    /// Transmit memory for a packet of data of up to `payload` bytes (at most
     /// [`VirtioVsock::max_tx_payload`]): as much as that, or less when free memory is
-    /// fragmented; `None` when none is free.
+    /// fragmented or only the reserve for control packets is left beyond it; `None` when
+    /// none is free for data.
     pub fn alloc_tx(&mut self, payload: usize) -> Option<TxBuffer> {
-        let payload = payload.min(self.max_tx_payload);
-        self.tx.alloc(HEADER_LEN + 1, HEADER_LEN + payload)
+        let room = self.tx_free_chunks() * TX_CHUNK;
+        let want = (HEADER_LEN + payload.min(self.max_tx_payload)).min(room);
+        if want <= HEADER_LEN {
+            return None;
+        }
+        self.tx.alloc(HEADER_LEN + 1, want)
     }
 
     /// The payload space of a packet buffer (after the header's room), at most
@@ -469,11 +505,12 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         self.events.notify_if_needed(&mut self.transport);
     }
 
-    /// Takes the next received packet, hands its header and payload to `handle`, and
-    /// reposts the buffer at once (B31; the device sees the batch of reposts at the next
-    /// [`VirtioVsock::flush`]). Malformed packets are dropped with a warning (B6, B10).
-    /// Returns `false` when there was nothing to take.
-    pub fn receive(&mut self, handle: impl FnOnce(&Header, &[u8])) -> bool {
+    /// Takes the next received packet, hands it to `handle`, and reposts the buffer at
+    /// once (B31; the device sees the batch of reposts at the next
+    /// [`VirtioVsock::flush`]). Malformed packets are dropped with a warning (B6, B10);
+    /// a packet the device cut short is handed over as [`Arrival::Truncated`] when its
+    /// header is readable (B44). Returns `false` when there was nothing to take.
+    pub fn receive(&mut self, handle: impl FnOnce(Arrival<'_>)) -> bool {
         let Some(entry) = self.rx.pop_used() else {
             return false;
         };
@@ -485,7 +522,7 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                 match Header::parse_packet(self.rx.buffer(id), len) {
                     Ok((header, payload)) => {
                         self.stats.rx_packets += 1;
-                        handle(&header, payload);
+                        handle(Arrival::Packet(&header, payload));
                     }
                     Err(
                         WireError::Truncated
@@ -510,12 +547,24 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                 }
                 self.rx.repost(id);
             }
+            Err(BadUsed::TooLong { id, len }) => {
+                self.stats.bad_used_entries += 1;
+                // The device filled the buffer and lost the rest of the packet: its
+                // header, at the start of the buffer, still names the connection.
+                match Header::parse(self.rx.buffer(id)) {
+                    Ok(header) => handle(Arrival::Truncated {
+                        header: &header,
+                        written: len,
+                    }),
+                    Err(_) => {
+                        log::warn!("vsock: rx used entry of {len} bytes for buffer {id} rejected")
+                    }
+                }
+                self.rx.repost(id);
+            }
             Err(bad) => {
                 self.stats.bad_used_entries += 1;
                 log::warn!("vsock: rx used entry rejected: {bad:?}");
-                if let BadUsed::TooLong { id, .. } = bad {
-                    self.rx.repost(id);
-                }
             }
         }
         true

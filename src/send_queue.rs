@@ -181,8 +181,8 @@ impl SendQueue {
 
     /// Submits waiting packets, oldest first, while the peer's credit covers each whole
     /// one and descriptors are free (B25). Each header carries the connection's credit
-    /// fields as they are now (B9). A peer that will receive no more gets nothing: the
-    /// waiting data is dropped (B33).
+    /// fields as they are when it enters the ring (B9, B43). A peer that will receive no
+    /// more gets nothing: the waiting data is dropped (B33).
     pub fn dispatch<H: Hal, T: Transport>(
         &mut self,
         device: &mut VirtioVsock<H, T>,
@@ -212,10 +212,12 @@ impl SendQueue {
             let Some(segment) = self.segments.pop_front() else {
                 break;
             };
-            let (buf_alloc, fwd_cnt) = conn.credit.stamp();
-            let header = conn.header(guest_cid, Op::Rw, buf_alloc, fwd_cnt);
+            let header = conn.header(guest_cid, Op::Rw);
             match device.submit_tx(segment.buffer, &header, len) {
-                Ok(()) => conn.credit.on_sent(len as u32),
+                Ok(()) => {
+                    conn.credit.on_sent(len as u32);
+                    conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
+                }
                 Err(buffer) => {
                     // Unreachable with a free descriptor; keep the data for the next try.
                     let _ = self.segments.push_front(Segment { buffer, ..segment });
@@ -263,13 +265,13 @@ impl SendQueue {
             device.release_tx(part);
             return false;
         }
-        let (buf_alloc, fwd_cnt) = conn.credit.stamp();
-        let header = conn.header(guest_cid, Op::Rw, buf_alloc, fwd_cnt);
+        let header = conn.header(guest_cid, Op::Rw);
         if let Err(part) = device.submit_tx(part, &header, n) {
             device.release_tx(part);
             return false;
         }
         conn.credit.on_sent(n as u32);
+        conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
         let len = front.len as usize;
         if let Some(rest) = device.tx_payload_mut(&front.buffer).get_mut(..len) {
             rest.copy_within(n.., 0);

@@ -2,8 +2,8 @@
 //! of sockets addressed by [`SocketHandle`]s; all progress happens in [`VsockDevice::poll`].
 
 use crate::addr::{VsockAddr, VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_LOCAL, VMADDR_PORT_ANY};
-use crate::conn::{Connection, CreditProbe, Reply, State};
-use crate::device::{QueueConfig, Stats, VirtioVsock};
+use crate::conn::{Connection, CreditProbe, Owed, Reply, State};
+use crate::device::{Arrival, QueueConfig, Stats, VirtioVsock};
 use crate::error::{Error, Result};
 use crate::send_queue::SendQueue;
 use crate::time::Instant;
@@ -17,8 +17,9 @@ use virtio_drivers::Hal;
 const EPHEMERAL_FIRST: u32 = 49152;
 /// Last ephemeral port (B21).
 const EPHEMERAL_LAST: u32 = 0xFFFF_FFFE;
-/// Control packets that can wait for tx space (B7).
-const PENDING_CAPACITY: usize = 64;
+/// RSTs answering packets for no connection that can wait for tx space; while this many
+/// wait, no packet is taken from the device (B7, B13).
+const STRAY_RST_CAPACITY: usize = 64;
 
 /// Settings fixed at construction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -197,6 +198,80 @@ fn ring_push(ring: &mut [u8], head: usize, len: &mut usize, data: &[u8]) {
     *len += n;
 }
 
+/// Sends what `conn` has waiting, in the order its peer must see it, while the device
+/// takes packets (B7): its REQUEST or RESPONSE, the data its credit covers (B25), its
+/// credit packets, its SHUTDOWN once no data waits before it, or only the RST that ends
+/// it. Every header is made here, as it enters the ring, with the credit fields of this
+/// moment (B9, B43). What does not go out stays owed; returns whether anything waits.
+fn transmit<H: Hal, T: Transport>(
+    conn: &mut Connection,
+    queue: &mut SendQueue,
+    device: &mut VirtioVsock<H, T>,
+    guest_cid: u32,
+) -> bool {
+    if conn.owed.contains(Owed::RST) {
+        if !send_control(conn, device, guest_cid, Op::Rst) {
+            return true;
+        }
+        conn.owed = Owed::empty();
+    }
+    if !conn.is_live() {
+        // Over: nothing more goes out; a queue left waits for `release_dead_queues`.
+        conn.owed = Owed::empty();
+        return !queue.is_empty();
+    }
+    for (what, op) in Owed::SETUP {
+        if conn.owed.contains(what) {
+            if !send_control(conn, device, guest_cid, op) {
+                return true;
+            }
+            conn.owed.remove(what);
+        }
+    }
+    if matches!(conn.state, State::Connected | State::Closing { .. }) {
+        queue.dispatch(device, conn, guest_cid);
+    }
+    for (what, op) in Owed::CREDIT {
+        if conn.owed.contains(what) {
+            if !send_control(conn, device, guest_cid, op) {
+                return true;
+            }
+            conn.owed.remove(what);
+        }
+    }
+    if conn.owed.contains(Owed::SHUTDOWN) && queue.is_empty() {
+        if !send_control(conn, device, guest_cid, Op::Shutdown) {
+            return true;
+        }
+        conn.owed.remove(Owed::SHUTDOWN);
+    }
+    !conn.owed.is_empty() || !queue.is_empty()
+}
+
+/// Puts a control packet of `conn` on the ring, its header made now (SHUTDOWN carries the
+/// flags of `local_shutdown`); returns `false` when the device has no room for it.
+fn send_control<H: Hal, T: Transport>(
+    conn: &mut Connection,
+    device: &mut VirtioVsock<H, T>,
+    guest_cid: u32,
+    op: Op,
+) -> bool {
+    let flags = if op == Op::Shutdown {
+        conn.local_shutdown.bits()
+    } else {
+        0
+    };
+    let header = Header {
+        flags,
+        ..conn.header(guest_cid, op)
+    };
+    if device.send(&header, &[]).is_err() {
+        return false;
+    }
+    conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
+    true
+}
+
 /// Where one connection's arriving data goes straight to, while that connection's
 /// receive ring is empty: the caller of `recv` or `recv_with` (see [`VsockDevice::recv`]).
 struct DirectRead<'b> {
@@ -257,8 +332,12 @@ struct Sockets<'a> {
     slots: &'a mut [SocketSlot],
     rx_memory: &'a mut [u8],
     rx_per_socket: usize,
-    /// Control packets waiting for tx space (B7).
-    pending: heapless::Deque<Header, PENDING_CAPACITY>,
+    /// RSTs answering packets for no connection, waiting for tx space (B7, B13). A
+    /// connection's own control packets wait as what it owes ([`Owed`]).
+    stray_rsts: heapless::Deque<Header, STRAY_RST_CAPACITY>,
+    /// The slot that last came to owe a packet: it goes out right after the received
+    /// packet (or the call) that caused it.
+    touched: Option<usize>,
     next_ephemeral: u32,
     next_accept_order: u64,
     config: Config,
@@ -266,8 +345,8 @@ struct Sockets<'a> {
     /// The slot the last received packet belonged to: packets come in runs per
     /// connection, so it is tried before the scan (B12 still decides).
     last_match: usize,
-    /// Some send queue may hold data, or a SHUTDOWN wait for one: `poll` looks at the
-    /// send queues only then.
+    /// Some slot may hold data or owe a control packet that has not gone out: `poll`
+    /// walks the slots to send them only then.
     send_waiting: bool,
     /// One past the highest slot that may hold a socket or queued data: the walks of
     /// every poll stop there (new sockets take the lowest free slot).
@@ -323,7 +402,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 slots,
                 rx_memory,
                 rx_per_socket,
-                pending: heapless::Deque::new(),
+                stray_rsts: heapless::Deque::new(),
+                touched: None,
                 next_ephemeral: EPHEMERAL_FIRST,
                 next_accept_order: 0,
                 last_match: 0,
@@ -364,18 +444,19 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         self.now = now;
         self.device.reclaim_tx();
         self.take_arrivals(None);
-        // Credit that came in moves waiting data (B25).
-        self.sockets.dispatch_all(&mut self.device, now);
         self.sockets.fire_timers(now);
+        // Credit that came in moves waiting data (B25); what the timers made connections
+        // owe goes out with it.
+        self.sockets.dispatch_all(&mut self.device, now);
         self.sockets.release_dead_queues(&mut self.device);
-        self.sockets.drain_pending(&mut self.device);
+        self.sockets.send_stray_rsts(&mut self.device);
         self.device.watch_queues(now);
         self.device.flush();
     }
 
-    /// Takes device events, then received packets while replies can be queued (B7), and
-    /// sends the replies. With `direct`, its connection's data goes to `direct` while that
-    /// has room, and no packet is taken after that.
+    /// Takes device events, then received packets while RSTs for no connection can wait
+    /// (B7), and sends the replies. With `direct`, its connection's data goes to `direct`
+    /// while that has room, and no packet is taken after that.
     fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>) {
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
@@ -389,17 +470,18 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 None => {}
             }
         }
-        self.sockets.drain_pending(&mut self.device);
-        while !self.sockets.pending.is_full() && direct.as_ref().is_none_or(|d| d.has_room()) {
+        self.sockets.send_replies(&mut self.device);
+        while !self.sockets.stray_rsts.is_full() && direct.as_ref().is_none_or(|d| d.has_room()) {
             let sockets = &mut self.sockets;
             let direct = direct.as_deref_mut();
-            let took = self
-                .device
-                .receive(|header, payload| sockets.on_packet(header, payload, direct));
+            let took = self.device.receive(|arrival| match arrival {
+                Arrival::Packet(header, payload) => sockets.on_packet(header, payload, direct),
+                Arrival::Truncated { header, written } => sockets.on_truncated(header, written),
+            });
             if !took {
                 break;
             }
-            self.sockets.drain_pending(&mut self.device);
+            self.sockets.send_replies(&mut self.device);
         }
     }
 
@@ -534,9 +616,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             listener: None,
             accept_order: 0,
         };
-        self.sockets
-            .queue_control(handle.index as usize, Op::Request, 0);
-        self.sockets.drain_pending(&mut self.device);
+        let index = usize::from(handle.index);
+        self.sockets.owe(index, Owed::REQUEST);
+        self.sockets.dispatch(index, &mut self.device);
         self.device.flush();
         Err(Error::InProgress)
     }
@@ -634,7 +716,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             .sockets
             .ask_credit_if_blocked(index, sent == 0, self.now)
         {
-            self.sockets.drain_pending(&mut self.device);
+            self.sockets.dispatch(index, &mut self.device);
         }
         // One send is one batch (B8): the device hears of it now, if it asked to. With
         // EVENT_IDX a device that is still working through earlier packets has not asked,
@@ -719,10 +801,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// After `n` bytes were consumed: B28, tell the peer about the space we made, when
     /// its view ran low.
     fn after_recv(&mut self, handle: SocketHandle, n: usize) {
-        if n > 0 && self.sockets.credit_update_due(usize::from(handle.index)) {
-            self.sockets
-                .queue_control(usize::from(handle.index), Op::CreditUpdate, 0);
-            self.sockets.drain_pending(&mut self.device);
+        let index = usize::from(handle.index);
+        if n > 0 && self.sockets.credit_update_due(index) {
+            self.sockets.owe(index, Owed::CREDIT_UPDATE);
+            self.sockets.dispatch(index, &mut self.device);
             self.device.flush();
         }
     }
@@ -749,11 +831,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             Shutdown::Both => ShutdownFlags::all(),
         };
         conn.local_shutdown |= flags;
-        conn.shutdown_pending = true;
         // The SHUTDOWN goes out after the data already taken (now, if none waits).
-        self.sockets
-            .dispatch(usize::from(handle.index), &mut self.device);
-        self.sockets.drain_pending(&mut self.device);
+        let index = usize::from(handle.index);
+        self.sockets.owe(index, Owed::SHUTDOWN);
+        self.sockets.dispatch(index, &mut self.device);
         self.device.flush();
         Ok(())
     }
@@ -780,24 +861,23 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                     conn.local_shutdown = ShutdownFlags::all();
                     // SHUTDOWN after the data already taken: that still goes out while
                     // the close waits (B36).
-                    conn.shutdown_pending = true;
-                    sockets.dispatch(index, &mut self.device);
+                    sockets.owe(index, Owed::SHUTDOWN);
                 }
                 State::Connecting { .. } => {
                     conn.state = State::Closed;
-                    sockets.queue_control(index, Op::Rst, 0);
+                    sockets.owe(index, Owed::RST);
                     sockets.free(index);
                 }
                 State::Closing { .. } => {}
                 State::Closed => sockets.free(index),
             },
             Role::Listening { .. } => {
-                sockets.reset_waiting(index as u16);
+                sockets.reset_waiting(index as u16, &mut self.device);
                 sockets.free(index);
             }
             Role::Unconnected => sockets.free(index),
         }
-        self.sockets.drain_pending(&mut self.device);
+        self.sockets.dispatch(index, &mut self.device);
         self.device.flush();
         Ok(())
     }
@@ -809,16 +889,16 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let live = socket.conn().is_some_and(Connection::is_live);
         let listening = matches!(socket.role, Role::Listening { .. });
         if live {
-            self.sockets.queue_control(index, Op::Rst, 0);
+            self.sockets.owe(index, Owed::RST);
         }
         if listening {
-            self.sockets.reset_waiting(handle.index);
+            self.sockets.reset_waiting(handle.index, &mut self.device);
         }
         let slot = &mut self.sockets.slots[index];
         slot.generation = slot.generation.wrapping_add(1);
         self.sockets.free(index);
+        self.sockets.dispatch(index, &mut self.device);
         self.sockets.release_dead_queues(&mut self.device);
-        self.sockets.drain_pending(&mut self.device);
         self.device.flush();
         Ok(())
     }
@@ -973,26 +1053,27 @@ impl Sockets<'_> {
         n
     }
 
-    /// Submits what the credit of the connection in slot `index` covers, then its
-    /// SHUTDOWN once nothing waits before it.
+    /// Sends what the connection in slot `index` has waiting (see [`transmit`]); what
+    /// does not go out stays owed, for the walk of the next poll. A closed connection
+    /// without a handle is freed once its RST is out.
     fn dispatch<H: Hal, T: Transport>(&mut self, index: usize, device: &mut VirtioVsock<H, T>) {
+        if self.touched == Some(index) {
+            self.touched = None;
+        }
         let guest_cid = self.guest_cid;
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        let Some(conn) = slot.socket.as_mut().and_then(Socket::conn_mut) else {
+        let SocketSlot {
+            socket, send_queue, ..
+        } = slot;
+        let Some(conn) = socket.as_mut().and_then(Socket::conn_mut) else {
             return;
         };
-        if !matches!(conn.state, State::Connected | State::Closing { .. }) {
-            return;
-        }
-        slot.send_queue.dispatch(device, conn, guest_cid);
-        if conn.shutdown_pending && slot.send_queue.is_empty() {
-            conn.shutdown_pending = false;
-            let flags = conn.local_shutdown.bits();
-            self.queue_control(index, Op::Shutdown, flags);
-        } else if conn.shutdown_pending || !slot.send_queue.is_empty() {
-            self.send_waiting = true;
+        let rst_owed = conn.owed.contains(Owed::RST);
+        self.send_waiting |= transmit(conn, send_queue, device, guest_cid);
+        if rst_owed && !conn.owed.contains(Owed::RST) {
+            self.after_state_change(index);
         }
     }
 
@@ -1005,19 +1086,31 @@ impl Sockets<'_> {
         // `dispatch` sets it again for whatever still waits.
         self.send_waiting = false;
         for index in self.slots_in_use() {
-            let waiting = !self.slots[index].send_queue.is_empty()
-                || self.slots[index]
+            let slot = &self.slots[index];
+            let waiting = !slot.send_queue.is_empty()
+                || slot
                     .socket
                     .as_ref()
                     .and_then(Socket::conn)
-                    .is_some_and(|conn| conn.shutdown_pending);
+                    .is_some_and(|conn| !conn.owed.is_empty());
             if waiting {
                 self.dispatch(index, device);
-                self.ask_credit_if_blocked(index, false, now);
+                if self.ask_credit_if_blocked(index, false, now) {
+                    self.dispatch(index, device);
+                }
                 // A queue `dispatch` does not serve (its connection ended) waits for
                 // `release_dead_queues`.
                 self.send_waiting |= !self.slots[index].send_queue.is_empty();
             }
+        }
+    }
+
+    /// After a received packet or a call: sends the RSTs for no connection, and what the
+    /// connection it concerned came to owe.
+    fn send_replies<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        self.send_stray_rsts(device);
+        if let Some(index) = self.touched.take() {
+            self.dispatch(index, device);
         }
     }
 
@@ -1037,7 +1130,7 @@ impl Sockets<'_> {
             return false;
         }
         conn.credit_probe = Some(CreditProbe::first(now));
-        self.queue_control(index, Op::CreditRequest, 0);
+        self.owe(index, Owed::CREDIT_REQUEST);
         true
     }
 
@@ -1081,9 +1174,25 @@ impl Sockets<'_> {
         }
     }
 
+    /// Frees slot `index` for a new socket. A connection that still owes its RST keeps the
+    /// slot, closed, without a handle and out of any accept queue, until the RST is out
+    /// (see [`Sockets::dispatch`]).
     fn free(&mut self, index: usize) {
-        if let Some(slot) = self.slots.get_mut(index) {
-            slot.socket = None;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        match slot.socket.as_mut() {
+            Some(Socket {
+                role: Role::Stream { conn, listener, .. },
+                orphaned,
+                ..
+            }) if conn.owed.contains(Owed::RST) => {
+                conn.state = State::Closed;
+                *listener = None;
+                *orphaned = true;
+                self.send_waiting = true;
+            }
+            _ => slot.socket = None,
         }
     }
 
@@ -1221,7 +1330,11 @@ impl Sockets<'_> {
     }
 
     /// Resets and frees every connection still waiting in `listener`'s queue.
-    fn reset_waiting(&mut self, listener: u16) {
+    fn reset_waiting<H: Hal, T: Transport>(
+        &mut self,
+        listener: u16,
+        device: &mut VirtioVsock<H, T>,
+    ) {
         while let Some(index) = self.oldest_waiting(listener) {
             let live = self.slots[index]
                 .socket
@@ -1229,46 +1342,49 @@ impl Sockets<'_> {
                 .and_then(Socket::conn)
                 .is_some_and(Connection::is_live);
             if live {
-                self.queue_control(index, Op::Rst, 0);
+                self.owe(index, Owed::RST);
             }
             self.free(index);
+            self.dispatch(index, device);
         }
     }
 
-    /// Queues a control packet of the connection in slot `index` (stamped with its credit).
-    fn queue_control(&mut self, index: usize, op: Op, flags: u32) {
-        let guest_cid = self.guest_cid;
-        let Some(conn) = self
-            .slots
-            .get_mut(index)
-            .and_then(|slot| slot.socket.as_mut())
-            .and_then(Socket::conn_mut)
-        else {
+    /// Records that the connection in slot `index` owes `what` (see [`Owed`]); it goes out
+    /// at the next [`Sockets::dispatch`] of the slot. An RST replaces everything else owed.
+    fn owe(&mut self, index: usize, what: Owed) {
+        let Some(conn) = self.conn_at(index) else {
             return;
         };
-        let (buf_alloc, fwd_cnt) = conn.credit.stamp();
-        let header = Header {
-            flags,
-            ..conn.header(guest_cid, op, buf_alloc, fwd_cnt)
-        };
-        self.push_pending(header);
+        if what.contains(Owed::RST) {
+            conn.owed = Owed::RST;
+        } else if !conn.owed.contains(Owed::RST) {
+            conn.owed |= what;
+        }
+        // Sent by whoever comes first: the caller, the reply step after a received
+        // packet, or the walk of the next poll.
+        self.touched = Some(index);
+        self.send_waiting = true;
     }
 
-    fn push_pending(&mut self, header: Header) {
-        if self.pending.push_back(header).is_err() {
-            // Only reachable from calls made outside `poll` while rx is paused for the
-            // queue; the peer's timeouts recover what is lost.
-            log::warn!("vsock: control queue full; dropping op {}", header.op);
+    /// Keeps an RST answering a packet for no connection until the device takes it.
+    fn push_stray_rst(&mut self, header: Header) {
+        if self.stray_rsts.push_back(header).is_err() {
+            // Unreachable: no packet is taken while the queue is full (B7).
+            log::warn!(
+                "vsock: RST queue full; dropping the RST to {}:{}",
+                header.dst_cid,
+                header.dst_port
+            );
         }
     }
 
-    /// Moves queued control packets into tx buffers while there is room.
-    fn drain_pending<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
-        while let Some(header) = self.pending.front() {
+    /// Moves waiting RSTs for no connection into tx buffers while there is room.
+    fn send_stray_rsts<H: Hal, T: Transport>(&mut self, device: &mut VirtioVsock<H, T>) {
+        while let Some(header) = self.stray_rsts.front() {
             if device.send(header, &[]).is_err() {
                 break;
             }
-            self.pending.pop_front();
+            self.stray_rsts.pop_front();
         }
     }
 
@@ -1295,7 +1411,7 @@ impl Sockets<'_> {
             // B11 (and B14: never answer an RST).
             if op != Op::Rst {
                 let rst = self.rst_for(header);
-                self.push_pending(rst);
+                self.push_stray_rst(rst);
             }
             return;
         }
@@ -1305,16 +1421,16 @@ impl Sockets<'_> {
             log::warn!("vsock: control op {op:?} with payload; resetting");
             match found {
                 Some(index) => {
-                    // B9: the connection's RST carries its credit; queued before the
-                    // reset, which may free the slot.
+                    // B9: the connection's RST carries its credit; owed before the reset,
+                    // which may free the slot.
                     if op != Op::Rst {
-                        self.queue_control(index, Op::Rst, 0);
+                        self.owe(index, Owed::RST);
                     }
                     self.reset_connection(index, Error::ConnectionReset);
                 }
                 None if op != Op::Rst => {
                     let rst = self.rst_for(header);
-                    self.push_pending(rst);
+                    self.push_stray_rst(rst);
                 }
                 None => {}
             }
@@ -1328,9 +1444,38 @@ impl Sockets<'_> {
             None => {
                 // B13.
                 let rst = self.rst_for(header);
-                self.push_pending(rst);
+                self.push_stray_rst(rst);
             }
         }
+    }
+
+    /// A packet the device cut short (B44): its bytes are gone, so the connection it
+    /// belongs to is reset rather than left waiting for them, and so is its peer.
+    fn on_truncated(&mut self, header: &Header, written: u32) {
+        let found = if header.dst_cid == u64::from(self.guest_cid) {
+            self.find_connection(header)
+        } else {
+            None
+        };
+        let Some(index) = found else {
+            log::warn!(
+                "vsock: dropping a truncated rx packet ({written} bytes claimed, op {} from {}:{} to port {}): no connection",
+                header.op,
+                header.src_cid,
+                header.src_port,
+                header.dst_port
+            );
+            return;
+        };
+        log::warn!(
+            "vsock: {}:{} -> port {}: the device truncated a packet ({written} bytes claimed, payload {}); resetting",
+            header.src_cid,
+            header.src_port,
+            header.dst_port,
+            header.len
+        );
+        self.owe(index, Owed::RST);
+        self.reset_connection(index, Error::ConnectionReset);
     }
 
     /// The slot of the live connection `header` belongs to, by its full tuple (B12).
@@ -1397,8 +1542,8 @@ impl Sockets<'_> {
         match outcome.reply {
             Reply::Nothing => {}
             // B9: an RST of a connection carries its buf_alloc and fwd_cnt.
-            Reply::Rst => self.queue_control(index, Op::Rst, 0),
-            Reply::CreditUpdate => self.queue_control(index, Op::CreditUpdate, 0),
+            Reply::Rst => self.owe(index, Owed::RST),
+            Reply::CreditUpdate => self.owe(index, Owed::CREDIT_UPDATE),
         }
         self.after_state_change(index);
     }
@@ -1429,7 +1574,7 @@ impl Sockets<'_> {
         });
         let Some(listener) = listener else {
             let rst = self.rst_for(header);
-            self.push_pending(rst);
+            self.push_stray_rst(rst);
             return;
         };
         let Some(Role::Listening { backlog }) =
@@ -1441,12 +1586,12 @@ impl Sockets<'_> {
         let (Some(index), true) = (free, self.waiting_count(listener as u16) < backlog) else {
             log::debug!("vsock: backlog full on port {}", header.dst_port);
             let rst = self.rst_for(header);
-            self.push_pending(rst);
+            self.push_stray_rst(rst);
             return;
         };
         let Ok(peer_cid) = u32::try_from(header.src_cid) else {
             let rst = self.rst_for(header);
-            self.push_pending(rst);
+            self.push_stray_rst(rst);
             return;
         };
         let mut conn = Connection::new(
@@ -1472,7 +1617,7 @@ impl Sockets<'_> {
                 rx_len: 0,
             },
         );
-        self.queue_control(index, Op::Response, 0);
+        self.owe(index, Owed::RESPONSE);
     }
 
     /// Fires connect and close timeouts (B19, B36).
@@ -1491,10 +1636,10 @@ impl Sockets<'_> {
                 State::Connecting { deadline } if now >= deadline => {
                     conn.fail(Some(Error::TimedOut));
                     // Tell the peer to forget a late REQUEST.
-                    self.queue_control(index, Op::Rst, 0);
+                    self.owe(index, Owed::RST);
                 }
                 State::Closing { deadline } if now >= deadline => {
-                    self.queue_control(index, Op::Rst, 0);
+                    self.owe(index, Owed::RST);
                     self.free(index);
                 }
                 State::Connected | State::Closing { .. } => {
@@ -1514,9 +1659,9 @@ impl Sockets<'_> {
                         } else if now >= probe.due {
                             conn.credit_probe = Some(probe.next(now));
                             let ask = conn.credit.take_repeat_credit_request(needed);
-                            self.queue_control(index, Op::CreditUpdate, 0);
+                            self.owe(index, Owed::CREDIT_UPDATE);
                             if ask {
-                                self.queue_control(index, Op::CreditRequest, 0);
+                                self.owe(index, Owed::CREDIT_REQUEST);
                             }
                         }
                     }
@@ -1528,12 +1673,15 @@ impl Sockets<'_> {
         self.shrink_in_use();
     }
 
-    /// B40: every connection fails with `ConnectionReset` (no packets); listeners stay.
+    /// B40: every connection fails with `ConnectionReset` (no packets: what they owed is
+    /// forgotten); listeners stay.
     fn on_transport_reset(&mut self, guest_cid: u32) {
         self.guest_cid = guest_cid;
-        self.pending.clear();
+        self.stray_rsts.clear();
+        self.touched = None;
         for index in 0..self.slots.len() {
             if let Some(conn) = self.slots[index].socket.as_mut().and_then(Socket::conn_mut) {
+                conn.owed = Owed::empty();
                 if conn.is_live() {
                     conn.fail(Some(Error::ConnectionReset));
                 }

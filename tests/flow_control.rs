@@ -767,7 +767,9 @@ fn b7_tx_full_send_would_block_rx_still_processed_replies_wait() {
     assert_eq!(peer2, VsockAddr::new(2, 5001));
     assert_eq!(vsock.send(conn2, b"x"), Err(Error::WouldBlock));
 
-    // The device returns the tx buffers: the data first, then the replies, in order.
+    // The device returns the tx buffers: the data first, then the replies. Each header is
+    // made as it enters the ring (B43): the CREDIT_UPDATE tells of the 8 bytes read since
+    // the CREDIT_REQUEST came.
     let packets = model.drain_tx();
     assert_eq!(packets.len(), 8);
     for (i, packet) in packets.iter().enumerate() {
@@ -779,8 +781,8 @@ fn b7_tx_full_send_would_block_rx_still_processed_replies_wait() {
     assert_eq!(
         control(&mut model),
         [
-            to_host(Op::CreditUpdate, per, 0),
             rst_for(&stray),
+            to_host(Op::CreditUpdate, per, 8),
             Header {
                 dst_port: 5001,
                 ..to_host(Op::Response, per, 0)

@@ -226,7 +226,6 @@ fn b6_b10_b11_corrupt_packets_never_become_data() {
         Corruption::LenBeyondWritten,
         Corruption::LenBeyondBuffer,
         Corruption::Truncated,
-        Corruption::UsedLenBeyondBuffer,
         Corruption::UnknownOp(99),
         Corruption::WrongDstCid(77),
     ];
@@ -236,12 +235,13 @@ fn b6_b10_b11_corrupt_packets_never_become_data() {
         assert_eq!(ops(&sent), [], "{corruption:?} is dropped silently");
     }
     assert_eq!(vsock.stats().rx_dropped, 3);
-    assert_eq!(vsock.stats().bad_used_entries, 1);
-    // Used-ring ids never posted: dropped, counted.
+    assert_eq!(vsock.stats().bad_used_entries, 0);
+    // Used-ring ids never posted: dropped, counted. (A used length beyond the buffer
+    // with a readable header resets its connection: B44, in tests/rules.rs.)
     host.inject_used(0, 4096, 44);
     host.inject_used(2, 77, 4);
     host.settle(&mut vsock, ms(3));
-    assert_eq!(vsock.stats().bad_used_entries, 3);
+    assert_eq!(vsock.stats().bad_used_entries, 2);
     // An unknown type is answered with RST of that type; the connection lives on.
     host.inject_corrupt(conn, Corruption::UnknownType(9));
     let sent = host.settle(&mut vsock, ms(4));

@@ -102,7 +102,8 @@ struct Setup {
     rx_per_socket: usize,
     /// The host's receive window per connection.
     host_buf_alloc: u32,
-    /// Transmit memory (at least 16 chunks: a packet per descriptor of the largest queue).
+    /// Transmit memory (at least 16 chunks for data beside the reserve for control
+    /// packets: a packet per descriptor of the largest queue).
     tx_memory: usize,
     /// Bytes a connection may queue beyond the host's credit.
     send_buffer: usize,
@@ -117,7 +118,7 @@ fn setup() -> impl Strategy<Value = Setup> {
         ),
         prop_oneof![1usize..=64, 64usize..=8192],
         prop_oneof![1u32..=64, 64u32..=8192],
-        prop::sample::select(vec![8192usize, 65536, 512 * 1024]),
+        prop::sample::select(vec![9216usize, 65536, 512 * 1024]),
         prop::sample::select(vec![0usize, 1, 100, 5000, 64 * 1024]),
     )
         .prop_map(

@@ -600,10 +600,19 @@ fn b6_bad_used_entries_are_dropped_buffers_reposted_and_the_driver_keeps_working
     for id in [16, 255, 0x1_0000 | u32::from(posted), u32::MAX] {
         model.push_used(RX, id, alias_packet.len() as u32).unwrap();
     }
-    // Lengths: one byte more than the 4096-byte buffer; shorter than the header (with a
-    // complete, valid packet in the buffer); zero.
+    // Lengths: one byte more than the 4096-byte buffer (the header names no connection;
+    // for a connection that is B44); shorter than the header (with a complete, valid
+    // packet in the buffer); zero.
     let good = rw_bytes(b"data");
-    model.deliver_raw(&good, 4097).unwrap();
+    let mut stray = good.clone();
+    Header {
+        src_port: 4321,
+        len: 4,
+        ..from_host(Op::Rw, HOST_BUF_ALLOC, 0)
+    }
+    .emit(&mut stray)
+    .unwrap();
+    model.deliver_raw(&stray, 4097).unwrap();
     model.deliver_raw(&good, (HEADER_LEN - 1) as u32).unwrap();
     model.deliver_raw(&good, 0).unwrap();
     assert_eq!(model.available(RX), 13);

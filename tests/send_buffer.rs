@@ -331,16 +331,22 @@ fn memory_is_shared_and_a_full_arena_refuses_bytes() {
     let mut vsock = bring_up(&transport, config, &mut storage);
     let listener = listen(&mut vsock);
     let conn = accept_host(&mut vsock, &mut model, listener, 1 << 20, ms(1));
-    // The device takes nothing: 15 packets of 468 bytes fill the arena (the RESPONSE
-    // holds the 16th chunk until a poll takes it back).
+    // The device takes nothing: 14 packets of 468 bytes fill what data may take (the
+    // RESPONSE holds one chunk until a poll takes it back, and one, a sixteenth of the
+    // arena, is kept for control packets).
     let taken = vsock.send(conn, &pattern(20_000)).unwrap();
-    assert_eq!(taken, 15 * (512 - 44));
-    assert_eq!(vsock.tx_memory_in_use(), 8192);
+    assert_eq!(taken, 14 * (512 - 44));
+    assert_eq!(vsock.tx_memory_in_use(), 8192 - 512);
     assert_eq!(vsock.send(conn, b"x"), Err(Error::WouldBlock));
     assert_eq!(vsock.send_room(conn), Ok(0));
     assert!(!vsock.readiness(conn).unwrap().contains(Readiness::WRITABLE));
+    // A control packet still goes out, in the reserve: here a SHUTDOWN(RECEIVE).
+    vsock.shutdown(conn, Shutdown::Read).unwrap();
+    assert_eq!(vsock.tx_memory_in_use(), 8192);
     // The device takes them: memory comes back at the next poll.
-    assert_eq!(model.drain_tx().len(), 15);
+    let sent = model.drain_tx();
+    assert_eq!(sent.len(), 15);
+    assert_eq!(sent[14].header.op, Op::Shutdown as u16);
     vsock.poll(ms(2));
     assert_eq!(vsock.tx_memory_in_use(), 0);
     assert!(vsock.readiness(conn).unwrap().contains(Readiness::WRITABLE));

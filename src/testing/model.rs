@@ -2,7 +2,8 @@
 
 use super::hal::FakeHal;
 use super::transport::{FakeTransport, QueueRegs};
-use crate::wire::{Header, HEADER_LEN};
+use crate::wire::{Header, Op, HEADER_LEN};
+use std::collections::HashMap;
 use std::vec::Vec;
 use virtio_drivers::PhysAddr;
 
@@ -35,11 +36,19 @@ pub enum ModelError {
 
 /// The device: takes what the driver posts and returns used buffers, as a real device
 /// would, but only when the test calls it.
+///
+/// It also checks B43 on every packet the driver puts on the tx ring, whichever call
+/// takes it: per connection, `fwd_cnt` and `buf_alloc` never go backwards in ring order
+/// (compared as wrapping `u32`s, as a peer that takes every header at face value does).
+/// A packet that breaks it panics, so every test that runs the model checks the rule.
 #[derive(Debug)]
 pub struct DeviceModel {
     transport: FakeTransport,
     last_avail: [u16; 3],
     used_idx: [u16; 3],
+    /// The credit fields of the last packet of each connection on the tx ring, by
+    /// (guest port, peer CID, peer port): `(buf_alloc, fwd_cnt)`.
+    credit_sent: HashMap<(u32, u64, u32), (u32, u32)>,
 }
 
 fn read_bytes(paddr: PhysAddr, out: &mut [u8]) -> bool {
@@ -94,6 +103,7 @@ impl DeviceModel {
             transport: transport.clone(),
             last_avail: [0; 3],
             used_idx: [0; 3],
+            credit_sent: HashMap::new(),
         }
     }
 
@@ -181,6 +191,44 @@ impl DeviceModel {
         Ok(())
     }
 
+    /// Checks B43 for a header the driver put on the tx ring (see [`DeviceModel`]).
+    /// A REQUEST or RESPONSE starts a connection's record anew; an RST ends it (its
+    /// fields are not checked: nothing follows it, and an RST for no connection carries
+    /// zeros, B9).
+    ///
+    /// # Panics
+    ///
+    /// When `fwd_cnt` or `buf_alloc` went backwards since the connection's last packet.
+    fn check_credit_order(&mut self, header: &Header) {
+        let tuple = (header.src_port, header.dst_cid, header.dst_port);
+        let fields = (header.buf_alloc, header.fwd_cnt);
+        match header.op() {
+            Some(Op::Request | Op::Response) => {
+                self.credit_sent.insert(tuple, fields);
+            }
+            Some(Op::Rst) => {
+                self.credit_sent.remove(&tuple);
+            }
+            _ => {
+                if let Some((buf_alloc, fwd_cnt)) = self.credit_sent.insert(tuple, fields) {
+                    let backwards = |new: u32, old: u32| (new.wrapping_sub(old) as i32) < 0;
+                    assert!(
+                        !backwards(header.fwd_cnt, fwd_cnt)
+                            && !backwards(header.buf_alloc, buf_alloc),
+                        "B43: op {} of guest port {} to {}:{} carries buf_alloc {} fwd_cnt {} \
+                         after a packet with buf_alloc {buf_alloc} fwd_cnt {fwd_cnt}",
+                        header.op,
+                        header.src_port,
+                        header.dst_cid,
+                        header.dst_port,
+                        header.buf_alloc,
+                        header.fwd_cnt
+                    );
+                }
+            }
+        }
+    }
+
     /// Takes the next packet the driver sent, and returns its buffer.
     pub fn pop_tx(&mut self) -> Option<Packet> {
         let (id, desc) = self.next_available(TX).ok()?;
@@ -191,6 +239,7 @@ impl DeviceModel {
             return None;
         }
         let header = Header::parse(&bytes).ok()?;
+        self.check_credit_order(&header);
         let payload = bytes
             .get(HEADER_LEN..HEADER_LEN + header.len as usize)?
             .to_vec();
@@ -211,6 +260,9 @@ impl DeviceModel {
         let ok = desc.flags & DESC_F_WRITE == 0 && read_bytes(desc.addr, &mut bytes);
         if let Err(e) = self.push_used(TX, u32::from(id), 0) {
             return Some(Err(e));
+        }
+        if let Some(header) = ok.then(|| Header::parse(&bytes).ok()).flatten() {
+            self.check_credit_order(&header);
         }
         Some(if ok {
             Ok(bytes)
