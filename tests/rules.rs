@@ -1,7 +1,8 @@
 //! Rules of BEHAVIOUR.md not covered by the other host tests, driven through the device
-//! model: bring-up order and event buffers (B3, B39), descriptor layout (B4), bad used-ring
-//! entries (B6), notification suppression (B8), header checks and demultiplexing (B10–B12,
-//! B17), credit fields (B26, B27) and shutdown (B32–B34). Every packet the driver puts on
+//! model: the device, its queues and features (B1), bring-up order and event buffers (B3,
+//! B39), descriptor layout (B4), bad used-ring entries (B6), notification suppression
+//! (B8), header checks and demultiplexing (B10–B12, B14, B17), credit fields (B26, B27,
+//! B43), shutdown (B32–B34) and truncated packets (B44). Every packet the driver puts on
 //! the tx ring is compared field by field, and so is every result the caller gets. Each
 //! test is named after the rule it checks.
 //!
@@ -16,7 +17,7 @@ use common::{
     accept_from, accept_host, accept_request, bring_up, control, from_host, from_port, listen,
     listen_on, ms, new_transport, pattern, rst_for, rw, rw_to_host, serve_host, start_connect,
     storage, test_config, to_host, FEATURES, GUEST_CID, GUEST_PORT, HOST_BUF_ALLOC, HOST_CID,
-    MAX_TX_PAYLOAD, RING_EVENT_IDX, VERSION_1,
+    MAX_TX_PAYLOAD, RING_EVENT_IDX, RX_BUFFER_SIZE, VERSION_1,
 };
 use std::sync::{Arc, Mutex};
 use virtio_drivers::transport::{DeviceStatus, DeviceType, InterruptStatus, Transport};
@@ -1949,4 +1950,272 @@ fn b8_every_send_notifies_before_it_returns() {
     assert_eq!(vsock.send(conn, &data[10..]), Ok(2 * MAX_TX_PAYLOAD - 10));
     assert_eq!(model.notifications(TX), before + 2);
     assert_eq!(model.drain_tx().len(), 2);
+}
+
+// ---------------------------------------------------------------------------------------
+// B1: the device, its queues and features.
+
+#[test]
+fn b1_device_id_19_queues_0_1_2_and_only_the_features_we_understand() {
+    const STREAM: u64 = 1 << 0;
+    const SEQPACKET: u64 = 1 << 1;
+    const NO_IMPLIED_STREAM: u64 = 1 << 2;
+    const INDIRECT_DESC: u64 = 1 << 28;
+    const UNKNOWN: u64 = 1 << 40;
+    assert_eq!(DeviceType::Socket as u32, 19);
+
+    // Everything we know, plus SEQPACKET (not implemented) and bits we do not know.
+    let offered = VERSION_1
+        | RING_EVENT_IDX
+        | STREAM
+        | SEQPACKET
+        | NO_IMPLIED_STREAM
+        | INDIRECT_DESC
+        | UNKNOWN;
+    let inner = FakeTransport::new(GUEST_CID, offered);
+    let transport = Recording {
+        inner: inner.clone(),
+        log: Arc::new(Mutex::new(Vec::new())),
+    };
+    let mut slots = [const { SocketSlot::EMPTY }; 2];
+    let mut rx_memory = vec![0u8; 2 * 4096];
+    let vsock = VsockDevice::<FakeHal, _>::new(
+        transport.clone(),
+        test_config(),
+        &mut slots,
+        &mut rx_memory,
+    )
+    .expect("bring-up");
+    let log = transport.log.lock().unwrap().clone();
+    let accepted: Vec<u64> = log
+        .iter()
+        .filter_map(|call| match call {
+            Call::Features(bits) => Some(*bits),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        accepted,
+        [VERSION_1 | RING_EVENT_IDX | STREAM | NO_IMPLIED_STREAM]
+    );
+    let queues: Vec<u16> = log
+        .iter()
+        .filter_map(|call| match call {
+            Call::QueueSet(queue, _) => Some(*queue),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(queues, [0, 1, 2], "rx = 0, tx = 1, event = 2");
+    drop(vsock);
+
+    // A device that offers no vsock feature at all has stream sockets, as if it offered
+    // STREAM: the driver accepts only VERSION_1, and a connection works.
+    let transport = FakeTransport::new(GUEST_CID, VERSION_1);
+    let mut model = DeviceModel::new(&transport);
+    let mut plain_storage = storage(2, 2 * 16 * 1024);
+    let mut vsock = bring_up(&transport, test_config(), &mut plain_storage);
+    assert_eq!(transport.state().driver_features, VERSION_1);
+    let listener = listen(&mut vsock);
+    let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
+    model
+        .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), b"hi")
+        .unwrap();
+    vsock.poll(ms(2));
+    let mut buf = [0u8; 8];
+    assert_eq!(vsock.recv(conn, &mut buf), Ok(2));
+
+    // Another device type: NoDevice, and the device never sees DRIVER_OK.
+    let other = FakeTransport::new(GUEST_CID, VERSION_1 | STREAM);
+    other.state().device_type = DeviceType::Console;
+    let mut other_storage = storage(2, 2 * 4096);
+    let result = VsockDevice::<FakeHal, _>::new(
+        other.clone(),
+        test_config(),
+        &mut other_storage.slots,
+        &mut other_storage.rx_memory,
+    );
+    assert_eq!(result.err(), Some(Error::NoDevice));
+    assert!(!other.state().status.contains(DeviceStatus::DRIVER_OK));
+}
+
+// ---------------------------------------------------------------------------------------
+// B14: no RST for an RST.
+
+#[test]
+fn b14_an_rst_is_never_answered_with_an_rst() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, test_config());
+    // RSTs for no connection: to a port nobody uses, of an unknown type, with a payload.
+    let nobody = to_port_of_guest(4321, from_host(Op::Rst, HOST_BUF_ALLOC, 0));
+    model.deliver(&nobody, &[]).unwrap();
+    let odd_type = Header {
+        socket_type: 9,
+        ..nobody
+    };
+    model.deliver(&odd_type, &[]).unwrap();
+    model.deliver(&nobody, b"payload").unwrap();
+    vsock.poll(ms(2));
+    assert_eq!(
+        control(&mut model),
+        [],
+        "RSTs for no connection are dropped"
+    );
+    // The connection's own RST ends it without an answer.
+    model
+        .deliver(&from_host(Op::Rst, HOST_BUF_ALLOC, 0), &[])
+        .unwrap();
+    vsock.poll(ms(3));
+    assert_eq!(control(&mut model), []);
+    let mut buf = [0u8; 8];
+    assert_eq!(vsock.recv(conn, &mut buf), Err(Error::ConnectionReset));
+    // A second RST on the tuple, now that nothing owns it: still no answer.
+    model
+        .deliver(&from_host(Op::Rst, HOST_BUF_ALLOC, 0), &[])
+        .unwrap();
+    vsock.poll(ms(4));
+    assert_eq!(control(&mut model), []);
+}
+
+/// `header` sent to guest port `port` instead of GUEST_PORT.
+fn to_port_of_guest(port: u32, header: Header) -> Header {
+    Header {
+        dst_port: port,
+        ..header
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// B43: credit fields in ring order.
+
+#[test]
+fn b43_a_credit_update_that_waited_carries_the_fwd_cnt_of_when_it_enters_the_ring() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2, 2 * 16 * 1024);
+    let config = Config {
+        queue_size: 8,
+        ..test_config()
+    };
+    let per = 16 * 1024;
+    let (mut vsock, _, conn) = serve_host(&transport, &mut model, &mut storage, config);
+    // The host fills our window; the device then holds every tx buffer we give it.
+    let data = pattern(per as usize);
+    for chunk in data.chunks(RX_BUFFER_SIZE - HEADER_LEN) {
+        model
+            .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), chunk)
+            .unwrap();
+    }
+    vsock.poll(ms(2));
+    let sent = pattern(8 * MAX_TX_PAYLOAD);
+    assert_eq!(vsock.send(conn, &sent), Ok(8 * MAX_TX_PAYLOAD));
+    // Reading half the window makes a CREDIT_UPDATE due; it has to wait for the ring.
+    let mut buf = vec![0u8; per as usize];
+    assert_eq!(
+        vsock.recv(conn, &mut buf[..per as usize / 2]),
+        Ok(per as usize / 2)
+    );
+    // More is read while it waits, and the device takes half the data.
+    assert_eq!(vsock.recv(conn, &mut buf[..1000]), Ok(1000));
+    let first = model.pop_tx().unwrap();
+    assert_eq!(first.header.fwd_cnt, 0);
+    for _ in 0..3 {
+        model.pop_tx().unwrap();
+    }
+    // The next poll puts the update on the ring with fwd_cnt as it is then, after every
+    // packet before it on the ring (the model checks B43 on each).
+    vsock.poll(ms(3));
+    let rest = model.drain_tx();
+    assert_eq!(rest.len(), 5, "4 data packets, then the update");
+    let update = &rest[4].header;
+    assert_eq!(update.op, Op::CreditUpdate as u16);
+    assert_eq!(update.fwd_cnt, per / 2 + 1000);
+    assert!(rest.iter().all(|p| p.header.fwd_cnt <= update.fwd_cnt));
+}
+
+// ---------------------------------------------------------------------------------------
+// B44: a packet the device truncated.
+
+/// Collects this thread's warnings, for tests that count them.
+struct WarningCapture;
+
+std::thread_local! {
+    static WARNINGS: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl log::Log for WarningCapture {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::Level::Warn
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if self.enabled(record.metadata()) {
+            let line = record.args().to_string();
+            let _ = WARNINGS.try_with(|w| w.borrow_mut().push(line));
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static WARNING_CAPTURE: WarningCapture = WarningCapture;
+
+/// The warnings logged on this thread while `f` runs.
+fn warnings_during(f: impl FnOnce()) -> Vec<String> {
+    // Only the first call in the process installs it; the others find it there.
+    let _ = log::set_logger(&WARNING_CAPTURE);
+    log::set_max_level(log::LevelFilter::Warn);
+    WARNINGS.with(|w| w.borrow_mut().clear());
+    f();
+    WARNINGS.with(|w| w.borrow_mut().split_off(0))
+}
+
+#[test]
+fn b44_a_truncated_packet_resets_its_connection_and_tells_the_peer() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(3, 3 * 16 * 1024);
+    let (mut vsock, listener, conn) =
+        serve_host(&transport, &mut model, &mut storage, test_config());
+    let per = 16 * 1024;
+    model
+        .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), b"early")
+        .unwrap();
+    // A packet of 8000 bytes in a 4096-byte buffer: the device wrote what fit and claims
+    // the whole length (vhost-device-vsock 0.3.0 does this with a sibling's packets).
+    let mut bytes = vec![0u8; RX_BUFFER_SIZE];
+    Header {
+        len: 8000,
+        ..from_host(Op::Rw, HOST_BUF_ALLOC, 0)
+    }
+    .emit(&mut bytes)
+    .unwrap();
+    model
+        .deliver_raw(&bytes, (HEADER_LEN + 8000) as u32)
+        .unwrap();
+    let warnings = warnings_during(|| vsock.poll(ms(2)));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("truncated"), "{warnings:?}");
+    // RST to the peer, with the connection's credit fields (B9); the bytes that did
+    // arrive stay readable, then the reset shows (B38).
+    assert_eq!(control(&mut model), [to_host(Op::Rst, per, 0)]);
+    let mut buf = [0u8; 16];
+    assert_eq!(vsock.recv(conn, &mut buf), Ok(5));
+    assert_eq!(&buf[..5], b"early");
+    assert_eq!(vsock.recv(conn, &mut buf), Err(Error::ConnectionReset));
+    assert_eq!(vsock.stats().bad_used_entries, 1);
+    assert_eq!(model.available(RX), 128, "the buffer is reposted");
+    // The driver keeps working: the host connects again from another port.
+    let again = accept_from(
+        &mut vsock,
+        &mut model,
+        listener,
+        5001,
+        HOST_BUF_ALLOC,
+        ms(3),
+    );
+    assert_eq!(
+        vsock
+            .readiness(again)
+            .map(|r| r.contains(Readiness::WRITABLE)),
+        Ok(true)
+    );
 }
