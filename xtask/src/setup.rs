@@ -42,14 +42,55 @@ pub fn cargo() -> Command {
     command
 }
 
-/// Installs what `rust-toolchain.toml` names (toolchain, targets, components).
+/// What `rust-toolchain.toml` names.
+#[derive(Debug, Default, serde::Deserialize)]
+struct PinnedToolchain {
+    channel: String,
+    #[serde(default)]
+    targets: Vec<String>,
+    #[serde(default)]
+    components: Vec<String>,
+}
+
+/// Installs what `rust-toolchain.toml` names: the toolchain, then its targets and
+/// components one by one. `rustup toolchain install` leaves a toolchain that already
+/// exists as it is (one linked to stable, say, without the bare-metal targets), so the
+/// targets and components are added explicitly whatever state it is in.
 pub fn ensure_toolchain() -> Result<()> {
+    let path = project_root().join("rust-toolchain.toml");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    #[derive(serde::Deserialize)]
+    struct File {
+        toolchain: PinnedToolchain,
+    }
+    let pinned = toml::from_str::<File>(&text)
+        .with_context(|| format!("parsing {}", path.display()))?
+        .toolchain;
     println!("setup: rustup toolchain install (as rust-toolchain.toml names)");
-    process::run(
-        Command::new("rustup")
-            .args(["toolchain", "install"])
-            .current_dir(project_root()),
-    )
+    let rustup = || {
+        let mut command = Command::new("rustup");
+        command.current_dir(project_root());
+        command
+    };
+    process::run(rustup().args(["toolchain", "install"]))?;
+    if !pinned.targets.is_empty() {
+        println!("setup: rustup target add {}", pinned.targets.join(" "));
+        process::run(
+            rustup()
+                .args(["target", "add", "--toolchain", &pinned.channel])
+                .args(&pinned.targets),
+        )?;
+    }
+    if !pinned.components.is_empty() {
+        println!("setup: rustup component add {}", pinned.components.join(" "));
+        process::run(
+            rustup()
+                .args(["component", "add", "--toolchain", &pinned.channel])
+                .args(&pinned.components),
+        )?;
+    }
+    Ok(())
 }
 
 /// Finds QEMU, installing it with apt-get when it is missing and we run as root.
