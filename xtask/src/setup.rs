@@ -83,7 +83,10 @@ pub fn ensure_toolchain() -> Result<()> {
         )?;
     }
     if !pinned.components.is_empty() {
-        println!("setup: rustup component add {}", pinned.components.join(" "));
+        println!(
+            "setup: rustup component add {}",
+            pinned.components.join(" ")
+        );
         process::run(
             rustup()
                 .args(["component", "add", "--toolchain", &pinned.channel])
