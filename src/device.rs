@@ -5,7 +5,7 @@ use crate::addr::is_valid_guest_cid;
 use crate::error::Error;
 use crate::queue::{BadUsed, RxQueue, TxBuffer, TxQueue, Used, MAX_QUEUE_SIZE, TX_CHUNK};
 use crate::time::Instant;
-use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD};
+use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD, OP_INVALID};
 use bitflags::bitflags;
 use core::time::Duration;
 use virtio_drivers::transport::{DeviceType, Transport};
@@ -63,6 +63,10 @@ pub struct Stats {
     pub tx_packets: u64,
     /// Received packets dropped as malformed.
     pub rx_dropped: u64,
+    /// Receive buffers the device returned with no packet in them (the header it left
+    /// reads op 0, `VIRTIO_VSOCK_OP_INVALID`), dropped. vhost-device-vsock 0.3.0 does this
+    /// routinely around connections that end.
+    pub rx_empty: u64,
     /// Used-ring entries rejected (unknown id or bad length).
     pub bad_used_entries: u64,
     /// Notifications on the tx queue sent although the device had not asked for them,
@@ -520,6 +524,10 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         match entry {
             Ok(Used { id, len }) => {
                 match Header::parse_packet(self.rx.buffer(id), len) {
+                    Ok((header, _)) if header.op == OP_INVALID => {
+                        self.stats.rx_empty += 1;
+                        log::debug!("vsock: the device returned an rx buffer with no packet ({len} bytes written)");
+                    }
                     Ok((header, payload)) => {
                         self.stats.rx_packets += 1;
                         handle(Arrival::Packet(&header, payload));

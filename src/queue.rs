@@ -27,6 +27,10 @@ pub const TX_CHUNK: usize = 512;
 /// The most chunks a transmit arena has (4 MiB of them).
 pub const MAX_TX_CHUNKS: usize = 8192;
 
+/// Bytes at the start of a receive buffer zeroed before it is posted again: a packet
+/// header (see [`RxQueue::repost`]).
+pub const SCRUBBED_PREFIX: usize = crate::wire::HEADER_LEN;
+
 const DESC_SIZE: usize = 16;
 const DESC_F_WRITE: u16 = 2;
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -477,9 +481,25 @@ impl<H: Hal> RxQueue<H> {
         self.rings.publish();
     }
 
-    /// Posts buffer `id` again after its contents were consumed.
+    /// Posts buffer `id` again after its contents were consumed. Its first
+    /// [`SCRUBBED_PREFIX`] bytes are zeroed first: a device that returns a buffer without
+    /// writing a packet into it (vhost-device-vsock 0.3.0 does, for a connection that
+    /// ended while it had work queued) then shows an invalid header (op 0), never the
+    /// header of the packet the buffer held before, which would be handled twice.
     pub fn repost(&mut self, id: u16) {
         if id < self.rings.size && !self.rings.is_posted(id) {
+            let prefix = SCRUBBED_PREFIX.min(self.buffer_size);
+            // SAFETY: `id < size`, so the first `prefix <= buffer_size` bytes of buffer `id`
+            // lie within the `buffers` region (live as long as `self`). The buffer is not
+            // posted, so the device does not own it, and no borrow of it (`buffer` borrows
+            // `self`) outlives this `&mut self`.
+            unsafe {
+                core::ptr::write_bytes(
+                    self.buffers.at::<u8>(usize::from(id) * self.buffer_size),
+                    0,
+                    prefix,
+                );
+            }
             self.rings.post(id);
         }
     }

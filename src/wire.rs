@@ -31,6 +31,10 @@ pub enum Op {
     CreditRequest = 7,
 }
 
+/// The raw `op` value 0 (`VIRTIO_VSOCK_OP_INVALID`): no operation. A receive buffer whose
+/// header reads 0 holds no packet (see [`RxQueue::repost`](crate::queue::RxQueue::repost)).
+pub const OP_INVALID: u16 = 0;
+
 impl Op {
     /// The operation for a raw `op` value, or `None` if it is unknown.
     pub const fn from_raw(raw: u16) -> Option<Op> {
