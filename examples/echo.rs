@@ -8,7 +8,14 @@
 //! many times `send` had to wait for the peer (`send blocked K times`).
 //!
 //! Boot it with `cargo xtask demo`, or by hand as the README shows. Command-line options:
-//! `port=<n>` (default 1234; the source is on the next port) and `log=<level>`.
+//! `port=<n>` (default 1234; the source is on the next port), `idle=<seconds>` (abort a
+//! connection that moved no byte either way for that long; default 0, never) and
+//! `log=<level>`.
+//!
+//! The idle timeout is for peers that can vanish without a word: vhost-device-vsock
+//! 0.3.0 never tells the guest when a host client closes with unread data (its read
+//! fails with ECONNRESET, and it drops the connection from its event loop), so such a
+//! connection would hold its place here for good.
 //!
 //! Memory (all static, no heap): `SOCKETS` socket slots with `RX_PER_SOCKET` bytes of
 //! receive buffer each, and one `CONNECTION_BUFFER`-byte buffer per connection for bytes
@@ -42,6 +49,7 @@ mod server {
     const MAX_REQUEST: usize = 24;
 
     use crate::boot;
+    use core::time::Duration;
     use log::{error, info, warn};
     use spin::Mutex;
     use vsock_guest::{
@@ -91,6 +99,10 @@ mod server {
         len: usize,
         /// Bytes sent so far.
         sent: u64,
+        /// Bytes received so far.
+        received: u64,
+        /// When a byte last moved either way.
+        last_progress: Instant,
     }
 
     fn now() -> Instant {
@@ -117,6 +129,11 @@ mod server {
             .cmdline_value("port")
             .and_then(|p| p.parse().ok())
             .unwrap_or(DEFAULT_PORT);
+        let idle_limit = info
+            .cmdline_value("idle")
+            .and_then(|s| s.parse().ok())
+            .filter(|&seconds| seconds > 0)
+            .map(Duration::from_secs);
         let Some(transport) = boot::virtio::find_vsock() else {
             error!("echo: no virtio socket device");
             boot::exit_failure();
@@ -149,12 +166,30 @@ mod server {
                 Service::SourceRequest,
                 &mut connections,
             );
+            let now = now();
             for (slot, buffer) in connections.iter_mut().zip(buffers.iter_mut()) {
                 if let Some(connection) = slot {
-                    let open = match connection.service {
+                    let moved = (connection.sent, connection.received);
+                    let mut open = match connection.service {
                         Service::Echo => serve_echo(&mut device, connection, buffer),
                         _ => serve_source(&mut device, connection, buffer),
                     };
+                    if moved != (connection.sent, connection.received) {
+                        connection.last_progress = now;
+                    } else if open
+                        && idle_limit.is_some_and(|limit| now >= connection.last_progress + limit)
+                    {
+                        warn!(
+                            "echo: {}:{} moved nothing for {} s; aborting it",
+                            connection.peer.cid,
+                            connection.peer.port,
+                            idle_limit.map_or(0, |l| l.as_secs())
+                        );
+                        if let Err(e) = device.abort(connection.handle) {
+                            warn!("echo: abort failed: {e}");
+                        }
+                        open = false;
+                    }
                     if !open {
                         *slot = None;
                     }
@@ -181,6 +216,8 @@ mod server {
                         start: 0,
                         len: 0,
                         sent: 0,
+                        received: 0,
+                        last_progress: now(),
                     });
                 }
                 Err(Error::WouldBlock) => return,
@@ -232,6 +269,7 @@ mod server {
                 Ok(received) => {
                     connection.start = 0;
                     connection.len = received;
+                    connection.received += received as u64;
                 }
                 Err(Error::WouldBlock) => return true,
                 Err(e) => return finish(device, connection, Some(e)),

@@ -61,6 +61,11 @@ pub fn connect_accepted(uds: &Path, port: u32, timeout: Duration) -> Result<Unix
     }
 }
 
+/// The pattern of the echo example's source service (`source_byte` there).
+pub fn source_byte(offset: u64) -> u8 {
+    (offset as u8) ^ ((offset >> 8) as u8).wrapping_mul(31) ^ ((offset >> 16) as u8).wrapping_mul(7)
+}
+
 /// The byte at `offset` of the test pattern for connection `seed`: position-dependent so
 /// that a lost, repeated or reordered chunk is detected.
 pub fn pattern_byte(seed: u64, offset: u64) -> u8 {

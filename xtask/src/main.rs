@@ -14,6 +14,7 @@ mod host;
 mod process;
 mod qemu_tests;
 mod setup;
+mod soak;
 mod vm;
 
 use anyhow::Result;
@@ -110,6 +111,32 @@ enum Command {
         /// in bytes (its tx-buffer-size; its own default is 65536).
         #[arg(long, default_value_t = bench::DEFAULT_HOST_WINDOW)]
         host_window: u32,
+    },
+    /// Boot the echo guest and run the soak against it: many host clients at once, each
+    /// echoing, resetting mid-transfer, vanishing after CONNECT or reading the source
+    /// service slowly, at random; then check the guest still serves.
+    Soak {
+        /// QEMU machine (transport).
+        #[arg(long, value_enum, default_value_t = Machine::Q35)]
+        machine: Machine,
+        /// Accelerator; by default KVM only with hardware virtualisation, else TCG.
+        #[arg(long, value_enum)]
+        accel: Option<Accel>,
+        /// How long new exchanges start, in seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Host clients at once.
+        #[arg(long, default_value_t = 24)]
+        clients: usize,
+        /// Seed of the clients' choices (default: from the clock; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Extra words for the echo guest's command line (e.g. "log=debug").
+        #[arg(long, default_value = "")]
+        guest_args: String,
+        /// Only these kinds of clients (default: all, half of them echoes).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<soak::Kind>,
     },
     /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
     /// guest exits through `boot::exit_success`. Used as the cargo runner.
@@ -214,6 +241,44 @@ fn run(command: Command) -> Result<ExitCode> {
             accel,
             timeout,
         } => run_kernel(kernel, cmdline.join(" "), machine, accel, timeout),
+        Command::Soak {
+            machine,
+            accel,
+            seconds,
+            clients,
+            seed,
+            guest_args,
+            only,
+        } => {
+            let tools = setup::ensure_all()?;
+            let accel = vm::choose_accel(accel);
+            let seed = seed.unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64)
+            });
+            let passed = qemu_tests::soak_by_hand(
+                &tools,
+                machine,
+                accel,
+                &guest_args,
+                soak::Load {
+                    clients,
+                    duration: Duration::from_secs(seconds),
+                    seed,
+                    mix: if only.is_empty() {
+                        soak::Mix::DEFAULT
+                    } else {
+                        soak::Mix::only(&only)
+                    },
+                },
+            )?;
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 use crate::cargo_tasks::build_example;
 use crate::host::{self, Connect};
 use crate::setup::Tools;
+use crate::soak::{self, SoakConfig};
 use crate::vm::{run_dir, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
@@ -75,6 +76,19 @@ impl EchoVm {
         run: &str,
         client_slot: bool,
     ) -> Result<Self> {
+        Self::boot_with_cmdline(tools, machine, accel, kernel, run, client_slot, "")
+    }
+
+    /// [`EchoVm::boot`] with `cmdline` for the guest.
+    pub fn boot_with_cmdline(
+        tools: &Tools,
+        machine: Machine,
+        accel: Accel,
+        kernel: &Path,
+        run: &str,
+        client_slot: bool,
+        cmdline: &str,
+    ) -> Result<Self> {
         let dir = run_dir(run)?;
         let cids: &[u32] = if client_slot {
             &[GUEST_CID, CLIENT_CID]
@@ -89,7 +103,7 @@ impl EchoVm {
             kernel: kernel.to_path_buf(),
             machine,
             accel,
-            cmdline: String::new(),
+            cmdline: cmdline.to_string(),
             limit: PROCESS_LIMIT,
         };
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
@@ -294,11 +308,6 @@ fn unused_port_refused(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
     ))
 }
 
-/// The pattern of the echo example's source service (`source_byte` there).
-fn source_byte(offset: u64) -> u8 {
-    (offset as u8) ^ ((offset >> 8) as u8).wrapping_mul(31) ^ ((offset >> 16) as u8).wrapping_mul(7)
-}
-
 /// The host asks the source for 1 MiB, reads nothing for two seconds (the guest's `send`
 /// must block on credit), then reads everything and checks it byte by byte.
 fn host_stops_reading(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
@@ -322,10 +331,10 @@ fn host_stops_reading(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
         }
         for (i, &byte) in buf[..n].iter().enumerate() {
             let offset = got + i as u64;
-            if byte != source_byte(offset) {
+            if byte != host::source_byte(offset) {
                 bail!(
                     "byte {offset} differs: got {byte:#04x}, expected {:#04x}",
-                    source_byte(offset)
+                    host::source_byte(offset)
                 );
             }
         }
@@ -509,4 +518,67 @@ fn guest_log_has_no_errors(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
         log.lines().count(),
         warnings.len()
     ))
+}
+
+/// `cargo xtask soak`: boots the echo guest with `guest_args`, runs the soak (see
+/// [`soak`](crate::soak)) with `load`, then checks that the guest still echoes and logged
+/// no error. Returns whether everything passed.
+pub fn soak_by_hand(
+    tools: &Tools,
+    machine: Machine,
+    accel: Accel,
+    guest_args: &str,
+    load: soak::Load,
+) -> Result<bool> {
+    let kernel = build_example("echo")?;
+    let mut vm =
+        EchoVm::boot_with_cmdline(tools, machine, accel, &kernel, "soak", false, guest_args)?;
+    println!(
+        "soak: {} clients for {} s against the echo guest on {machine} ({accel}), seed {}, mix {:?}",
+        load.clients,
+        load.duration.as_secs(),
+        load.seed,
+        load.mix
+    );
+    let started = Instant::now();
+    let report = soak::run(&SoakConfig {
+        uds: vm.uds().to_path_buf(),
+        echo_port: ECHO_PORT,
+        source_port: SOURCE_PORT,
+        load,
+        vanish_before_answer: false,
+    })?;
+    println!("soak: {}", report.summary(started.elapsed()));
+    for failure in report.failures.iter().take(20) {
+        println!("soak:   {failure}");
+    }
+    let after = concurrent_echoes(&vm, 4, 64 * 1024);
+    match &after {
+        Ok(detail) => println!("soak: afterwards the guest still echoes: {detail}"),
+        Err(e) => println!("soak: afterwards the guest does not echo: {e:#}"),
+    }
+    let running = vm.guest.is_running();
+    vm.stop();
+    let log = vm.guest.serial_log();
+    let errors: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("[PANIC]") || line.contains("[ERROR]"))
+        .collect();
+    let warnings: Vec<&str> = log.lines().filter(|line| line.contains("[WARN]")).collect();
+    println!(
+        "soak: guest {}, {} log lines, {} warnings, {} errors (serial log in {})",
+        if running {
+            "still running"
+        } else {
+            "stopped by itself"
+        },
+        log.lines().count(),
+        warnings.len(),
+        errors.len(),
+        vm.dir.display()
+    );
+    for line in errors.iter().chain(warnings.iter()).take(20) {
+        println!("soak:   guest: {line}");
+    }
+    Ok(report.failures.is_empty() && after.is_ok() && running && errors.is_empty())
 }
