@@ -66,6 +66,41 @@ pub fn source_byte(offset: u64) -> u8 {
     (offset as u8) ^ ((offset >> 8) as u8).wrapping_mul(31) ^ ((offset >> 16) as u8).wrapping_mul(7)
 }
 
+/// Reads what the echo example's source service sends on `stream` until it closes,
+/// checking every byte against [`source_byte`]. Before each read `pace` gives the most
+/// bytes to read and the pause after the read. Returns the number of bytes read.
+pub fn read_source(
+    stream: &mut UnixStream,
+    mut pace: impl FnMut() -> (usize, Duration),
+) -> Result<u64> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut got = 0u64;
+    loop {
+        let (most, pause) = pace();
+        let n = match stream.read(&mut buf[..most.clamp(1, 64 * 1024)]) {
+            Ok(n) => n,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                bail!("the source stalled after {got} bytes")
+            }
+            Err(e) => return Err(e).context("reading from the source"),
+        };
+        if n == 0 {
+            return Ok(got);
+        }
+        for (i, &byte) in buf[..n].iter().enumerate() {
+            let offset = got + i as u64;
+            let expected = source_byte(offset);
+            if byte != expected {
+                bail!("source byte {offset} differs: got {byte:#04x}, expected {expected:#04x}");
+            }
+        }
+        got += n as u64;
+        if !pause.is_zero() {
+            thread::sleep(pause);
+        }
+    }
+}
+
 /// The byte at `offset` of the test pattern for connection `seed`: position-dependent so
 /// that a lost, repeated or reordered chunk is detected.
 pub fn pattern_byte(seed: u64, offset: u64) -> u8 {

@@ -316,30 +316,8 @@ fn host_stops_reading(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
     stream.write_all(format!("{TOTAL}\n").as_bytes())?;
     thread::sleep(Duration::from_secs(2));
     stream.set_read_timeout(Some(STALL_TIMEOUT))?;
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut got = 0u64;
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                bail!("the transfer stalled after {got} of {TOTAL} bytes once the host read again")
-            }
-            Err(e) => return Err(e).context("reading from the source"),
-        };
-        if n == 0 {
-            break;
-        }
-        for (i, &byte) in buf[..n].iter().enumerate() {
-            let offset = got + i as u64;
-            if byte != host::source_byte(offset) {
-                bail!(
-                    "byte {offset} differs: got {byte:#04x}, expected {:#04x}",
-                    host::source_byte(offset)
-                );
-            }
-        }
-        got += n as u64;
-    }
+    let got = host::read_source(&mut stream, || (64 * 1024, Duration::ZERO))
+        .context("once the host read again")?;
     if got != TOTAL {
         bail!("the source closed after {got} of {TOTAL} bytes");
     }

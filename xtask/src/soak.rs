@@ -17,7 +17,7 @@
 
 use crate::host::{self, Connect};
 use anyhow::{bail, Context, Result};
-use std::io::{ErrorKind, Read, Write};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -317,29 +317,13 @@ fn slow_reader(config: &SoakConfig, tally: &Tally, rng: &mut fastrand::Rng) -> R
     let mut stream = connect(&config.uds, config.source_port)?;
     stream.set_read_timeout(Some(STALL_TIMEOUT))?;
     stream.write_all(format!("{total}\n").as_bytes())?;
-    let mut buf = vec![0u8; 8 * 1024];
-    let mut got = 0u64;
-    loop {
-        let piece = rng.usize(1..=buf.len());
-        let n = match stream.read(&mut buf[..piece]) {
-            Ok(n) => n,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                bail!("slow read of {total} stalled after {got} bytes")
-            }
-            Err(e) => return Err(e).context("slow read"),
-        };
-        if n == 0 {
-            break;
-        }
-        for (i, &byte) in buf[..n].iter().enumerate() {
-            let offset = got + i as u64;
-            if byte != host::source_byte(offset) {
-                bail!("slow read of {total}: byte {offset} differs");
-            }
-        }
-        got += n as u64;
-        thread::sleep(Duration::from_millis(rng.u64(1..=20)));
-    }
+    let got = host::read_source(&mut stream, || {
+        (
+            rng.usize(1..=8 * 1024),
+            Duration::from_millis(rng.u64(1..=20)),
+        )
+    })
+    .with_context(|| format!("slow read of {total}"))?;
     if got != total {
         bail!("the source closed after {got} of {total} bytes");
     }
