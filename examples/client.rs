@@ -64,7 +64,7 @@ mod client {
         match exchange(peer) {
             Ok(()) => boot::exit_success(),
             Err(e) => {
-                error!("client: {e} (errno {})", e.errno());
+                error!("client: {e}");
                 boot::exit_failure()
             }
         }
