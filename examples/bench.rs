@@ -349,23 +349,13 @@ mod bench {
 
     impl Ours {
         /// Our driver with `Config::default()`, where the command line does not say
-        /// otherwise (`queue=`, `rx=`, `tx=`, `tx_memory=`; see the module docs).
+        /// otherwise (`queue=`, `rx=`, `tx=`, `tx_memory=`; see the module docs and
+        /// `boot::config`).
         fn new(transport: CountingTransport, port: u32, info: &boot::BootInfo) -> Result<Self> {
             let slots = spin::MutexGuard::leak(SLOTS.lock());
             let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
-            let number = |key: &str| {
-                info.cmdline_value(key)
-                    .and_then(|v| v.parse::<usize>().ok())
-            };
             let default = Config::default();
-            let config = Config {
-                queue_size: number("queue").map_or(default.queue_size, |n| n as u16),
-                rx_buffer_size: number("rx").unwrap_or(default.rx_buffer_size),
-                tx_packet_size: number("tx").unwrap_or(default.tx_packet_size),
-                tx_memory: number("tx_memory").unwrap_or(default.tx_memory),
-                send_buffer: number("send_buffer").unwrap_or(default.send_buffer),
-                ..default
-            };
+            let config = boot::config::from_cmdline(info);
             let mut device =
                 VsockDevice::new(transport, config, slots, rx_memory).map_err(Failure::Ours)?;
             let listener = device.stream_socket().map_err(Failure::Ours)?;

@@ -9,8 +9,9 @@
 //!
 //! Boot it with `cargo xtask demo`, or by hand as the README shows. Command-line options:
 //! `port=<n>` (default 1234; the source is on the next port), `idle=<seconds>` (abort a
-//! connection that moved no byte either way for that long; default 0, never) and
-//! `log=<level>`.
+//! connection that moved no byte either way for that long; default 0, never),
+//! `log=<level>`, and the driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...;
+//! e.g. `rx=65580 tx=3820` to serve a Linux sibling, see the README's quirks).
 //!
 //! The idle timeout is for peers that can vanish without a word: vhost-device-vsock
 //! 0.3.0 never tells the guest when a host client closes with unread data (its read
@@ -53,7 +54,7 @@ mod server {
     use log::{error, info, warn};
     use spin::Mutex;
     use vsock_guest::{
-        Config, Error, Instant, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
+        Error, Instant, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
     };
 
     type Device =
@@ -141,14 +142,15 @@ mod server {
         let slots = spin::MutexGuard::leak(SLOTS.lock());
         let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
         let buffers = spin::MutexGuard::leak(BUFFERS.lock());
-        let mut device: Device =
-            match VsockDevice::new(transport, Config::default(), slots, rx_memory) {
-                Ok(device) => device,
-                Err(e) => {
-                    error!("echo: device bring-up failed: {e}");
-                    boot::exit_failure();
-                }
-            };
+        let config = boot::config::from_cmdline(info);
+        boot::config::log_if_changed("echo", &config);
+        let mut device: Device = match VsockDevice::new(transport, config, slots, rx_memory) {
+            Ok(device) => device,
+            Err(e) => {
+                error!("echo: device bring-up failed: {e}");
+                boot::exit_failure();
+            }
+        };
         let source_port = port.wrapping_add(1);
         let echo_listener = listen(&mut device, port);
         let source_listener = listen(&mut device, source_port);

@@ -79,6 +79,7 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("the boot module supports x86_64 only (PVH boot under QEMU)");
 
+pub mod config;
 pub mod hal;
 pub mod heap;
 mod idt;

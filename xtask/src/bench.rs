@@ -376,6 +376,7 @@ impl BenchVm {
                 "driver={} port={CONTROL_PORT} {GUEST_RING} {guest_args}",
                 driver.arg
             ),
+            initrd: None,
             limit: PROCESS_LIMIT,
         };
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;

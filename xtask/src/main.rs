@@ -11,6 +11,7 @@ mod bench;
 mod cargo_tasks;
 mod demo;
 mod host;
+mod linux;
 mod process;
 mod qemu_tests;
 mod setup;
@@ -138,6 +139,9 @@ enum Command {
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<soak::Kind>,
     },
+    /// Fetch Debian's kernel and busybox (cached in target/linux), build the Linux
+    /// guest's initramfs around linux-peer, and print how to boot it.
+    LinuxGuest,
     /// Boot a guest ELF under QEMU with the backend, serial on stdout; exits 0 when the
     /// guest exits through `boot::exit_success`. Used as the cargo runner.
     RunKernel {
@@ -175,6 +179,10 @@ fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Setup => {
             setup::ensure_all()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::LinuxGuest => {
+            linux::print_guest(&linux::prepare()?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { machine, accel } => {
@@ -374,6 +382,7 @@ fn run_kernel(
         machine,
         accel,
         cmdline,
+        initrd: None,
         limit,
     };
     let mut command = vm::qemu_command(&tools, &config, &slot.vhost_socket);

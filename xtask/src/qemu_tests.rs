@@ -104,6 +104,7 @@ impl EchoVm {
             machine,
             accel,
             cmdline: cmdline.to_string(),
+            initrd: None,
             limit: PROCESS_LIMIT,
         };
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
@@ -135,6 +136,7 @@ impl EchoVm {
             machine: self.machine,
             accel: self.accel,
             cmdline: cmdline.to_string(),
+            initrd: None,
             limit: CLIENT_TIMEOUT + Duration::from_secs(10),
         };
         let mut client = Guest::start(&self.tools, &self.dir, &slot, &config)?;

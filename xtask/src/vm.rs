@@ -210,6 +210,8 @@ pub struct GuestConfig {
     pub accel: Accel,
     /// The kernel command line (`-append`).
     pub cmdline: String,
+    /// An initramfs (`-initrd`), for the Linux guest.
+    pub initrd: Option<PathBuf>,
     /// Kill QEMU after this long.
     pub limit: Duration,
 }
@@ -329,6 +331,9 @@ pub fn qemu_command(tools: &Tools, config: &GuestConfig, vhost_socket: &Path) ->
         .args(["-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&config.kernel);
+    if let Some(initrd) = &config.initrd {
+        command.arg("-initrd").arg(initrd);
+    }
     if !config.cmdline.is_empty() {
         command.args(["-append", &config.cmdline]);
     }
