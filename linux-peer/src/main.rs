@@ -24,7 +24,7 @@
 //! | `echo cid port=[1234] bytes=[4194304]` | bulk: `bytes` through the echo service, checked byte by byte; MB/s |
 //! | `source cid port=[1235] bytes=[4194304]` | bulk one way: asks the echo guest's source service for `bytes` and checks them; MB/s |
 //! | `expect-reset cid port=[1234] bytes=[4194304] seconds=[30]` | the echo bulk, expecting the connection to be reset within `seconds` |
-//! | `serve port=[7000]` | an echo server in the background, one thread per connection |
+//! | `serve port=[7000]` | an echo server, one thread per connection: in the background in the control loop, in the foreground (until power-off) when run by itself |
 //! | `served` | the connections the server finished since the last `served`, with the bytes echoed |
 //! | `exit` | ends the control loop |
 //!
@@ -61,6 +61,11 @@ fn main() -> ExitCode {
     let line = args.join(" ");
     let result = if args.first().map(String::as_str) == Some("control") {
         Words::parse(&line).and_then(|words| control(words.number("port", None)?))
+    } else if args.first().map(String::as_str) == Some("serve") {
+        // By hand: serve in the foreground until the machine is stopped.
+        Server::default().start(&line).map(|()| loop {
+            thread::park();
+        })
     } else if args.is_empty() {
         Err(anyhow!(
             "usage: linux-peer control port=<p> | linux-peer <command> [key=value ...]"
@@ -105,14 +110,14 @@ fn control(port: u32) -> Result<()> {
             continue;
         }
         say(&format!("> {line}"));
-        let answer = match line {
-            "exit" => {
+        let answer = match line.split_whitespace().next() {
+            Some("exit") => {
                 answers.write_all(b"ok bye\n")?;
                 say("control: exit");
                 return Ok(());
             }
-            _ if line.starts_with("serve") => server.start(line).map(|()| "listening".into()),
-            "served" => Ok(server.take_report()),
+            Some("serve") => server.start(line).map(|()| "listening".into()),
+            Some("served") => Ok(server.take_report()),
             _ => run_command(line),
         };
         let answer = match answer {
@@ -170,7 +175,7 @@ fn run_command(line: &str) -> Result<String> {
             words.number("bytes", Some(4 << 20))?,
             Duration::from_secs(words.number("seconds", Some(30))?),
         ),
-        "serve" | "served" | "exit" | "control" => {
+        "served" | "exit" | "control" => {
             bail!("{} works in the control loop only", words.command)
         }
         other => bail!("unknown command {other:?}"),
@@ -410,6 +415,10 @@ fn half_an_echo(stream: &mut VsockStream) -> Result<()> {
 }
 
 fn abandon(cid: u32, port: u32, bytes: u64) -> Result<String> {
+    let trace = PacketTrace::start();
+    if let Err(e) = &trace {
+        say(&format!("abandon: no packet trace: {e:#}"));
+    }
     let workers: Vec<_> = (0..3)
         .map(|seed| {
             let stream = connect(cid, port)?;
@@ -420,6 +429,7 @@ fn abandon(cid: u32, port: u32, bytes: u64) -> Result<String> {
         .collect::<Result<_>>()?;
     // Closed mid-transfer with SO_LINGER 0, as a program that wants a reset does.
     let mut lingered = connect(cid, port)?;
+    let lingered_port = lingered.local_addr()?.port();
     half_an_echo(&mut lingered)?;
     setsockopt(
         &lingered,
@@ -433,17 +443,23 @@ fn abandon(cid: u32, port: u32, bytes: u64) -> Result<String> {
     drop(lingered);
     // Left open by a process that exits.
     let me = std::env::current_exe().context("finding /proc/self/exe")?;
-    let status = std::process::Command::new(me)
+    let child = std::process::Command::new(me)
         .args([
             "abandon-child",
             &format!("cid={cid}"),
             &format!("port={port}"),
         ])
-        .status()
+        .output()
         .context("running the abandoning child")?;
-    if !status.success() {
-        bail!("the abandoning child failed: {status}");
+    let child_out = String::from_utf8_lossy(&child.stdout);
+    print!("{child_out}");
+    if !child.status.success() {
+        bail!("the abandoning child failed: {}", child.status);
     }
+    let child_port: u32 = child_out
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("port=")?.parse().ok())
+        .ok_or_else(|| anyhow!("the abandoning child did not say its port"))?;
     for (index, worker) in workers.into_iter().enumerate() {
         worker
             .join()
@@ -451,17 +467,159 @@ fn abandon(cid: u32, port: u32, bytes: u64) -> Result<String> {
             .with_context(|| format!("echo {index} beside the abandoned connections"))?;
     }
     echo_exchange(connect(cid, port)?, 60, 1000).context("an echo afterwards")?;
-    Ok(format!(
+    let mut detail = format!(
         "3 x {bytes} bytes echoed byte-exact beside one connection closed mid-transfer with SO_LINGER 0 and one left open by an exiting process; a new echo works"
-    ))
+    );
+    if let Ok(trace) = trace {
+        // Both abandoned connections are over once an RST went either way; Linux resets
+        // by itself after its close timeout (8 s) at the latest.
+        let deadline = Instant::now() + Duration::from_secs(12);
+        let ports = [lingered_port, child_port];
+        let packets = loop {
+            let packets = trace.packets()?;
+            let over = |port: u32| {
+                packets
+                    .iter()
+                    .any(|p| p.local_port == port && p.op == "RST")
+            };
+            if ports.iter().all(|&port| over(port)) || Instant::now() >= deadline {
+                break packets;
+            }
+            thread::sleep(Duration::from_millis(200));
+        };
+        detail.push_str(&format!(
+            "; Linux's packets: SO_LINGER 0 close: {}; process exit: {}",
+            PacketTrace::summary(&packets, lingered_port),
+            PacketTrace::summary(&packets, child_port)
+        ));
+    }
+    Ok(detail)
 }
 
 /// The child of `abandon`: half an echo, then exit with the connection open.
 fn abandon_child(cid: u32, port: u32) -> Result<String> {
     let mut stream = connect(cid, port)?;
+    let local = stream.local_addr()?.port();
     half_an_echo(&mut stream)?;
-    say("abandon-child: exiting with the connection open");
+    say(&format!(
+        "abandon-child: exiting with the connection from port={local} open"
+    ));
     std::process::exit(0);
+}
+
+/// One packet of Linux's virtio vsock transport, from its trace events.
+struct TracedPacket {
+    /// Seconds since boot.
+    time: f64,
+    /// Whether Linux sent it (else received it).
+    sent: bool,
+    /// Linux's port of the connection.
+    local_port: u32,
+    /// `REQUEST`, `RW`, `SHUTDOWN`, `RST`, ...
+    op: String,
+    /// The flags, as the trace prints them (`0x3`).
+    flags: String,
+}
+
+/// Linux's own record of what its virtio vsock transport sends and receives: the
+/// trace events of `vmw_vsock_virtio_transport_common` (system `vsock`:
+/// `virtio_transport_alloc_pkt` for every
+/// packet it builds, `virtio_transport_recv_pkt` for every packet it takes), read from
+/// tracefs, which `/init` mounts. The events are switched off again when this is dropped.
+struct PacketTrace;
+
+impl PacketTrace {
+    const DIR: &'static str = "/sys/kernel/tracing";
+    const EVENTS: &'static str = "events/vsock/enable";
+
+    /// Empties the trace buffer and switches the events on.
+    fn start() -> Result<Self> {
+        std::fs::write(format!("{}/trace", Self::DIR), "").context("clearing the trace")?;
+        std::fs::write(format!("{}/{}", Self::DIR, Self::EVENTS), "1").with_context(|| {
+            let systems: Vec<String> = std::fs::read_dir(format!("{}/events", Self::DIR))
+                .map(|dir| {
+                    dir.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                        .filter(|name| name.contains("vsock") || name.contains("virtio"))
+                        .collect()
+                })
+                .unwrap_or_default();
+            format!("enabling the vsock trace events (event systems: {systems:?})")
+        })?;
+        Ok(PacketTrace)
+    }
+
+    /// The packets traced so far.
+    fn packets(&self) -> Result<Vec<TracedPacket>> {
+        let text = std::fs::read_to_string(format!("{}/trace", Self::DIR))?;
+        Ok(text.lines().filter_map(Self::parse).collect())
+    }
+
+    /// Parses `<task> [cpu] <flags> 12.345678: virtio_transport_alloc_pkt: 5:1 -> 3:1234
+    /// len=0 type=STREAM op=SHUTDOWN flags=0x3`.
+    fn parse(line: &str) -> Option<TracedPacket> {
+        let (head, event) = line.split_once(": virtio_transport_")?;
+        let time = head
+            .split_whitespace()
+            .last()?
+            .trim_end_matches(':')
+            .parse()
+            .ok()?;
+        let (kind, rest) = event.split_once(": ")?;
+        let sent = kind == "alloc_pkt";
+        let mut words = rest.split_whitespace();
+        let src = words.next()?;
+        words.next()?; // ->
+        let dst = words.next()?;
+        let port_of = |addr: &str| addr.split_once(':')?.1.parse::<u32>().ok();
+        let local_port = if sent { port_of(src)? } else { port_of(dst)? };
+        let value = |key: &str| {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(str::to_string)
+        };
+        Some(TracedPacket {
+            time,
+            sent,
+            local_port,
+            op: value("op=")?,
+            flags: value("flags=").unwrap_or_default(),
+        })
+    }
+
+    /// The SHUTDOWN and RST packets of the connection on Linux's `port`, in order, with
+    /// their time after the first of them.
+    fn summary(packets: &[TracedPacket], port: u32) -> String {
+        let control: Vec<&TracedPacket> = packets
+            .iter()
+            .filter(|p| p.local_port == port && (p.op == "SHUTDOWN" || p.op == "RST"))
+            .collect();
+        let Some(first) = control.first() else {
+            return format!("no SHUTDOWN or RST traced for port {port}");
+        };
+        control
+            .iter()
+            .map(|p| {
+                let flags = if p.op == "SHUTDOWN" {
+                    format!("({})", p.flags)
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{} {}{flags} +{:.3}s",
+                    if p.sent { "sent" } else { "got" },
+                    p.op,
+                    p.time - first.time
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+impl Drop for PacketTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(format!("{}/{}", Self::DIR, Self::EVENTS), "0");
+    }
 }
 
 /// Byte `offset` of the echo guest's source service (`source_byte` in examples/echo.rs).

@@ -309,7 +309,8 @@ fn init_script(order: &[String]) -> String {
          /bin/busybox --install -s /bin\n\
          mount -t proc proc /proc\n\
          mount -t sysfs sysfs /sys\n\
-         mount -t devtmpfs devtmpfs /dev\n",
+         mount -t devtmpfs devtmpfs /dev\n\
+         mount -t tracefs tracefs /sys/kernel/tracing\n",
     );
     for module in order {
         script.push_str(&format!(
