@@ -25,7 +25,7 @@
 //! | `source cid port=[1235] bytes=[4194304]` | bulk one way: asks the echo guest's source service for `bytes` and checks them; MB/s |
 //! | `expect-reset cid port=[1234] bytes=[4194304] seconds=[30]` | the echo bulk, expecting the connection to be reset within `seconds` |
 //! | `serve port=[7000]` | an echo server, one thread per connection: in the background in the control loop, in the foreground (until power-off) when run by itself |
-//! | `served` | the connections the server finished since the last `served`, with the bytes echoed |
+//! | `served count=[1] seconds=[10]` | the connections the server finished since the last `served`, with the bytes echoed, once `count` have finished or after `seconds` |
 //! | `exit` | ends the control loop |
 //!
 //! Every socket has read and write timeouts, so a stalled transfer fails instead of
@@ -117,7 +117,7 @@ fn control(port: u32) -> Result<()> {
                 return Ok(());
             }
             Some("serve") => server.start(line).map(|()| "listening".into()),
-            Some("served") => Ok(server.take_report()),
+            Some("served") => server.take_report(line),
             _ => run_command(line),
         };
         let answer = match answer {
@@ -735,13 +735,28 @@ impl Server {
         }
     }
 
-    /// The finished connections since the last call, `; `-separated.
-    fn take_report(&self) -> String {
-        let finished = self
-            .finished
-            .lock()
-            .map(|mut f| std::mem::take(&mut *f))
-            .unwrap_or_default();
-        format!("{} connections: {}", finished.len(), finished.join("; "))
+    /// The connections finished since the last call, `; `-separated, once as many as
+    /// `line` counts (`count=`) have finished or its `seconds=` have passed: a peer that
+    /// closed may be a moment ahead of the thread that serves it.
+    fn take_report(&self, line: &str) -> Result<String> {
+        let words = Words::parse(line)?;
+        let count: usize = words.number("count", Some(1))?;
+        let deadline = Instant::now() + Duration::from_secs(words.number("seconds", Some(10))?);
+        let finished = loop {
+            let mut finished = self
+                .finished
+                .lock()
+                .map_err(|_| anyhow!("a serving thread panicked"))?;
+            if finished.len() >= count || Instant::now() >= deadline {
+                break std::mem::take(&mut *finished);
+            }
+            drop(finished);
+            thread::sleep(Duration::from_millis(20));
+        };
+        Ok(format!(
+            "{} connections: {}",
+            finished.len(),
+            finished.join("; ")
+        ))
     }
 }

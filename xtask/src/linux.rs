@@ -76,8 +76,8 @@ pub fn print_guest(guest: &LinuxGuest) {
     );
 }
 
-/// The kernel and busybox, unpacked from Debian's packages.
-struct Cache {
+/// The kernel and busybox, unpacked from Debian's packages into `target/linux/cache`.
+pub struct Cache {
     dir: PathBuf,
     release: String,
 }
@@ -87,10 +87,13 @@ fn linux_dir() -> PathBuf {
 }
 
 /// Fetches what is missing (kernel, busybox), builds the test program and writes the
-/// initramfs. Fails with a message that says why when Debian's packages cannot be had
-/// (no `apt-get`, no network, not root and nothing cached).
+/// initramfs: [`fetch`], then [`build`].
 pub fn prepare() -> Result<LinuxGuest> {
-    let cache = ensure_cache()?;
+    build(fetch()?)
+}
+
+/// Builds the test program and writes the initramfs around it.
+pub fn build(cache: Cache) -> Result<LinuxGuest> {
     let peer = build_peer()?;
     let initrd = linux_dir().join("initramfs.cpio");
     write_initramfs(&cache, &peer, &initrd)?;
@@ -101,8 +104,10 @@ pub fn prepare() -> Result<LinuxGuest> {
     })
 }
 
-/// The cached kernel and busybox, fetched and unpacked first when missing.
-fn ensure_cache() -> Result<Cache> {
+/// The cached kernel and busybox, fetched and unpacked first when missing. Fails with a
+/// message that says why when Debian's packages cannot be had (no `apt-get`, no network,
+/// not root, and nothing cached).
+pub fn fetch() -> Result<Cache> {
     let dir = linux_dir().join("cache");
     if let Ok(release) = std::fs::read_to_string(dir.join("release")) {
         if dir.join("vmlinuz").is_file() && dir.join("busybox").is_file() {

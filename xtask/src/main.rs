@@ -12,6 +12,7 @@ mod cargo_tasks;
 mod demo;
 mod host;
 mod linux;
+mod linux_tests;
 mod process;
 mod qemu_tests;
 mod setup;
@@ -76,6 +77,9 @@ enum Command {
         /// Only the QEMU tests.
         #[arg(long)]
         qemu_only: bool,
+        /// Only the Linux sibling tests (a stock Linux guest beside ours, q35).
+        #[arg(long, conflicts_with_all = ["host_only", "qemu_only"])]
+        linux_only: bool,
     },
     /// Benchmarks, ours side by side with virtio-drivers' socket driver.
     Bench {
@@ -198,12 +202,14 @@ fn run(command: Command) -> Result<ExitCode> {
             fuzz_seconds,
             host_only,
             qemu_only,
+            linux_only,
         } => test(
             accel,
             machine,
             !no_miri,
             fuzz_seconds,
-            !qemu_only,
+            !qemu_only && !linux_only,
+            !host_only && !linux_only,
             !host_only,
         ),
         Command::Bench {
@@ -299,6 +305,7 @@ fn test(
     fuzz_seconds: u32,
     host: bool,
     qemu: bool,
+    linux: bool,
 ) -> Result<ExitCode> {
     let tools = setup::ensure_all()?;
     let mut passed = 0;
@@ -326,6 +333,8 @@ fn test(
         }
     }
     let mut qemu_failed = 0;
+    // The Linux guest runs on q35 only.
+    let linux = linux && (machines.is_empty() || machines.contains(&Machine::Q35));
     if qemu {
         let accel = vm::choose_accel(accel);
         let machines = if machines.is_empty() {
@@ -337,12 +346,23 @@ fn test(
         passed += qemu_passed;
         qemu_failed = failed;
     }
+    let mut skipped = 0;
+    if linux {
+        let tally = linux_tests::run(&tools, vm::choose_accel(accel))?;
+        passed += tally.passed;
+        qemu_failed += tally.failed;
+        skipped += tally.skipped;
+    }
     let failed = failed_names.len() + qemu_failed;
     println!("\n=== summary");
     for name in &failed_names {
         println!("FAIL {name}");
     }
-    println!("{passed} passed, {failed} failed");
+    if skipped > 0 {
+        println!("{passed} passed, {failed} failed, {skipped} skipped");
+    } else {
+        println!("{passed} passed, {failed} failed");
+    }
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
