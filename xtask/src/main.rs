@@ -1,8 +1,11 @@
 //! Host-side tooling for vsock-guest: `cargo xtask <command>`.
 //!
-//! - `setup`: install what is missing (toolchain, QEMU, the vhost-user backend).
+//! - `setup`: install what is missing (toolchain, QEMU, the vhost-user backend, the Linux
+//!   guest).
 //! - `demo`: boot the echo guest, talk to it from the host, print the result.
-//! - `test`: every check and test, host-side then in QEMU; `.ci/run` runs this.
+//! - `test`: every check and test, host-side then in QEMU (with the Linux sibling suite);
+//!   `.ci/run` runs this.
+//! - `linux-guest`: fetch and build the Linux guest, print how to boot it.
 //! - `bench host`: our driver against virtio-drivers' on a host-side device.
 //! - `bench qemu`: the same drivers in a QEMU guest against vhost-device-vsock.
 //! - `run-kernel`: the runner for `cargo run --example <name> --target x86_64-unknown-none`.
@@ -44,8 +47,9 @@ enum BenchTarget {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Install what is missing: the pinned toolchain, QEMU (apt-get, as root), and
-    /// vhost-device-vsock (into target/tools); print the versions.
+    /// Install what is missing: the pinned toolchain, QEMU (apt-get, as root),
+    /// vhost-device-vsock (into target/tools) and the Linux guest (target/linux); print
+    /// the versions.
     Setup,
     /// Boot the echo guest, connect from the host, send messages, print the echoes and
     /// the guest's serial log.
@@ -183,6 +187,10 @@ fn run(command: Command) -> Result<ExitCode> {
     match command {
         Command::Setup => {
             setup::ensure_all()?;
+            match linux::prepare() {
+                Ok(guest) => linux::print_guest(&guest),
+                Err(e) => println!("setup: no Linux guest, so the Linux tests will skip: {e:#}"),
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::LinuxGuest => {
