@@ -11,7 +11,7 @@
 //!
 //! A word that is missing, or whose value is not a number, leaves the default. To talk to
 //! a Linux guest through vhost-device-vsock 0.3.0, which truncates a packet that does not
-//! fit the receiving guest's buffer, use `rx=65580 tx=3776` (see the README's quirks).
+//! fit the receiving guest's buffer, use `rx=65580 tx=3776` (README, "Linux siblings").
 
 use log::info;
 use vsock_guest::Config;
