@@ -1,6 +1,7 @@
 //! Client guest: connects to a vsock peer, sends `hello from <our cid>\n`, reads one line
-//! back, prints it, and exits QEMU with status 33 (`boot::exit_success`); any error or
-//! timeout exits with 35.
+//! back, prints it, shuts its side down and waits for the peer's end of stream (so that
+//! the peer has seen ours before QEMU stops), closes, and exits QEMU with status 33
+//! (`boot::exit_success`); any error or timeout exits with 35.
 //!
 //! The peer is the host (CID 2) port 4321 unless the kernel command line says otherwise:
 //! `-append "cid=3 port=1234"` talks to the echo example in a sibling guest. It uses the
@@ -31,8 +32,8 @@ mod client {
     use spin::Mutex;
     use vsock_guest::io::BlockingStream;
     use vsock_guest::{
-        Config, Error, Instant, Readiness, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
-        VMADDR_CID_HOST,
+        Config, Error, Instant, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr,
+        VsockDevice, VMADDR_CID_HOST,
     };
 
     /// Default peer port.
@@ -53,6 +54,8 @@ mod client {
     const BULK_STALL: Duration = Duration::from_secs(20);
     /// Bytes of the bulk pattern prepared per `send`.
     const BULK_CHUNK: usize = 16 * 1024;
+    /// How long the client waits for the peer's end of stream after its own.
+    const FINISH_TIMEOUT: Duration = Duration::from_secs(5);
 
     static SLOTS: Mutex<[SocketSlot; SOCKETS]> = Mutex::new([SocketSlot::EMPTY; SOCKETS]);
     static RX_MEMORY: Mutex<[u8; SOCKETS * RX_PER_SOCKET]> =
@@ -158,12 +161,39 @@ mod client {
         }
         let reply = core::str::from_utf8(&line[..len]).unwrap_or("<not UTF-8>");
         info!("client: got back {reply:?}");
+        let mut device = device.lock();
         if let Some(total) = bulk {
-            bulk_echo(&mut device.lock(), socket, total)?;
+            bulk_echo(&mut device, socket, total)?;
         }
+        finish(&mut device, socket)
+    }
 
-        device.lock().close(socket)?;
-        Ok(())
+    /// Ends the connection as a careful peer does before it goes away: shuts its sending
+    /// side down, waits (up to [`FINISH_TIMEOUT`]) for the peer's end of stream, then
+    /// closes. QEMU stops the moment the guest exits, so a SHUTDOWN still on its way
+    /// through the backend when that happens is lost, and the peer would never learn that
+    /// we are gone; the peer's answer shows ours arrived.
+    fn finish<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
+        device: &mut VsockDevice<'_, H, T>,
+        socket: SocketHandle,
+    ) -> Result<(), Error> {
+        device.shutdown(socket, Shutdown::Write)?;
+        let deadline = now() + FINISH_TIMEOUT;
+        let mut rest = [0u8; 256];
+        loop {
+            device.poll(now());
+            match device.recv(socket, &mut rest) {
+                Ok(0) | Err(Error::ConnectionReset) => break,
+                Ok(n) => info!("client: {n} more bytes after our shutdown"),
+                Err(Error::WouldBlock) if now() < deadline => core::hint::spin_loop(),
+                Err(Error::WouldBlock) => {
+                    info!("client: the peer did not close within {FINISH_TIMEOUT:?}");
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        device.close(socket)
     }
 
     /// Byte `offset` of the bulk pattern: it depends on the position, so a lost, repeated

@@ -23,7 +23,7 @@
 //! | `abandon cid port=[1234] bytes=[262144]` | three echo connections of `bytes` each, while a fourth is closed mid-transfer with `SO_LINGER` 0 and a fifth is left open by a child process that exits; then one more echo |
 //! | `echo cid port=[1234] bytes=[4194304]` | bulk: `bytes` through the echo service, checked byte by byte; MB/s |
 //! | `source cid port=[1235] bytes=[4194304]` | bulk one way: asks the echo guest's source service for `bytes` and checks them; MB/s |
-//! | `expect-reset cid port=[1234] bytes=[4194304] seconds=[30]` | the echo bulk, expecting the connection to be reset within `seconds` |
+//! | `expect-reset cid port=[1234] bytes=[4194304] seconds=[30]` | the echo bulk, expecting the connection to be reset within `seconds`: Linux's trace must show an RST arriving |
 //! | `serve port=[7000]` | an echo server, one thread per connection: in the background in the control loop, in the foreground (until power-off) when run by itself |
 //! | `served count=[1] seconds=[10]` | the connections the server finished since the last `served`, with the bytes echoed, once `count` have finished or after `seconds` |
 //! | `exit` | ends the control loop |
@@ -655,27 +655,40 @@ fn source(cid: u32, port: u32, bytes: u64) -> Result<String> {
     ))
 }
 
+/// The echo bulk, which must end in a reset within `within`: Linux's trace must show an
+/// RST arriving for the connection. (Linux reports a peer's RST on an established
+/// connection as the end of the stream to `read` and as `EPIPE` to `write`, not as
+/// `ECONNRESET`, so only the trace tells a reset from a close.)
 fn expect_reset(cid: u32, port: u32, bytes: u64, within: Duration) -> Result<String> {
+    let trace = PacketTrace::start()?;
     let stream = connect(cid, port)?;
+    let local_port = stream.local_addr()?.port();
     let timeout = within.max(Duration::from_secs(1));
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let started = Instant::now();
-    match echo_exchange(stream, 3, bytes) {
-        Ok(_) => bail!("the transfer of {bytes} bytes completed without a reset"),
-        Err(e) => {
-            let elapsed = started.elapsed();
-            let text = format!("{e:#}");
-            let reset = text.contains("reset") || text.contains("Broken pipe");
-            if !reset || elapsed > within {
-                bail!(
-                    "no reset within {}s: {text} (after {:.1}s)",
-                    within.as_secs(),
-                    elapsed.as_secs_f64()
-                );
-            }
-            Ok(format!("reset after {:.1}s: {text}", elapsed.as_secs_f64()))
-        }
+    let outcome = echo_exchange(stream, 3, bytes);
+    let elapsed = started.elapsed();
+    let reset = trace
+        .packets()?
+        .into_iter()
+        .find(|p| p.local_port == local_port && !p.sent && p.op == "RST");
+    match (outcome, reset) {
+        (Ok(_), _) => bail!("the transfer of {bytes} bytes completed without a reset"),
+        (Err(e), Some(_)) if elapsed <= within => Ok(format!(
+            "Linux got an RST, the transfer ended after {:.1}s: {e:#}",
+            elapsed.as_secs_f64()
+        )),
+        (Err(e), reset) => bail!(
+            "no reset within {}s ({}): {e:#} (after {:.1}s)",
+            within.as_secs(),
+            if reset.is_some() {
+                "an RST came too late"
+            } else {
+                "Linux got no RST"
+            },
+            elapsed.as_secs_f64()
+        ),
     }
 }
 

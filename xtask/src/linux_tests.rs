@@ -57,6 +57,11 @@ const PROCESS_LIMIT: Duration = Duration::from_secs(1200);
 /// Time the backend gets after a guest is up before the first connection to it (see
 /// `qemu_tests::BACKEND_SETTLE`).
 const BACKEND_SETTLE: Duration = Duration::from_millis(500);
+/// How long a QEMU started in the slot must run to count as started (see
+/// `LinuxRun::start_in_slot`).
+const SLOT_SETTLE: Duration = Duration::from_millis(300);
+/// How often `LinuxRun::start_in_slot` tries.
+const SLOT_ATTEMPTS: u32 = 3;
 
 /// What the suite counted.
 #[derive(Debug, Default)]
@@ -328,6 +333,11 @@ impl LinuxRun {
     }
 
     /// Boots `kernel` in the slot (CID 4) with `cmdline`.
+    ///
+    /// When a guest's QEMU exits, vhost-device-vsock 0.3.0 builds that slot's backend
+    /// anew and binds its vhost-user socket again; a QEMU started in between finds no
+    /// socket and exits at once. So this waits for the socket, and starts QEMU again
+    /// (up to [`SLOT_ATTEMPTS`] times) when it exits within [`SLOT_SETTLE`].
     fn start_in_slot(&self, kernel: &Path, cmdline: &str, limit: Duration) -> Result<Guest> {
         let Some(slot) = self.backend.guest(SLOT_CID).cloned() else {
             bail!("backend has no slot for cid {SLOT_CID}");
@@ -340,7 +350,19 @@ impl LinuxRun {
             initrd: None,
             limit,
         };
-        Guest::start(&self.tools, &self.dir, &slot, &config)
+        let mut attempt = 1;
+        loop {
+            let deadline = Instant::now() + SLOT_SETTLE * 10;
+            while !slot.vhost_socket.exists() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            let mut guest = Guest::start(&self.tools, &self.dir, &slot, &config)?;
+            thread::sleep(SLOT_SETTLE);
+            if guest.is_running() || attempt == SLOT_ATTEMPTS {
+                return Ok(guest);
+            }
+            attempt += 1;
+        }
     }
 
     /// Runs the client example in the slot with `cmdline`; fails unless it exits with
