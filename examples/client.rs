@@ -170,14 +170,20 @@ mod client {
 
     /// Ends the connection as a careful peer does before it goes away: shuts its sending
     /// side down, waits (up to [`FINISH_TIMEOUT`]) for the peer's end of stream, then
-    /// closes. QEMU stops the moment the guest exits, so a SHUTDOWN still on its way
+    /// closes (at once when the peer has closed already, as a host listener does after
+    /// its reply). QEMU stops the moment the guest exits, so a SHUTDOWN still on its way
     /// through the backend when that happens is lost, and the peer would never learn that
     /// we are gone; the peer's answer shows ours arrived.
     fn finish<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
         device: &mut VsockDevice<'_, H, T>,
         socket: SocketHandle,
     ) -> Result<(), Error> {
-        device.shutdown(socket, Shutdown::Write)?;
+        match device.shutdown(socket, Shutdown::Write) {
+            Ok(()) => {}
+            // The peer closed the connection first: nothing to wait for.
+            Err(Error::NotConnected | Error::ConnectionReset) => return device.close(socket),
+            Err(e) => return Err(e),
+        }
         let deadline = now() + FINISH_TIMEOUT;
         let mut rest = [0u8; 256];
         loop {
