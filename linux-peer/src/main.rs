@@ -18,7 +18,7 @@
 //! | command | what |
 //! | --- | --- |
 //! | `pingpong cid port=[1234] rounds=[1000]` | one byte there and back `rounds` times on one connection; the median and 90th percentile round trip |
-//! | `concurrent cid port=[1234] count=[100] open=[64] bytes=[200]` | `count` connections, at most `open` at a time, each echoing `bytes` bytes |
+//! | `concurrent cid port=[1234] count=[100] open=[32] bytes=[200]` | `count` connections, at most `open` at a time, each echoing `bytes` bytes |
 //! | `halfclose cid port=[1234] bytes=[65536]` | writes `bytes`, shuts down its write side (`SHUT_WR`), then reads the whole echo up to the peer's end of stream |
 //! | `abandon cid port=[1234] bytes=[262144]` | three echo connections of `bytes` each, while a fourth is closed mid-transfer with `SO_LINGER` 0 and a fifth is left open by a child process that exits; then one more echo |
 //! | `echo cid port=[1234] bytes=[4194304]` | bulk: `bytes` through the echo service, checked byte by byte; MB/s |
@@ -145,7 +145,7 @@ fn run_command(line: &str) -> Result<String> {
             cid()?,
             words.number("port", Some(ECHO_PORT))?,
             words.number("count", Some(100))?,
-            words.number("open", Some(64))?,
+            words.number("open", Some(32))?,
             words.number("bytes", Some(200))?,
         ),
         "halfclose" => half_close(

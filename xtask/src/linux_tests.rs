@@ -428,9 +428,12 @@ fn pingpong(run: &mut LinuxRun) -> Result<String> {
 }
 
 fn concurrent(run: &mut LinuxRun) -> Result<String> {
-    // The echo guest serves 64 connections at once (and holds 32 more in its backlog).
+    // At most 32 open at once: the echo guest's listen backlog is 32, and a slow guest
+    // (TCG on a busy machine) can take a whole burst of connects in one poll before it
+    // accepts any; beyond the backlog it answers RST, as TCP does. With 64 at once, 27 of
+    // 100 were refused in one run beside other QEMU work.
     run.ask(&format!(
-        "concurrent cid={GUEST_CID} port={ECHO_PORT} count=100 open=64 bytes=200"
+        "concurrent cid={GUEST_CID} port={ECHO_PORT} count=100 open=32 bytes=200"
     ))
 }
 
