@@ -14,7 +14,7 @@
 
 use crate::cargo_tasks::build_example;
 use crate::linux::{self, LinuxGuest, KERNEL_CMDLINE};
-use crate::qemu_tests::{BOOT_TIMEOUT, ECHO_PORT, ECHO_READY, GUEST_CID};
+use crate::qemu_tests::{guest_log_clean, BOOT_TIMEOUT, ECHO_PORT, ECHO_READY, GUEST_CID};
 use crate::setup::Tools;
 use crate::vm::{run_dir, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
 use anyhow::{bail, Context, Result};
@@ -564,27 +564,5 @@ fn default_config_resets(run: &mut LinuxRun) -> Result<String> {
 }
 
 fn echo_log_clean(run: &mut LinuxRun) -> Result<String> {
-    if !run.echo.is_running() {
-        bail!("the echo guest is no longer running");
-    }
-    let log = run.echo.serial_log();
-    let errors: Vec<&str> = log
-        .lines()
-        .filter(|line| line.contains("[PANIC]") || line.contains("[ERROR]"))
-        .collect();
-    if !errors.is_empty() {
-        bail!(
-            "the echo guest's serial log has errors:\n{}",
-            errors.join("\n")
-        );
-    }
-    let warnings: Vec<&str> = log.lines().filter(|line| line.contains("[WARN]")).collect();
-    for warning in &warnings {
-        println!("     echo guest: {warning}");
-    }
-    Ok(format!(
-        "still running, {} log lines, {} warnings, no errors",
-        log.lines().count(),
-        warnings.len()
-    ))
+    guest_log_clean(&mut run.echo, "echo guest")
 }

@@ -475,10 +475,16 @@ fn client_echoed_by_sibling(vm: &mut EchoVm, kernels: &Kernels, extra: &str) -> 
 }
 
 fn guest_log_has_no_errors(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
-    if !vm.guest.is_running() {
-        bail!("the guest is no longer running");
+    guest_log_clean(&mut vm.guest, "guest")
+}
+
+/// Checks that `guest` still runs and its serial log has no `[PANIC]` or `[ERROR]` line;
+/// prints its warnings, each prefixed with `who`.
+pub fn guest_log_clean(guest: &mut Guest, who: &str) -> Result<String> {
+    if !guest.is_running() {
+        bail!("the {who} is no longer running");
     }
-    let log = vm.guest.serial_log();
+    let log = guest.serial_log();
     let errors: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("[PANIC]") || line.contains("[ERROR]"))
@@ -491,7 +497,7 @@ fn guest_log_has_no_errors(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
     // connection the host dropped; they are shown, not failed on.
     let warnings: Vec<&str> = log.lines().filter(|line| line.contains("[WARN]")).collect();
     for warning in &warnings {
-        println!("     guest: {warning}");
+        println!("     {who}: {warning}");
     }
     Ok(format!(
         "still running, {} log lines, {} warnings, no errors",
