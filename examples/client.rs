@@ -13,7 +13,7 @@
 //! driver's non-blocking `send` and `recv` in one polling loop, since an echo of more
 //! than the peer's window cannot be written first and read afterwards. The driver's
 //! `Config` words of `boot::config` (`rx=`, `tx=`, ...) apply too: a Linux sibling needs
-//! `rx=65580 tx=3776` (README, "Linux siblings").
+//! `rx=65580` (README, "Linux siblings").
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]

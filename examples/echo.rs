@@ -11,7 +11,7 @@
 //! `port=<n>` (default 1234; the source is on the next port), `idle=<seconds>` (abort a
 //! connection that moved no byte either way for that long; default 0, never),
 //! `log=<level>`, and the driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...;
-//! e.g. `rx=65580 tx=3776` to serve a Linux sibling: README, "Linux siblings").
+//! e.g. `rx=65580` to serve a Linux sibling: README, "Linux siblings").
 //!
 //! The idle timeout is for peers that can vanish without a word: vhost-device-vsock
 //! 0.3.0 never tells the guest when a host client closes with unread data (its read

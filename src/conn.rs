@@ -155,6 +155,9 @@ pub struct Connection {
     pub credit_probe: Option<CreditProbe>,
     /// Control packets waiting to go out.
     pub owed: Owed,
+    /// Largest payload of one packet to this peer, besides the device's own limit (see
+    /// `Config::sibling_packet_size`).
+    pub max_payload: u32,
 }
 
 impl Connection {
@@ -171,6 +174,7 @@ impl Connection {
             pending_error: None,
             credit_probe: None,
             owed: Owed::empty(),
+            max_payload: u32::MAX,
         }
     }
 

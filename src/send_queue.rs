@@ -92,7 +92,7 @@ impl SendQueue {
         let credit = conn.credit.peer_free() as usize;
         let can_submit = device.tx_free_descriptors() > 0 && device.tx_free_chunks() > 0;
         if self.segments.is_empty() && credit > 0 && can_submit {
-            return Space::New(credit.min(device.max_tx_payload()).min(size_hint));
+            return Space::New(credit.min(Self::max_payload(device, conn)).min(size_hint));
         }
         let queued_room = send_buffer.saturating_sub(self.unsent());
         if queued_room == 0 {
@@ -121,8 +121,15 @@ impl SendQueue {
         conn: &Connection,
     ) -> usize {
         (conn.credit.peer_buf_alloc() as usize)
-            .min(device.max_tx_payload())
+            .min(Self::max_payload(device, conn))
             .max(1)
+    }
+
+    /// The largest payload of one packet of `conn`: the device's limit, and the peer's.
+    fn max_payload<H: Hal, T: Transport>(device: &VirtioVsock<H, T>, conn: &Connection) -> usize {
+        device
+            .max_tx_payload()
+            .min(usize::try_from(conn.max_payload).unwrap_or(usize::MAX))
     }
 
     /// Gives `write` the free payload space of the newest waiting packet, or of a new one

@@ -7,7 +7,7 @@ use crate::device::{Arrival, QueueConfig, Stats, VirtioVsock};
 use crate::error::{Error, Result};
 use crate::send_queue::SendQueue;
 use crate::time::Instant;
-use crate::wire::{Header, Op, ShutdownFlags, SocketType, EVENT_TRANSPORT_RESET};
+use crate::wire::{Header, Op, ShutdownFlags, SocketType, EVENT_TRANSPORT_RESET, HEADER_LEN};
 use bitflags::bitflags;
 use core::time::Duration;
 use virtio_drivers::transport::Transport;
@@ -45,6 +45,14 @@ pub struct Config {
     pub close_timeout: Duration,
     /// Whether `bind` may take ports below 1024 (B22).
     pub allow_privileged_ports: bool,
+    /// Largest packet, including the 44-byte header, sent to another guest (a peer CID
+    /// above 2); packets to the host and the hypervisor take `tx_packet_size`. A device
+    /// that connects sibling guests may hand one guest's packet whole to one receive
+    /// buffer of the other and lose what does not fit (vhost-device-vsock 0.3.0 does,
+    /// without telling either side). The default, 3776, is what the receive buffers of
+    /// Linux 6.1 take; raise it for siblings known to take more (this driver's take
+    /// `rx_buffer_size`).
+    pub sibling_packet_size: usize,
 }
 
 impl Default for Config {
@@ -58,6 +66,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             close_timeout: Duration::from_secs(8),
             allow_privileged_ports: false,
+            sibling_packet_size: 3776,
         }
     }
 }
@@ -374,7 +383,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         slots: &'a mut [SocketSlot],
         rx_memory: &'a mut [u8],
     ) -> Result<Self> {
-        if slots.is_empty() || slots.len() > usize::from(u16::MAX) {
+        if slots.is_empty()
+            || slots.len() > usize::from(u16::MAX)
+            || config.sibling_packet_size <= HEADER_LEN
+        {
             return Err(Error::InvalidArgument);
         }
         let rx_per_socket = (rx_memory.len() / slots.len()).min(u32::MAX as usize);
@@ -603,16 +615,15 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             None => self.sockets.ephemeral_port()?,
         };
         let deadline = self.now + self.sockets.config.connect_timeout;
-        let buf_alloc = self.sockets.rx_per_socket as u32;
+        let conn = self.sockets.new_connection(
+            local_port,
+            VsockAddr::new(cid, peer.port),
+            State::Connecting { deadline },
+        );
         let socket = self.sockets.get_mut(handle)?;
         socket.local_port = Some(local_port);
         socket.role = Role::Stream {
-            conn: Connection::new(
-                local_port,
-                VsockAddr::new(cid, peer.port),
-                State::Connecting { deadline },
-                buf_alloc,
-            ),
+            conn,
             listener: None,
             accept_order: 0,
         };
@@ -992,6 +1003,17 @@ impl Sockets<'_> {
 
     fn conn_mut(&mut self, handle: SocketHandle) -> Result<&mut Connection> {
         self.get_mut(handle)?.conn_mut().ok_or(Error::NotConnected)
+    }
+
+    /// A connection of ours with `peer`: it advertises our share of the receive memory, and
+    /// its packets to another guest stay within `Config::sibling_packet_size`.
+    fn new_connection(&self, local_port: u32, peer: VsockAddr, state: State) -> Connection {
+        let mut conn = Connection::new(local_port, peer, state, self.rx_per_socket as u32);
+        if peer.cid > VMADDR_CID_HOST {
+            let limit = self.config.sibling_packet_size.saturating_sub(HEADER_LEN);
+            conn.max_payload = u32::try_from(limit).unwrap_or(u32::MAX);
+        }
+        conn
     }
 
     /// Puts `socket` into slot `index` (a free one).
@@ -1594,11 +1616,10 @@ impl Sockets<'_> {
             self.push_stray_rst(rst);
             return;
         };
-        let mut conn = Connection::new(
+        let mut conn = self.new_connection(
             header.dst_port,
             VsockAddr::new(peer_cid, header.src_port),
             State::Connected,
-            self.rx_per_socket as u32,
         );
         conn.credit.update_peer(header.buf_alloc, header.fwd_cnt);
         let accept_order = self.next_accept_order;

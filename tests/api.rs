@@ -357,7 +357,7 @@ fn new_is_invalid_argument_for_unusable_storage_or_sizes() {
     let mut slots: Vec<SocketSlot> = (0..4).map(|_| SocketSlot::EMPTY).collect();
     let mut rx_memory = vec![0u8; 4 * 1024];
     let config = test_config();
-    let cases: [(&str, usize, usize, Config); 5] = [
+    let cases: [(&str, usize, usize, Config); 6] = [
         ("no slots", 0, 4096, config),
         ("no rx memory", 4, 0, config),
         ("less rx memory than slots", 4, 3, config),
@@ -376,6 +376,15 @@ fn new_is_invalid_argument_for_unusable_storage_or_sizes() {
             4096,
             Config {
                 tx_packet_size: 44,
+                ..config
+            },
+        ),
+        (
+            "sibling packet no larger than a header",
+            4,
+            4096,
+            Config {
+                sibling_packet_size: 44,
                 ..config
             },
         ),

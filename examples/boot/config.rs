@@ -8,10 +8,12 @@
 //! | `tx=<bytes>` | `tx_packet_size` (largest packet sent, the header included) |
 //! | `tx_memory=<bytes>` | `tx_memory` |
 //! | `send_buffer=<bytes>` | `send_buffer` |
+//! | `sibling=<bytes>` | `sibling_packet_size` (largest packet sent to another guest) |
 //!
 //! A word that is missing, or whose value is not a number, leaves the default. To talk to
 //! a Linux guest through vhost-device-vsock 0.3.0, which truncates a packet that does not
-//! fit the receiving guest's buffer, use `rx=65580 tx=3776` (README, "Linux siblings").
+//! fit the receiving guest's buffer, use `rx=65580` (README, "Linux siblings"); the
+//! default `sibling_packet_size` already fits Linux's buffers.
 
 use log::info;
 use vsock_guest::Config;
@@ -33,6 +35,7 @@ pub fn from_cmdline(info: &BootInfo) -> Config {
         tx_packet_size: number("tx").unwrap_or(default.tx_packet_size),
         tx_memory: number("tx_memory").unwrap_or(default.tx_memory),
         send_buffer: number("send_buffer").unwrap_or(default.send_buffer),
+        sibling_packet_size: number("sibling").unwrap_or(default.sibling_packet_size),
         ..default
     }
 }
@@ -41,10 +44,11 @@ pub fn from_cmdline(info: &BootInfo) -> Config {
 pub fn log_if_changed(who: &str, config: &Config) {
     if *config != Config::default() {
         info!(
-            "{who}: Config from the command line: {}-entry queues, {} B RX buffers, TX packets up to {} B in {} KiB, {} KiB send buffer",
+            "{who}: Config from the command line: {}-entry queues, {} B RX buffers, TX packets up to {} B ({} B to other guests) in {} KiB, {} KiB send buffer",
             config.queue_size,
             config.rx_buffer_size,
             config.tx_packet_size,
+            config.sibling_packet_size,
             config.tx_memory / 1024,
             config.send_buffer / 1024
         );
