@@ -79,11 +79,11 @@ boot_exception_stubs:
     BOOT_EXC_ERR 30
     BOOT_EXC_NOERR 31
 
-    /* #GP from ring 3 on `in`/`out` through DX (the forms boot::port uses): the port
-     * access is done here, in ring 0, and the program goes on after the instruction.
-     * Some hypervisors (kvm_pvm) do not give ring 3 the IOPL it was granted (see
-     * boot::ring3). Anything else goes to the report above. On entry: error code at
-     * 0(%rsp), then RIP, CS, RFLAGS, RSP, SS. */
+    /* #GP from ring 3 on `in`/`out` through DX, 8, 16 (0x66 prefix) or 32 bits wide
+     * (the forms boot::port uses): the port access is done here, in ring 0, and the
+     * program goes on after the instruction. Some hypervisors (kvm_pvm) do not give
+     * ring 3 the IOPL it was granted (see boot::ring3). Anything else goes to the
+     * report above. On entry: error code at 0(%rsp), then RIP, CS, RFLAGS, RSP, SS. */
     .balign 16
     .global boot_gp_entry
 boot_gp_entry:
@@ -99,6 +99,10 @@ boot_gp_entry:
     je 7f
     cmpb $0xef, (%rcx)
     je 8f
+    cmpw $0xed66, (%rcx)
+    je 10f
+    cmpw $0xef66, (%rcx)
+    je 11f
     pop %rcx
 9:
     jmp boot_exception_stubs + 16 * 13
@@ -113,6 +117,14 @@ boot_gp_entry:
     jmp 1f
 8:
     outl %eax, %dx
+    jmp 1f
+10:
+    inw %dx, %ax
+    incq 16(%rsp)
+    jmp 1f
+11:
+    outw %ax, %dx
+    incq 16(%rsp)
 1:
     incq 16(%rsp)
     pop %rcx

@@ -1,4 +1,5 @@
-//! Boot support for the bare-metal example guests (x86-64, QEMU, PVH boot).
+//! Boot support for the bare-metal example guests (x86-64, PVH boot under QEMU or Cloud
+//! Hypervisor).
 //!
 //! An example includes this module and names its entry point:
 //!
@@ -26,9 +27,10 @@
 //! # What happens before `main`
 //!
 //! 1. QEMU (`-kernel`, on `-machine q35` through SeaBIOS, or on `-machine microvm`
-//!    through qboot) finds the `XEN_ELFNOTE_PHYS32_ENTRY` note in the ELF's `PT_NOTE`
-//!    segment and starts the 32-bit entry in [`start`](self::start) with `EBX` pointing
-//!    at the PVH `hvm_start_info`. The image is linked at 1 MiB by
+//!    through qboot) or Cloud Hypervisor (`--kernel`, directly) finds the
+//!    `XEN_ELFNOTE_PHYS32_ENTRY` note in the ELF's `PT_NOTE` segment and starts the
+//!    32-bit entry in [`start`](self::start) with `EBX` pointing at the PVH
+//!    `hvm_start_info`. The image is linked at 1 MiB by
 //!    `linker/x86_64-pvh.ld`.
 //! 2. The entry code zeroes `.bss`, identity-maps the first 4 GiB with 2 MiB pages,
 //!    enters long mode, switches to a 512 KiB stack and calls into Rust.
@@ -36,7 +38,9 @@
 //!    handlers report CPU exceptions and exit with the failure status, copies the
 //!    command line, installs a [`log`] logger printing `[LEVEL] message` lines to COM1
 //!    (level from `log=<off|error|warn|info|debug|trace>` on the command line, default
-//!    `info`), calibrates the TSC ([`time`]) and calls `main` with a [`BootInfo`].
+//!    `info`), finds the TSC frequency ([`time`]: CPUID, the hypervisor's CPUID leaf or
+//!    the PIT; the log line `boot: ... TSC ... MHz (Source)` says which) and calls
+//!    `main` with a [`BootInfo`].
 //!
 //! Memory is identity-mapped (virtual address = physical address) throughout; regions
 //! above 4 GiB are mapped on demand ([`paging`]). Interrupts stay disabled: everything
@@ -44,18 +48,31 @@
 //!
 //! # Exit status
 //!
-//! [`exit`] writes its code to QEMU's `isa-debug-exit` device (start QEMU with
-//! `-device isa-debug-exit,iobase=0xf4,iosize=0x04`), which makes QEMU exit with status
-//! `(code << 1) | 1`:
+//! [`exit`] first prints `boot: exit success` ([`exit_success`]), `boot: exit failure`
+//! ([`exit_failure`]) or `boot: exit code 0x..` on COM1, as a line of its own and
+//! whatever the log level, so that a test can read the outcome from the serial log
+//! where the VMM's exit status says nothing. Then it stops the VM the first way that
+//! works:
 //!
-//! | call               | code   | QEMU exit status |
-//! |--------------------|--------|------------------|
-//! | [`exit_success`]   | `0x10` | **33**           |
-//! | [`exit_failure`]   | `0x11` | **35**           |
+//! 1. QEMU's `isa-debug-exit` device (start QEMU with
+//!    `-device isa-debug-exit,iobase=0xf4,iosize=0x04`): the code written to port 0xF4
+//!    makes QEMU exit with status `(code << 1) | 1`:
+//!
+//!    | call               | code   | QEMU exit status |
+//!    |--------------------|--------|------------------|
+//!    | [`exit_success`]   | `0x10` | **33**           |
+//!    | [`exit_failure`]   | `0x11` | **35**           |
+//!
+//! 2. Where the write to port 0xF4 went nowhere (Cloud Hypervisor, QEMU without the
+//!    device), an ACPI power-off found through the RSDP of the PVH start info
+//!    ([`acpi`]): the VMM exits, Cloud Hypervisor with status 0 whatever the guest
+//!    meant, hence the line above.
+//! 3. Failing both, the CPU halts (or spins, in ring 3, where `hlt` is not allowed) and
+//!    the VMM runs on until it is killed.
 //!
 //! A panic and a CPU exception both print a message on COM1 and call [`exit_failure`].
-//! Any other status means the guest did not get to say (e.g. 0 after a triple fault with
-//! `-no-reboot`, or 1 if the device is missing and QEMU was killed).
+//! Under QEMU any other status means the guest did not get to say (e.g. 0 after a triple
+//! fault with `-no-reboot`, or 1 if the device is missing and QEMU was killed).
 //!
 //! # Command line
 //!
@@ -65,8 +82,8 @@
 //!
 //! # Devices
 //!
-//! [`virtio::find_vsock`] finds the virtio socket device over PCI (q35) or virtio-mmio
-//! (microvm) and [`hal::BootHal`] is the `virtio_drivers::Hal` to drive it with.
+//! [`virtio::find_vsock`] finds the virtio socket device over PCI (q35, Cloud
+//! Hypervisor) or virtio-mmio (microvm) and [`hal::BootHal`] is the `virtio_drivers::Hal` to drive it with.
 //!
 //! # Heap
 //!
@@ -79,6 +96,7 @@
 #[cfg(not(target_arch = "x86_64"))]
 compile_error!("the boot module supports x86_64 only (PVH boot under QEMU)");
 
+pub mod acpi;
 pub mod config;
 pub mod hal;
 pub mod heap;
@@ -94,7 +112,7 @@ pub mod virtio;
 
 use core::arch::asm;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use log::{debug, info, warn, LevelFilter};
 
@@ -108,6 +126,15 @@ pub const QEMU_STATUS_SUCCESS: i32 = 33;
 pub const QEMU_STATUS_FAILURE: i32 = 35;
 /// I/O port of the `isa-debug-exit` device.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
+/// The line [`exit_success`] prints before it stops the VM.
+pub const EXIT_SUCCESS_LINE: &str = "boot: exit success";
+/// The line [`exit_failure`] prints before it stops the VM.
+pub const EXIT_FAILURE_LINE: &str = "boot: exit failure";
+/// How long [`exit`] waits for the VMM to act on the ACPI power-off before it halts.
+const POWER_OFF_WAIT_MICROS: u64 = 1_000_000;
+
+/// The RSDP's physical address from the start info, for the ACPI power-off in [`exit`].
+static RSDP_PADDR: AtomicU64 = AtomicU64::new(0);
 
 /// What the boot code hands to the example's `main`.
 #[derive(Clone, Copy, Debug)]
@@ -196,6 +223,8 @@ pub fn start(start_info_paddr: u64, main: fn(&BootInfo) -> !) -> ! {
         }
     }
 
+    RSDP_PADDR.store(start_info.map_or(0, |s| s.rsdp_paddr), Ordering::Relaxed);
+
     let (tsc_hz, source) = time::calibrate();
     info!(
         "boot: {} MiB RAM, TSC {}.{:03} MHz ({source:?})",
@@ -203,6 +232,9 @@ pub fn start(start_info_paddr: u64, main: fn(&BootInfo) -> !) -> ! {
         tsc_hz / 1_000_000,
         tsc_hz / 1_000 % 1_000
     );
+    if source == time::TscSource::Guess {
+        warn!("boot: no CPUID leaf and no PIT gave the TSC frequency; timeouts may be off");
+    }
 
     if cmdline_value(cmdline, "ring") == Some("3") {
         ring3::enter();
@@ -223,24 +255,59 @@ pub fn start(start_info_paddr: u64, main: fn(&BootInfo) -> !) -> ! {
     main(&info)
 }
 
-/// Exits QEMU through `isa-debug-exit` with status `(code << 1) | 1`, then halts forever
-/// (which is where a guest without that device stays).
+/// Prints the outcome line, then stops the VM: through `isa-debug-exit` (QEMU exits
+/// with status `(code << 1) | 1`), else through an ACPI power-off, else by halting for
+/// good (see the [module documentation](self#exit-status)).
 pub fn exit(code: u32) -> ! {
-    // SAFETY: port 0xF4 is QEMU's isa-debug-exit device (or nothing); writing to it has
-    // no effect on this program's memory.
-    unsafe { port::outl(DEBUG_EXIT_PORT, code) };
+    static EXITING: AtomicBool = AtomicBool::new(false);
+    // A second call (a fault while powering off, say) only halts: the outcome is out.
+    if !EXITING.swap(true, Ordering::Relaxed) {
+        // Not through the lock: `exit` may be called while it is held (a panic).
+        let mut out = serial::SerialPort::unlocked();
+        let _ = match code {
+            EXIT_SUCCESS_CODE => writeln!(out, "{EXIT_SUCCESS_LINE}"),
+            EXIT_FAILURE_CODE => writeln!(out, "{EXIT_FAILURE_LINE}"),
+            _ => writeln!(out, "boot: exit code {code:#x}"),
+        };
+        // SAFETY: port 0xF4 is QEMU's isa-debug-exit device (or nothing); writing to it
+        // has no effect on this program's memory.
+        unsafe { port::outl(DEBUG_EXIT_PORT, code) };
+        // Still running: there is no isa-debug-exit.
+        let result = acpi::power_off(RSDP_PADDR.load(Ordering::Relaxed));
+        // (Before calibration there is no clock to wait with.)
+        if result.is_ok() && time::tsc_hz() != 0 {
+            time::delay_micros(POWER_OFF_WAIT_MICROS);
+        }
+        let _ = match result {
+            Ok(()) => writeln!(out, "boot: the VMM ignored the ACPI power-off; halting"),
+            Err(e) => writeln!(out, "boot: no ACPI power-off ({e}); halting"),
+        };
+    }
+    halt_forever()
+}
+
+/// Stops the CPU for good: `hlt` with interrupts off in ring 0; in ring 3, where `hlt`
+/// faults, a spin loop.
+fn halt_forever() -> ! {
+    let cs: u16;
+    // SAFETY: reading CS has no side effects.
+    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
     loop {
-        // SAFETY: halting with interrupts disabled just stops the CPU.
-        unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        if cs & 3 == 0 {
+            // SAFETY: halting with interrupts disabled just stops the CPU.
+            unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
+        } else {
+            core::hint::spin_loop();
+        }
     }
 }
 
-/// Exits QEMU with status 33 (code 0x10).
+/// Prints [`EXIT_SUCCESS_LINE`] and exits; under QEMU with status 33 (code 0x10).
 pub fn exit_success() -> ! {
     exit(EXIT_SUCCESS_CODE)
 }
 
-/// Exits QEMU with status 35 (code 0x11).
+/// Prints [`EXIT_FAILURE_LINE`] and exits; under QEMU with status 35 (code 0x11).
 pub fn exit_failure() -> ! {
     exit(EXIT_FAILURE_CODE)
 }

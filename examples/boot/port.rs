@@ -28,6 +28,32 @@ pub unsafe fn outb(port: u16, value: u8) {
     };
 }
 
+/// Reads a 16-bit value from an I/O port.
+///
+/// # Safety
+///
+/// As for [`inb`].
+pub unsafe fn inw(port: u16) -> u16 {
+    let value: u16;
+    // SAFETY: `in` only touches the named registers; the caller vouches for the port.
+    unsafe {
+        asm!("in ax, dx", out("ax") value, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
+    value
+}
+
+/// Writes a 16-bit value to an I/O port.
+///
+/// # Safety
+///
+/// As for [`outb`].
+pub unsafe fn outw(port: u16, value: u16) {
+    // SAFETY: `out` only touches the named registers; the caller vouches for the port.
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") value, options(nomem, nostack, preserves_flags))
+    };
+}
+
 /// Reads a 32-bit value from an I/O port.
 ///
 /// # Safety

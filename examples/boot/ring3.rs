@@ -12,14 +12,14 @@
 //!   the CPU a ring-0 stack for an exception handler ([`super::idt`]);
 //! - pages it may touch: the entry code and [`super::paging`] set the user bit in every
 //!   paging entry (without SMEP or SMAP that changes nothing for ring 0);
-//! - port I/O for COM1 and `isa-debug-exit`: `RFLAGS.IOPL` = 3, and where the hypervisor
-//!   does not honour that (`kvm_pvm` does not), the #GP entry of [`super::idt`] does the
-//!   `in`/`out` in ring 0 and returns after it;
+//! - port I/O for COM1, `isa-debug-exit` and the ACPI power-off: `RFLAGS.IOPL` = 3,
+//!   and where the hypervisor does not honour that (`kvm_pvm` does not), the #GP entry
+//!   of [`super::idt`] does the `in`/`out` in ring 0 and returns after it;
 //! - `rdtsc`: allowed while `CR4.TSD` is clear (it is).
 //!
-//! Nothing the guest does afterwards may need ring 0: no `hlt` (only reached after
-//! `isa-debug-exit` failed to stop QEMU), no control registers (the exception handler,
-//! which reads CR2, runs in ring 0 on the TSS's stack).
+//! Nothing the guest does afterwards may need ring 0: no `hlt` (the last resort of
+//! [`super::exit`] spins instead in ring 3), no control registers (the exception
+//! handler, which reads CR2, runs in ring 0 on the TSS's stack).
 
 use core::arch::asm;
 use core::cell::UnsafeCell;

@@ -1,23 +1,38 @@
-//! A monotonic microsecond clock: the TSC, calibrated once at boot against the PIT.
+//! A monotonic microsecond clock: the TSC, its frequency found once at boot.
 //!
-//! # How the TSC frequency is measured
+//! # Where the TSC frequency comes from
 //!
-//! The boot code programs PIT channel 0 in mode 0 (one-shot, count 0xFFFF) and polls its
-//! counter with latch commands (port 0x43/0x40) for about 10 ms (11 932 PIT ticks at
-//! 1.193182 MHz), reading the TSC at the first and the last observed counter change.
-//! Channel 0 is used rather than channel 2 because channel 2's gate and output live
-//! behind port 0x61, which QEMU implements in the PC speaker device — and `microvm`
-//! has no PC speaker, while it does have a PIT (`-machine microvm,pit=on` is the
-//! default). Reading the counter needs no gate and no interrupt (interrupts stay off),
-//! and works the same under TCG and KVM (in-kernel PIT). Mode 0 also stops the
-//! firmware's periodic 18.2 Hz timer interrupt, which nobody handles.
+//! [`calibrate`] tries, in order, and the boot log line `boot: ... TSC ... MHz (Source)`
+//! names the [`TscSource`] it used:
 //!
-//! If the PIT does not count (e.g. `microvm,pit=off`), the frequency comes from CPUID
-//! leaf 0x15 (TSC/crystal ratio) or 0x16 (base frequency), and failing those a guess of
-//! 1 GHz is used with a warning.
+//! 1. **CPUID leaf 0x15** (TSC/crystal ratio times the crystal frequency) or **0x16**
+//!    (processor base frequency in MHz), when the CPU reports them. Intel CPUs do; AMD
+//!    CPUs and QEMU's default CPU models leave them empty or out of range.
+//! 2. **The hypervisor leaf 0x40000010** (the "VMware" timing leaf; EAX = TSC frequency
+//!    in kHz), when CPUID.1:ECX bit 31 says a hypervisor is present and its maximum leaf
+//!    (EAX of 0x40000000) reaches 0x40000010. Cloud Hypervisor sets it whenever the
+//!    host's TSC is invariant; QEMU only with `-cpu ...,vmware-cpuid-freq=on,+invtsc`.
+//! 3. **PIT channel 0**: programmed in mode 0 (one-shot, count 0xFFFF), its counter
+//!    polled with latch commands (port 0x43/0x40) for about 10 ms (11 932 PIT ticks at
+//!    1.193182 MHz), the TSC read at the first and the last observed counter change.
+//!    Channel 0 is used rather than channel 2 because channel 2's gate and output live
+//!    behind port 0x61, which QEMU implements in the PC speaker device, and `microvm`
+//!    has no PC speaker while it does have a PIT. Reading the counter needs no gate and
+//!    no interrupt (interrupts stay off) and works the same under TCG and KVM (in-kernel
+//!    PIT). Mode 0 also stops the firmware's periodic 18.2 Hz timer interrupt, which
+//!    nobody handles. A PIT whose counter does not move for [`PIT_STUCK_POLLS`] polls
+//!    and [`PIT_STUCK_TSC_TICKS`] TSC ticks (milliseconds at any real TSC frequency; a
+//!    working PIT moves every 0.84 us) is taken to be absent: Cloud Hypervisor and
+//!    `microvm,pit=off` have none, and under a VMM each port read is an exit, so the
+//!    give-up must come after few polls (it used to take 50 000, 5 s under Cloud
+//!    Hypervisor).
+//! 4. **A guess** of 1 GHz, with a warning.
 //!
-//! The TSC is constant-rate on the hosts QEMU runs on; under TCG QEMU derives it from
-//! the host's TSC and the PIT from the host clock, so the two agree.
+//! Under QEMU (q35 and microvm, TCG and KVM with the default CPU model) steps 1 and 2
+//! find nothing and the PIT is used; under Cloud Hypervisor step 2 gives the frequency
+//! and the PIT is never touched. The TSC is constant-rate on the hosts these VMMs run
+//! on; under TCG QEMU derives it from the host's TSC and the PIT from the host clock, so
+//! the two agree.
 
 use core::arch::asm;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -32,17 +47,29 @@ static TSC_BASE: AtomicU64 = AtomicU64::new(0);
 const PIT_HZ: u64 = 1_193_182;
 /// PIT ticks in the calibration window (10 ms).
 const CALIBRATION_TICKS: u32 = 11_932;
-/// Polls without seeing the PIT counter move before it is considered absent. A working
-/// PIT changes its count every 0.84 us, far less than 50 000 polls take.
-const PIT_STUCK_LIMIT: u32 = 50_000;
+/// TSC ticks without the PIT counter moving after which the PIT is considered absent (with
+/// [`PIT_STUCK_POLLS`]): 5 ms at 1 GHz, 1 ms at 5 GHz. A working PIT changes its count
+/// every 0.84 us.
+pub const PIT_STUCK_TSC_TICKS: u64 = 5_000_000;
+/// Polls without the PIT counter moving after which it is considered absent (with
+/// [`PIT_STUCK_TSC_TICKS`]). Each poll is three port accesses, each an exit to the VMM or
+/// a call into QEMU's device model, so this many polls take longer than the 0.84 us
+/// between two counts of a working PIT, while a VMM that stalls the guest once (a cold
+/// start, a busy host) cannot make a working PIT look stuck. Under `kvm_pvm`, where an
+/// exit from ring 0 costs about 80 us, they take about 25 ms.
+pub const PIT_STUCK_POLLS: u32 = 100;
+/// The hypervisor CPUID leaf with the TSC frequency in kHz in EAX.
+const HYPERVISOR_TIMING_LEAF: u32 = 0x4000_0010;
 
 /// Where the TSC frequency came from.
 #[derive(Clone, Copy, Debug, Eq, PartialEq)]
 pub enum TscSource {
-    /// Measured against PIT channel 0.
-    Pit,
     /// CPUID leaf 0x15 or 0x16.
     Cpuid,
+    /// The hypervisor's CPUID leaf 0x40000010.
+    HypervisorCpuid,
+    /// Measured against PIT channel 0.
+    Pit,
     /// Nothing worked: 1 GHz assumed.
     Guess,
 }
@@ -70,6 +97,33 @@ fn read_pit_counter() -> u16 {
     }
 }
 
+/// Watches for a PIT counter that does not move: [`StuckWatch::stuck`] is true once the
+/// counter has stayed the same for [`PIT_STUCK_POLLS`] polls and [`PIT_STUCK_TSC_TICKS`].
+struct StuckWatch {
+    since: u64,
+    polls: u32,
+}
+
+impl StuckWatch {
+    fn new() -> Self {
+        StuckWatch {
+            since: rdtsc(),
+            polls: 0,
+        }
+    }
+
+    /// The counter moved: start watching afresh.
+    fn moved(&mut self) {
+        *self = StuckWatch::new();
+    }
+
+    /// The counter did not move on this poll; true when it is time to give up.
+    fn stuck(&mut self) -> bool {
+        self.polls = self.polls.saturating_add(1);
+        self.polls >= PIT_STUCK_POLLS && rdtsc().wrapping_sub(self.since) > PIT_STUCK_TSC_TICKS
+    }
+}
+
 fn calibrate_with_pit() -> Option<u64> {
     // SAFETY: channel 0, lobyte/hibyte access, mode 0, binary; initial count 0xFFFF.
     unsafe {
@@ -79,34 +133,32 @@ fn calibrate_with_pit() -> Option<u64> {
     }
     // Start on a counter edge (this also detects a PIT that does not count).
     let mut last = read_pit_counter();
-    let mut polls = 0;
+    let mut watch = StuckWatch::new();
     loop {
         let now = read_pit_counter();
         if now != last {
             last = now;
             break;
         }
-        polls += 1;
-        if polls > PIT_STUCK_LIMIT {
+        if watch.stuck() {
             return None;
         }
     }
     let tsc_start = rdtsc();
     let mut elapsed: u32 = 0;
-    polls = 0;
+    watch.moved();
     while elapsed < CALIBRATION_TICKS {
         let now = read_pit_counter();
         // The counter counts down and wraps; a window shorter than a full turn (55 ms)
         // between two polls is all this needs.
         let delta = last.wrapping_sub(now);
         if delta == 0 {
-            polls += 1;
-            if polls > PIT_STUCK_LIMIT {
+            if watch.stuck() {
                 return None;
             }
             continue;
         }
-        polls = 0;
+        watch.moved();
         elapsed += u32::from(delta);
         last = now;
     }
@@ -137,13 +189,30 @@ fn tsc_hz_from_cpuid() -> Option<u64> {
     None
 }
 
-/// Measures the TSC frequency and starts the clock. Called once by the boot code before
-/// `main`; returns the frequency and where it came from.
+/// The TSC frequency from the hypervisor leaf 0x40000010, if a hypervisor offers it.
+fn tsc_hz_from_hypervisor() -> Option<u64> {
+    let (_, _, features, _) = cpuid(1);
+    if features & (1 << 31) == 0 {
+        return None;
+    }
+    let (max_leaf, ..) = cpuid(0x4000_0000);
+    if !(HYPERVISOR_TIMING_LEAF..0x4001_0000).contains(&max_leaf) {
+        return None;
+    }
+    let (tsc_khz, ..) = cpuid(HYPERVISOR_TIMING_LEAF);
+    (tsc_khz != 0).then(|| u64::from(tsc_khz) * 1_000)
+}
+
+/// Finds the TSC frequency (see the [module documentation](self) for the order) and
+/// starts the clock. Called once by the boot code before `main`; returns the frequency
+/// and where it came from.
 pub fn calibrate() -> (u64, TscSource) {
-    let (hz, source) = if let Some(hz) = calibrate_with_pit() {
-        (hz, TscSource::Pit)
-    } else if let Some(hz) = tsc_hz_from_cpuid() {
+    let (hz, source) = if let Some(hz) = tsc_hz_from_cpuid() {
         (hz, TscSource::Cpuid)
+    } else if let Some(hz) = tsc_hz_from_hypervisor() {
+        (hz, TscSource::HypervisorCpuid)
+    } else if let Some(hz) = calibrate_with_pit() {
+        (hz, TscSource::Pit)
     } else {
         (1_000_000_000, TscSource::Guess)
     };
