@@ -1,6 +1,7 @@
 //! [`BootHal`]: the `virtio_drivers::Hal` for the identity-mapped boot environment.
 
 use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicUsize, Ordering};
 
@@ -12,14 +13,20 @@ use super::paging;
 pub const DMA_POOL_SIZE: usize = 32 << 20;
 const DMA_POOL_PAGES: usize = DMA_POOL_SIZE / PAGE_SIZE;
 
+/// The pool's memory. It is left uninitialised: `dma_alloc` zeroes each range it hands
+/// out, so the entry code need not clear 32 MiB at boot (under nested `kvm_pvm`, where
+/// ring-0 code is emulated, that took about 3 s).
 #[repr(C, align(4096))]
-struct DmaPool(UnsafeCell<[u8; DMA_POOL_SIZE]>);
+struct DmaPool(UnsafeCell<MaybeUninit<[u8; DMA_POOL_SIZE]>>);
 
 // SAFETY: the pool is only accessed through `dma_alloc`, which hands out disjoint ranges
 // (the bump index is advanced atomically) and never hands a range out twice.
 unsafe impl Sync for DmaPool {}
 
-static DMA_POOL: DmaPool = DmaPool(UnsafeCell::new([0; DMA_POOL_SIZE]));
+/// In `.bss.noinit`, which the linker script keeps out of the `.bss` range the entry code
+/// zeroes.
+#[unsafe(link_section = ".bss.noinit.dma_pool")]
+static DMA_POOL: DmaPool = DmaPool(UnsafeCell::new(MaybeUninit::uninit()));
 /// Number of pool pages handed out so far.
 static DMA_NEXT: AtomicUsize = AtomicUsize::new(0);
 

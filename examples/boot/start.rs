@@ -9,7 +9,8 @@
 //! The code below, in order:
 //!
 //! 1. clears the direction flag and zeroes `.bss` (`__bss_start..__bss_end` from the
-//!    linker script, 4-byte multiples) with `rep stosl`, keeping `EBX` intact;
+//!    linker script, 4-byte multiples) with `rep stosl`, keeping `EBX` intact (the
+//!    linker script's `.noinit`, the DMA pool of [`super::hal`], is left as it is);
 //! 2. saves `EBX` in the symbol `PVH_START_INFO` (in `.bss`, hence after the zeroing)
 //!    and later passes it to Rust;
 //! 3. builds identity-mapped page tables for the first 4 GiB with 2 MiB pages
