@@ -2,7 +2,7 @@
 
 use crate::cargo_tasks::build_example;
 use crate::host;
-use crate::qemu_tests::{EchoVm, CONNECT_TIMEOUT, ECHO_PORT, GUEST_CID};
+use crate::qemu_tests::{EchoGuest, EchoVm, CONNECT_TIMEOUT, ECHO_PORT, GUEST_CID};
 use crate::setup::Tools;
 use crate::vm::{Accel, Machine};
 use anyhow::{bail, Context, Result};
@@ -66,14 +66,7 @@ fn talk(echo: &EchoVm) -> Result<()> {
         BLOB_BYTES / 1024,
         started.elapsed().as_secs_f64() * 1000.0
     );
-    stream.shutdown(std::net::Shutdown::Write)?;
-    let mut rest = Vec::new();
-    stream
-        .read_to_end(&mut rest)
-        .context("waiting for the guest to close")?;
-    if !rest.is_empty() {
-        bail!("the guest sent {} unexpected bytes", rest.len());
-    }
+    host::finish_and_expect_close(&mut stream)?;
     println!("demo: closed; the guest closed its side too");
     Ok(())
 }

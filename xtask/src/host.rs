@@ -101,6 +101,23 @@ pub fn read_source(
     }
 }
 
+/// Closes our sending side of `stream` and waits for the guest to close its side, with
+/// no bytes in between (what the echo guest does after the host's EOF).
+pub fn finish_and_expect_close(stream: &mut UnixStream) -> Result<()> {
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream
+        .read_to_end(&mut rest)
+        .context("waiting for the guest to close")?;
+    if !rest.is_empty() {
+        bail!(
+            "the guest sent {} unexpected bytes before closing",
+            rest.len()
+        );
+    }
+    Ok(())
+}
+
 /// The byte at `offset` of the test pattern for connection `seed`: position-dependent so
 /// that a lost, repeated or reordered chunk is detected.
 pub fn pattern_byte(seed: u64, offset: u64) -> u8 {

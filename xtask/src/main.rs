@@ -3,8 +3,8 @@
 //! - `setup`: install what is missing (toolchain, QEMU, the vhost-user backend, the Linux
 //!   guest).
 //! - `demo`: boot the echo guest, talk to it from the host, print the result.
-//! - `test`: every check and test, host-side then in QEMU (with the Linux sibling suite);
-//!   `.ci/run` runs this.
+//! - `test`: every check and test, host-side then in QEMU (with the Linux sibling suite)
+//!   and Cloud Hypervisor; `.ci/run` runs this.
 //! - `linux-guest`: fetch and build the Linux guest, print how to boot it.
 //! - `bench host`: our driver against virtio-drivers' on a host-side device.
 //! - `bench qemu`: the same drivers in a QEMU guest against vhost-device-vsock.
@@ -12,6 +12,7 @@
 
 mod bench;
 mod cargo_tasks;
+mod ch;
 mod demo;
 mod host;
 mod linux;
@@ -34,6 +35,17 @@ use vm::{Accel, Machine};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// A VMM the VM tests run under.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Vmm {
+    /// QEMU with vhost-device-vsock, on the machines `--machine` names (and the Linux
+    /// sibling suite, on q35).
+    Qemu,
+    /// Cloud Hypervisor with its own vsock device (`CLOUD_HYPERVISOR`, `PATH` or
+    /// `../shared/tools/cloud-hypervisor`; skipped when there is none).
+    Ch,
 }
 
 /// Where a benchmark runs.
@@ -61,14 +73,22 @@ enum Command {
         #[arg(long, value_enum)]
         accel: Option<Accel>,
     },
-    /// Run every test: formatting, lints, builds, host tests, Miri, then QEMU tests.
+    /// Run every test: formatting, lints, builds, host tests, Miri, then the VM tests
+    /// under QEMU (with the Linux sibling suite) and Cloud Hypervisor.
     Test {
         /// Accelerator for the QEMU tests.
         #[arg(long, value_enum)]
         accel: Option<Accel>,
+        /// VMMs to run the VM tests under (default: both).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        vmm: Vec<Vmm>,
         /// Machines to run the QEMU tests on (default: both).
         #[arg(long, value_enum, value_delimiter = ',')]
         machine: Vec<Machine>,
+        /// Rounds of the 64 concurrent x 256 KiB echo, for every VMM (default: 1 under
+        /// QEMU, 3 under Cloud Hypervisor).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+        rounds: Option<u32>,
         /// Skip the Miri run of the host tests.
         #[arg(long)]
         no_miri: bool,
@@ -76,13 +96,14 @@ enum Command {
         #[arg(long, default_value_t = 30)]
         fuzz_seconds: u32,
         /// Only the host-side steps.
-        #[arg(long, conflicts_with = "qemu_only")]
+        #[arg(long, conflicts_with = "vm_only")]
         host_only: bool,
-        /// Only the QEMU tests.
-        #[arg(long)]
-        qemu_only: bool,
+        /// Only the VM tests (QEMU with the Linux sibling suite, and Cloud Hypervisor, as
+        /// `--vmm` selects).
+        #[arg(long, alias = "qemu-only")]
+        vm_only: bool,
         /// Only the Linux sibling tests (a stock Linux guest beside ours, q35).
-        #[arg(long, conflicts_with_all = ["host_only", "qemu_only"])]
+        #[arg(long, conflicts_with_all = ["host_only", "vm_only"])]
         linux_only: bool,
     },
     /// Benchmarks, ours side by side with virtio-drivers' socket driver.
@@ -205,21 +226,33 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Test {
             accel,
+            vmm,
             machine,
+            rounds,
             no_miri,
             fuzz_seconds,
             host_only,
-            qemu_only,
+            vm_only,
             linux_only,
-        } => test(
-            accel,
-            machine,
-            !no_miri,
-            fuzz_seconds,
-            !qemu_only && !linux_only,
-            !host_only && !linux_only,
-            !host_only,
-        ),
+        } => {
+            let vmms = if vmm.is_empty() {
+                vec![Vmm::Qemu, Vmm::Ch]
+            } else {
+                vmm
+            };
+            let qemu = vmms.contains(&Vmm::Qemu);
+            test(&TestPlan {
+                accel,
+                machines: machine,
+                rounds,
+                miri: !no_miri,
+                fuzz_seconds,
+                host: !vm_only && !linux_only,
+                qemu: qemu && !host_only && !linux_only,
+                linux: qemu && !host_only,
+                ch: vmms.contains(&Vmm::Ch) && !host_only && !linux_only,
+            })
+        }
         Command::Bench {
             target: BenchTarget::Host,
             quick,
@@ -304,31 +337,46 @@ fn run(command: Command) -> Result<ExitCode> {
     }
 }
 
-/// `cargo xtask test`: every step runs even when an earlier one failed; the summary
-/// counts them and the exit status is failure if any failed.
-fn test(
+/// What `cargo xtask test` runs.
+struct TestPlan {
     accel: Option<Accel>,
     machines: Vec<Machine>,
+    /// Rounds of the repeated echo (`None`: each VMM's default).
+    rounds: Option<u32>,
     miri: bool,
     fuzz_seconds: u32,
+    /// The host-side steps.
     host: bool,
+    /// The QEMU tests.
     qemu: bool,
+    /// The Linux sibling suite (under QEMU, on q35).
     linux: bool,
-) -> Result<ExitCode> {
+    /// The Cloud Hypervisor tests.
+    ch: bool,
+}
+
+/// `cargo xtask test`: every step runs even when an earlier one failed; the summary
+/// counts them and the exit status is failure if any failed. A suite that cannot run
+/// (no Linux kernel, no Cloud Hypervisor) counts its tests as skipped, never as passed.
+fn test(plan: &TestPlan) -> Result<ExitCode> {
     let tools = setup::ensure_all()?;
     let mut passed = 0;
     let mut failed_names = Vec::new();
-    if host {
+    if plan.host {
         // Miri and cargo-fuzz both need the nightly toolchain.
-        if miri || fuzz_seconds > 0 {
+        if plan.miri || plan.fuzz_seconds > 0 {
             cargo_tasks::ensure_miri()?;
         }
-        let mut steps = cargo_tasks::host_steps(miri);
+        let mut steps = cargo_tasks::host_steps(plan.miri);
         steps.push(cargo_tasks::fuzz_replay_step());
-        if fuzz_seconds > 0 {
+        if plan.fuzz_seconds > 0 {
             let cargo_fuzz = setup::ensure_cargo_fuzz()?;
             for target in cargo_tasks::FUZZ_TARGETS {
-                steps.push(cargo_tasks::fuzz_step(&cargo_fuzz, target, fuzz_seconds));
+                steps.push(cargo_tasks::fuzz_step(
+                    &cargo_fuzz,
+                    target,
+                    plan.fuzz_seconds,
+                ));
             }
         }
         for step in steps {
@@ -340,28 +388,32 @@ fn test(
             }
         }
     }
-    let mut qemu_failed = 0;
-    // The Linux guest runs on q35 only.
-    let linux = linux && (machines.is_empty() || machines.contains(&Machine::Q35));
-    if qemu {
-        let accel = vm::choose_accel(accel);
-        let machines = if machines.is_empty() {
+    let mut vm_tally = qemu_tests::Tally::default();
+    if plan.qemu {
+        let accel = vm::choose_accel(plan.accel);
+        let machines = if plan.machines.is_empty() {
             vec![Machine::Q35, Machine::Microvm]
         } else {
-            machines
+            plan.machines.clone()
         };
-        let (qemu_passed, failed) = qemu_tests::run_all(&tools, accel, &machines)?;
-        passed += qemu_passed;
-        qemu_failed = failed;
+        let rounds = plan.rounds.unwrap_or(qemu_tests::QEMU_ROUNDS);
+        qemu_tests::run_qemu(&tools, accel, &machines, rounds, &mut vm_tally)?;
     }
-    let mut skipped = 0;
+    // The Linux guest runs on q35 only.
+    let linux = plan.linux && (plan.machines.is_empty() || plan.machines.contains(&Machine::Q35));
     if linux {
-        let tally = linux_tests::run(&tools, vm::choose_accel(accel))?;
-        passed += tally.passed;
-        qemu_failed += tally.failed;
-        skipped += tally.skipped;
+        let tally = linux_tests::run(&tools, vm::choose_accel(plan.accel))?;
+        vm_tally.passed += tally.passed;
+        vm_tally.failed += tally.failed;
+        vm_tally.skipped += tally.skipped;
     }
-    let failed = failed_names.len() + qemu_failed;
+    if plan.ch {
+        let rounds = plan.rounds.unwrap_or(qemu_tests::CH_ROUNDS);
+        qemu_tests::run_ch(rounds, &mut vm_tally)?;
+    }
+    passed += vm_tally.passed;
+    let failed = failed_names.len() + vm_tally.failed;
+    let skipped = vm_tally.skipped;
     println!("\n=== summary");
     for name in &failed_names {
         println!("FAIL {name}");

@@ -1,11 +1,18 @@
-//! Tests that boot the example guests in QEMU and check them from the host through
-//! `vhost-device-vsock`.
+//! Tests that boot the example guests in a VMM and check them from the host through the
+//! vsock device's host-side Unix socket: QEMU with `vhost-device-vsock` (q35 and
+//! microvm) and Cloud Hypervisor with its own vsock device. The same test functions run
+//! against every VMM, through [`EchoGuest`].
 //!
-//! On each machine one backend serves two guests in one sibling group: the echo example
-//! (CID 3), which stays up for all tests, and a slot (CID 4) where the client example
-//! boots, once against a host listener and once against the echo guest.
+//! Under QEMU, on each machine one backend serves two guests in one sibling group: the
+//! echo example (CID 3), which stays up for all tests, and a slot (CID 4) where the
+//! client example boots, once against a host listener and once against the echo guest.
+//! Under Cloud Hypervisor the echo guest (CID 3) and the client (CID 4) are two VMs, each
+//! with its own device; there is no path between guests, so the sibling tests do not
+//! run there. Both guests run in ring 3 there (`ring=3`), as the CPU runs ring-3 code
+//! natively under nested `kvm_pvm`.
 
 use crate::cargo_tasks::build_example;
+use crate::ch::{self, ChVm};
 use crate::host::{self, Connect};
 use crate::setup::Tools;
 use crate::soak::{self, SoakConfig};
@@ -27,11 +34,13 @@ pub const ECHO_PORT: u32 = 1234;
 const SOURCE_PORT: u32 = 1235;
 /// What the echo example prints once it listens.
 pub const ECHO_READY: &str = "listening on port 1234";
+/// What `boot::exit_success` prints before it stops the VM (`examples/boot/mod.rs`).
+const GUEST_SAYS_SUCCESS: &str = "boot: exit success";
 /// The host port the client example connects to by default.
 const CLIENT_HOST_PORT: u32 = 4321;
 /// A port nobody listens on.
 const UNUSED_PORT: u32 = 4444;
-/// How long a guest may take from QEMU's start to listening (TCG is slow to boot).
+/// How long a guest may take from the VMM's start to listening (TCG is slow to boot).
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a connection may wait for the guest's answer.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
@@ -39,10 +48,24 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the client example may run.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
-/// Hard limit on every QEMU and backend process of a test run.
-const PROCESS_LIMIT: Duration = Duration::from_secs(900);
-/// Bytes in flight per echo connection (see [`host::echo_exchange`]).
-const ECHO_WINDOW: u64 = 64 * 1024;
+/// Hard limit on every VMM and backend process of a test run, before the rounds of the
+/// repeated test are added ([`process_limit`]).
+pub const PROCESS_LIMIT: Duration = Duration::from_secs(900);
+/// Bytes in flight per echo connection through vhost-device-vsock (see
+/// [`host::echo_exchange`]: its flush quirk). Cloud Hypervisor needs no such limit.
+const QEMU_ECHO_WINDOW: u64 = 64 * 1024;
+/// Rounds of 64 concurrent echoes of 256 KiB under QEMU unless `--rounds` says otherwise.
+pub const QEMU_ROUNDS: u32 = 1;
+/// The same under Cloud Hypervisor, whose credit arithmetic caught a bug only every few
+/// rounds (issue 12).
+pub const CH_ROUNDS: u32 = 3;
+/// Round trips of the 1-byte ping-pong.
+const PING_PONGS: usize = 1000;
+/// Connections of the connect/close test.
+const CONNECT_CLOSE_CYCLES: u32 = 200;
+/// The Cloud Hypervisor guests' command line: ring 3 (`examples/boot/ring3.rs`), where
+/// nested `kvm_pvm` runs the guest's code on the CPU instead of emulating it.
+const CH_GUEST_ARGS: &str = "ring=3";
 
 /// Time the backend gets, after the guest is up, to finish setting up its queues.
 ///
@@ -53,7 +76,49 @@ const ECHO_WINDOW: u64 = 64 * 1024;
 /// guest for good. Waiting a moment before the first connection avoids the window.
 const BACKEND_SETTLE: Duration = Duration::from_millis(500);
 
-/// The echo guest booted on one machine, with its backend.
+/// The hard limit of a run with `rounds` rounds of the repeated test.
+fn process_limit(rounds: u32) -> Duration {
+    PROCESS_LIMIT + Duration::from_secs(60) * rounds
+}
+
+/// A booted echo guest that host programs reach through a Unix socket, under some VMM,
+/// and a place to boot the client example beside it.
+pub trait EchoGuest {
+    /// The host-side Unix socket of the echo guest's vsock device (`CONNECT <port>`).
+    fn uds(&self) -> &Path;
+    /// The echo guest's serial log so far.
+    fn serial_log(&self) -> String;
+    /// Whether the echo guest's VMM is still running.
+    fn is_running(&mut self) -> bool;
+    /// The Unix socket prefix where the client guest's connections to host port P
+    /// arrive (as `<prefix>_P`).
+    fn client_uds(&self) -> PathBuf;
+    /// Boots the client example with `cmdline` and waits for its outcome.
+    fn run_client(&mut self, kernel: &Path, cmdline: &str) -> Result<ClientRun>;
+    /// Whether a client guest can reach the echo guest by CID.
+    fn has_siblings(&self) -> bool;
+    /// The most bytes an echo may have in flight (sent, not yet echoed) on one
+    /// connection: what the host side copes with.
+    fn echo_window(&self) -> u64;
+    /// What the VMM and its backend logged, for a failure report.
+    fn vmm_logs(&self) -> String;
+    /// Stops the VMM (and its backend).
+    fn stop(&mut self);
+}
+
+/// How a client guest ended.
+pub struct ClientRun {
+    /// Whether it reported success, in the way its VMM lets it (QEMU: exit status 33 and
+    /// the serial line; Cloud Hypervisor: the serial line and the VMM's exit after the
+    /// guest's ACPI power-off).
+    pub success: bool,
+    /// What that was read from, for messages.
+    pub how: String,
+    /// Its serial log.
+    pub log: String,
+}
+
+/// The echo guest booted on one QEMU machine, with its backend.
 pub struct EchoVm {
     /// The backend, stopped last.
     pub backend: Backend,
@@ -67,7 +132,7 @@ pub struct EchoVm {
 
 impl EchoVm {
     /// Boots the echo example on `machine` and waits until it listens. With
-    /// `client_slot`, the backend also has a sibling slot for [`EchoVm::run_client`].
+    /// `client_slot`, the backend also has a sibling slot for [`EchoGuest::run_client`].
     pub fn boot(
         tools: &Tools,
         machine: Machine,
@@ -76,10 +141,21 @@ impl EchoVm {
         run: &str,
         client_slot: bool,
     ) -> Result<Self> {
-        Self::boot_with_cmdline(tools, machine, accel, kernel, run, client_slot, "")
+        Self::boot_with_cmdline(
+            tools,
+            machine,
+            accel,
+            kernel,
+            run,
+            client_slot,
+            "",
+            PROCESS_LIMIT,
+        )
     }
 
-    /// [`EchoVm::boot`] with `cmdline` for the guest.
+    /// [`EchoVm::boot`] with `cmdline` for the guest; QEMU and the backend are killed
+    /// after `limit` at the latest.
+    #[allow(clippy::too_many_arguments)]
     pub fn boot_with_cmdline(
         tools: &Tools,
         machine: Machine,
@@ -88,6 +164,7 @@ impl EchoVm {
         run: &str,
         client_slot: bool,
         cmdline: &str,
+        limit: Duration,
     ) -> Result<Self> {
         let dir = run_dir(run)?;
         let cids: &[u32] = if client_slot {
@@ -95,7 +172,7 @@ impl EchoVm {
         } else {
             &[GUEST_CID]
         };
-        let backend = Backend::start(tools, &dir, cids, None, PROCESS_LIMIT)?;
+        let backend = Backend::start(tools, &dir, cids, None, limit)?;
         let Some(slot) = backend.guest(GUEST_CID).cloned() else {
             bail!("backend has no slot for cid {GUEST_CID}");
         };
@@ -105,7 +182,7 @@ impl EchoVm {
             accel,
             cmdline: cmdline.to_string(),
             initrd: None,
-            limit: PROCESS_LIMIT,
+            limit,
         };
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
         guest.wait_for_serial(ECHO_READY, BOOT_TIMEOUT)?;
@@ -119,15 +196,28 @@ impl EchoVm {
             accel,
         })
     }
+}
 
-    /// The Unix socket host programs reach the echo guest through.
-    pub fn uds(&self) -> &Path {
+impl EchoGuest for EchoVm {
+    fn uds(&self) -> &Path {
         &self.guest.slot.uds
     }
 
-    /// Boots `kernel` in the client slot with `cmdline` and waits for it to exit; returns
-    /// QEMU's exit status (`None` if it had to be stopped) and the serial log.
-    fn run_client(&self, kernel: &Path, cmdline: &str) -> Result<(Option<i32>, String)> {
+    fn serial_log(&self) -> String {
+        self.guest.serial_log()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.guest.is_running()
+    }
+
+    fn client_uds(&self) -> PathBuf {
+        self.backend
+            .guest(CLIENT_CID)
+            .map_or_else(PathBuf::new, |slot| slot.uds.clone())
+    }
+
+    fn run_client(&mut self, kernel: &Path, cmdline: &str) -> Result<ClientRun> {
         let Some(slot) = self.backend.guest(CLIENT_CID).cloned() else {
             bail!("backend has no slot for cid {CLIENT_CID}");
         };
@@ -142,13 +232,132 @@ impl EchoVm {
         let mut client = Guest::start(&self.tools, &self.dir, &slot, &config)?;
         let status = client.wait_exit(CLIENT_TIMEOUT);
         client.stop();
-        Ok((status.and_then(|s| s.code()), client.serial_log()))
+        let log = client.serial_log();
+        let code = status.and_then(|s| s.code());
+        Ok(ClientRun {
+            success: code == Some(GUEST_EXIT_SUCCESS) && log.contains(GUEST_SAYS_SUCCESS),
+            how: match code {
+                Some(code) => format!("QEMU exit status {code}"),
+                None => "QEMU stopped at the time limit".to_string(),
+            },
+            log,
+        })
     }
 
-    /// Stops QEMU, then the backend.
-    pub fn stop(&mut self) {
+    fn has_siblings(&self) -> bool {
+        true
+    }
+
+    fn echo_window(&self) -> u64 {
+        QEMU_ECHO_WINDOW
+    }
+
+    fn vmm_logs(&self) -> String {
+        format!("--- backend log:\n{}", self.backend.log())
+    }
+
+    fn stop(&mut self) {
         self.guest.stop();
         self.backend.stop();
+    }
+}
+
+/// The echo guest under Cloud Hypervisor, and where the client guest boots.
+pub struct ChEcho {
+    /// The echo guest's VM.
+    pub echo: ChVm,
+    binary: PathBuf,
+    dir: PathBuf,
+}
+
+impl ChEcho {
+    /// Boots the echo example under Cloud Hypervisor `binary` and waits until it listens.
+    pub fn boot(binary: &Path, kernel: &Path, run: &str, limit: Duration) -> Result<Self> {
+        let dir = run_dir(run)?;
+        let mut echo = ChVm::start(
+            binary,
+            &dir,
+            "echo",
+            GUEST_CID,
+            kernel,
+            CH_GUEST_ARGS,
+            limit,
+        )?;
+        echo.vm.wait_for_serial(ECHO_READY, BOOT_TIMEOUT)?;
+        Ok(ChEcho {
+            echo,
+            binary: binary.to_path_buf(),
+            dir,
+        })
+    }
+}
+
+impl EchoGuest for ChEcho {
+    fn uds(&self) -> &Path {
+        &self.echo.uds
+    }
+
+    fn serial_log(&self) -> String {
+        self.echo.vm.serial_log()
+    }
+
+    fn is_running(&mut self) -> bool {
+        self.echo.vm.is_running()
+    }
+
+    fn client_uds(&self) -> PathBuf {
+        self.dir.join("client.vsock")
+    }
+
+    fn run_client(&mut self, kernel: &Path, cmdline: &str) -> Result<ClientRun> {
+        let mut client = ChVm::start(
+            &self.binary,
+            &self.dir,
+            "client",
+            CLIENT_CID,
+            kernel,
+            &format!("{CH_GUEST_ARGS} {cmdline}"),
+            CLIENT_TIMEOUT + Duration::from_secs(10),
+        )?;
+        debug_assert_eq!(client.uds, self.client_uds());
+        let status = client.vm.wait_exit(CLIENT_TIMEOUT);
+        client.vm.stop();
+        let log = client.vm.serial_log();
+        let said = log
+            .lines()
+            .find(|line| line.starts_with("boot: exit "))
+            .map(str::to_string);
+        Ok(ClientRun {
+            success: status.is_some() && said.as_deref() == Some(GUEST_SAYS_SUCCESS),
+            how: format!(
+                "serial: {}; Cloud Hypervisor {}",
+                said.as_deref().unwrap_or("no `boot: exit` line"),
+                if status.is_some() {
+                    "exited"
+                } else {
+                    "stopped at the time limit"
+                }
+            ),
+            log,
+        })
+    }
+
+    fn has_siblings(&self) -> bool {
+        false
+    }
+
+    /// No limit: the host writes as fast as the device takes it, and credit alone paces
+    /// the echo (which is how issue 12's credit bug showed).
+    fn echo_window(&self) -> u64 {
+        u64::MAX
+    }
+
+    fn vmm_logs(&self) -> String {
+        format!("--- Cloud Hypervisor log:\n{}", self.echo.vmm_log())
+    }
+
+    fn stop(&mut self) {
+        self.echo.vm.stop();
     }
 }
 
@@ -157,102 +366,258 @@ struct Kernels {
     client: PathBuf,
 }
 
-/// A QEMU test; returns a line of detail on success.
-type QemuTest = fn(&mut EchoVm, &Kernels) -> Result<String>;
+/// What every test gets besides the echo guest.
+struct TestInputs {
+    kernels: Kernels,
+    /// Rounds of the repeated 64 x 256 KiB echo.
+    rounds: u32,
+}
+
+/// A VM test; returns a line of detail on success.
+type VmTest = fn(&mut dyn EchoGuest, &TestInputs) -> Result<String>;
+
+/// One test, and whether it needs a sibling guest (the client reaching the echo guest).
+struct TestCase {
+    name: &'static str,
+    run: VmTest,
+    needs_siblings: bool,
+}
+
+const fn test(name: &'static str, run: VmTest) -> TestCase {
+    TestCase {
+        name,
+        run,
+        needs_siblings: false,
+    }
+}
+
+const fn sibling_test(name: &'static str, run: VmTest) -> TestCase {
+    TestCase {
+        name,
+        run,
+        needs_siblings: true,
+    }
+}
 
 /// The tests, in the order they run against one echo guest.
-const TESTS: &[(&str, QemuTest)] = &[
-    ("echo_one_message", echo_one_message),
-    ("echo_3_concurrent_1mib_patterned", echo_3_concurrent_1mib),
-    ("echo_20_sequential_connections", echo_20_sequential),
-    ("echo_64_concurrent_256kib", echo_64_concurrent_256kib),
-    (
+const TESTS: &[TestCase] = &[
+    test("echo_one_message", echo_one_message),
+    test("echo_3_concurrent_1mib_patterned", echo_3_concurrent_1mib),
+    test("echo_20_sequential_connections", echo_20_sequential),
+    test("echo_64_concurrent_256kib", echo_64_concurrent_256kib),
+    test("ping_pong_1_byte_1000_round_trips", ping_pong),
+    test("connect_close_200_sequential", connect_close),
+    test(
         "unused_port_refused_then_still_serving",
         unused_port_refused,
     ),
-    ("host_stops_reading_guest_send_blocks", host_stops_reading),
-    (
+    test("host_stops_reading_guest_send_blocks", host_stops_reading),
+    test(
         "host_closes_mid_transfer_others_continue",
         host_closes_mid_transfer,
     ),
-    ("client_to_host_listener_exits_0", client_to_host_listener),
-    ("client_to_sibling_echo_guest", client_to_sibling_echo),
-    (
+    test("client_to_host_listener_exits_0", client_to_host_listener),
+    sibling_test("client_to_sibling_echo_guest", client_to_sibling_echo),
+    sibling_test(
         "client_in_ring3_to_sibling_echo_guest",
         client_in_ring3_to_sibling_echo,
     ),
-    ("guest_log_has_no_errors", guest_log_has_no_errors),
+    test("guest_log_has_no_errors", guest_log_has_no_errors),
 ];
 
-/// Runs every QEMU test on every machine in `machines`; returns (passed, failed).
-pub fn run_all(tools: &Tools, accel: Accel, machines: &[Machine]) -> Result<(usize, usize)> {
+/// What the VM suites counted.
+#[derive(Default)]
+pub struct Tally {
+    /// Tests that passed.
+    pub passed: usize,
+    /// Tests that failed.
+    pub failed: usize,
+    /// Tests that did not run because their VMM could not be had.
+    pub skipped: usize,
+}
+
+/// Runs every test that fits against `guest`, labelled `label`, then stops it;
+/// prints a line per test and the guest's and VMM's logs when one failed.
+fn run_suite(label: &str, guest: &mut dyn EchoGuest, inputs: &TestInputs, tally: &mut Tally) {
+    let failed_before = tally.failed;
+    for case in TESTS {
+        if case.needs_siblings && !guest.has_siblings() {
+            continue;
+        }
+        let started = Instant::now();
+        match (case.run)(guest, inputs) {
+            Ok(detail) => {
+                tally.passed += 1;
+                println!(
+                    "ok   {label}/{} ({detail}; {:.1}s)",
+                    case.name,
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Err(e) => {
+                tally.failed += 1;
+                println!("FAIL {label}/{}: {e:#}", case.name);
+            }
+        }
+    }
+    guest.stop();
+    if tally.failed > failed_before {
+        println!(
+            "--- serial log of the {label} echo guest:\n{}",
+            guest.serial_log()
+        );
+        println!("{}", guest.vmm_logs());
+    }
+}
+
+/// The tests of a suite, the boot included (those that need siblings only where there
+/// are any).
+fn suite_size(siblings: bool) -> usize {
+    1 + TESTS
+        .iter()
+        .filter(|case| siblings || !case.needs_siblings)
+        .count()
+}
+
+/// Counts a failed boot: the boot itself and every test that could not run.
+fn boot_failed(label: &str, error: &anyhow::Error, siblings: bool, tally: &mut Tally) {
+    println!("FAIL {label}/boot_echo_guest: {error:#}");
+    tally.failed += suite_size(siblings);
+}
+
+/// Runs every test under QEMU on every machine in `machines`, with `rounds` rounds of
+/// the repeated echo.
+pub fn run_qemu(
+    tools: &Tools,
+    accel: Accel,
+    machines: &[Machine],
+    rounds: u32,
+    tally: &mut Tally,
+) -> Result<()> {
     let echo_kernel = build_example("echo")?;
-    let kernels = Kernels {
-        client: build_example("client")?,
+    let inputs = TestInputs {
+        kernels: Kernels {
+            client: build_example("client")?,
+        },
+        rounds,
     };
-    let mut passed = 0;
-    let mut failed = 0;
     for &machine in machines {
         println!("\n=== QEMU tests on {machine} ({accel})");
+        let label = machine.to_string();
         let started = Instant::now();
         let run = format!("test-{machine}");
-        let mut vm = match EchoVm::boot(tools, machine, accel, &echo_kernel, &run, true) {
+        let limit = process_limit(rounds);
+        let mut vm = match EchoVm::boot_with_cmdline(
+            tools,
+            machine,
+            accel,
+            &echo_kernel,
+            &run,
+            true,
+            "",
+            limit,
+        ) {
             Ok(vm) => vm,
             Err(e) => {
-                println!("FAIL {machine}/boot_echo_guest: {e:#}");
-                failed += 1 + TESTS.len();
+                boot_failed(&label, &e, true, tally);
                 continue;
             }
         };
         println!(
-            "ok   {machine}/boot_echo_guest ({:.1}s to listening)",
+            "ok   {label}/boot_echo_guest ({:.1}s to listening)",
             started.elapsed().as_secs_f64()
         );
-        passed += 1;
-        let failed_before = failed;
-        for (name, test) in TESTS {
-            let started = Instant::now();
-            match test(&mut vm, &kernels) {
-                Ok(detail) => {
-                    passed += 1;
-                    println!(
-                        "ok   {machine}/{name} ({detail}; {:.1}s)",
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-                Err(e) => {
-                    failed += 1;
-                    println!("FAIL {machine}/{name}: {e:#}");
-                }
-            }
-        }
-        vm.stop();
-        if failed > failed_before {
-            println!(
-                "--- serial log of the {machine} echo guest:\n{}",
-                vm.guest.serial_log()
-            );
-            println!("--- backend log:\n{}", vm.backend.log());
-        }
+        tally.passed += 1;
+        run_suite(&label, &mut vm, &inputs, tally);
+        println!(
+            "=== QEMU tests on {machine} took {:.0}s",
+            started.elapsed().as_secs_f64()
+        );
     }
-    Ok((passed, failed))
+    Ok(())
+}
+
+/// Runs every test that fits under Cloud Hypervisor, with `rounds` rounds of the
+/// repeated echo; a `skip` line (its tests counted as skipped, not passed) when there is
+/// no Cloud Hypervisor to run.
+pub fn run_ch(rounds: u32, tally: &mut Tally) -> Result<()> {
+    println!("\n=== Cloud Hypervisor tests");
+    let binary = match ch::find() {
+        Ok(binary) => binary,
+        Err(why) => {
+            let tests = suite_size(false);
+            println!("skip ch/*: the {tests} Cloud Hypervisor tests did not run: {why}");
+            tally.skipped += tests;
+            return Ok(());
+        }
+    };
+    println!("ch: {} ({})", ch::version(&binary), binary.display());
+    let echo_kernel = build_example("echo")?;
+    let inputs = TestInputs {
+        kernels: Kernels {
+            client: build_example("client")?,
+        },
+        rounds,
+    };
+    let label = "ch";
+    let started = Instant::now();
+    let mut vm = match ChEcho::boot(&binary, &echo_kernel, "test-ch", process_limit(rounds)) {
+        Ok(vm) => vm,
+        Err(e) => {
+            boot_failed(label, &e, false, tally);
+            return Ok(());
+        }
+    };
+    let log = vm.serial_log();
+    let tsc = log
+        .lines()
+        .find(|line| line.contains("boot:") && line.contains(" TSC "))
+        .unwrap_or("no TSC line");
+    println!(
+        "ok   {label}/boot_echo_guest ({:.1}s to listening; {})",
+        started.elapsed().as_secs_f64(),
+        tsc.trim()
+    );
+    tally.passed += 1;
+    run_suite(label, &mut vm, &inputs, tally);
+    println!(
+        "=== Cloud Hypervisor tests took {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// Echoes `total` patterned bytes on each of `count` concurrent connections.
-fn concurrent_echoes(vm: &EchoVm, count: u64, total: u64) -> Result<String> {
-    let started = Instant::now();
+fn concurrent_echoes(vm: &dyn EchoGuest, count: u64, total: u64) -> Result<String> {
+    let (detail, _) = concurrent_echo_rate(vm, count, total)?;
+    Ok(detail)
+}
+
+/// Opens `count` connections to the echo port, then echoes `total` patterned bytes on
+/// each (seeds `first_seed` and up), each in a thread of its own.
+fn start_echoes(
+    vm: &dyn EchoGuest,
+    count: u64,
+    first_seed: u64,
+    total: u64,
+) -> Result<Vec<thread::JoinHandle<Result<()>>>> {
+    let window = vm.echo_window();
     let streams = (0..count)
         .map(|_| host::connect_accepted(vm.uds(), ECHO_PORT, CONNECT_TIMEOUT))
         .collect::<Result<Vec<_>>>()?;
-    let workers: Vec<_> = streams
+    Ok(streams
         .into_iter()
-        .enumerate()
-        .map(|(seed, stream)| {
-            thread::spawn(move || {
-                host::echo_exchange(stream, seed as u64, total, ECHO_WINDOW, STALL_TIMEOUT)
-            })
+        .zip(first_seed..)
+        .map(|(stream, seed)| {
+            thread::spawn(move || host::echo_exchange(stream, seed, total, window, STALL_TIMEOUT))
         })
-        .collect();
+        .collect())
+}
+
+/// [`concurrent_echoes`], also returning the rate in MiB/s.
+fn concurrent_echo_rate(vm: &dyn EchoGuest, count: u64, total: u64) -> Result<(String, f64)> {
+    let started = Instant::now();
+    let workers = start_echoes(vm, count, 0, total)?;
     let mut errors = Vec::new();
     for (index, worker) in workers.into_iter().enumerate() {
         match worker.join() {
@@ -265,33 +630,98 @@ fn concurrent_echoes(vm: &EchoVm, count: u64, total: u64) -> Result<String> {
         bail!("{}", errors.join("; "));
     }
     let seconds = started.elapsed().as_secs_f64();
-    Ok(format!(
-        "{count} x {} KiB each way, byte-exact, {:.2} MiB/s echoed",
-        total / 1024,
-        (count * total) as f64 / seconds / (1 << 20) as f64
+    let rate = (count * total) as f64 / seconds / (1 << 20) as f64;
+    Ok((
+        format!(
+            "{count} x {} KiB each way, byte-exact, {rate:.2} MiB/s echoed",
+            total / 1024
+        ),
+        rate,
     ))
 }
 
-fn echo_one_message(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
+fn echo_one_message(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
     concurrent_echoes(vm, 1, 100)
 }
 
-fn echo_3_concurrent_1mib(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
+fn echo_3_concurrent_1mib(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
     concurrent_echoes(vm, 3, 1 << 20)
 }
 
-fn echo_64_concurrent_256kib(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
-    concurrent_echoes(vm, 64, 256 * 1024)
+/// 64 concurrent echoes of 256 KiB each, `--rounds` times (by default once under QEMU,
+/// three times under Cloud Hypervisor).
+fn echo_64_concurrent_256kib(vm: &mut dyn EchoGuest, inputs: &TestInputs) -> Result<String> {
+    let mut rates = Vec::new();
+    for round in 1..=inputs.rounds {
+        let (_, rate) = concurrent_echo_rate(vm, 64, 256 * 1024)
+            .map_err(|e| e.context(format!("round {round} of {}", inputs.rounds)))?;
+        rates.push(format!("{rate:.2}"));
+    }
+    Ok(format!(
+        "{} round(s) of 64 x 256 KiB each way, byte-exact; MiB/s echoed: {}",
+        inputs.rounds,
+        rates.join(", ")
+    ))
 }
 
-fn echo_20_sequential(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
+/// 1-byte messages echoed one at a time: the round-trip time through the guest.
+fn ping_pong(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
+    let mut stream = host::connect_accepted(vm.uds(), ECHO_PORT, CONNECT_TIMEOUT)?;
+    stream.set_read_timeout(Some(STALL_TIMEOUT))?;
+    let mut times = Vec::with_capacity(PING_PONGS);
+    let mut reply = [0u8; 1];
+    for round in 0..PING_PONGS {
+        let byte = [round as u8];
+        let started = Instant::now();
+        stream.write_all(&byte)?;
+        stream
+            .read_exact(&mut reply)
+            .with_context(|| format!("round trip {round}"))?;
+        times.push(started.elapsed());
+        if reply != byte {
+            bail!(
+                "round trip {round}: sent {:#04x}, got {:#04x}",
+                byte[0],
+                reply[0]
+            );
+        }
+    }
+    host::finish_and_expect_close(&mut stream)?;
+    times.sort();
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    Ok(format!(
+        "{PING_PONGS} round trips, median {:.1} us, p99 {:.1} us",
+        micros(times[PING_PONGS / 2]),
+        micros(times[PING_PONGS * 99 / 100])
+    ))
+}
+
+/// Connections opened and closed one after another, each to the end: the host connects,
+/// closes its side, and waits for the guest to close too.
+fn connect_close(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
+    let started = Instant::now();
+    for cycle in 0..CONNECT_CLOSE_CYCLES {
+        let mut stream = host::connect_accepted(vm.uds(), ECHO_PORT, CONNECT_TIMEOUT)
+            .with_context(|| format!("connection {cycle}"))?;
+        stream.set_read_timeout(Some(CONNECT_TIMEOUT))?;
+        host::finish_and_expect_close(&mut stream)
+            .with_context(|| format!("connection {cycle}"))?;
+    }
+    let per_second = f64::from(CONNECT_CLOSE_CYCLES) / started.elapsed().as_secs_f64();
+    concurrent_echoes(vm, 1, 1000).map_err(|e| e.context("echo after the connections"))?;
+    Ok(format!(
+        "{CONNECT_CLOSE_CYCLES} connect/close cycles, {per_second:.0} per second; still serving"
+    ))
+}
+
+fn echo_20_sequential(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
     for round in 0..20u64 {
         let stream = host::connect_accepted(vm.uds(), ECHO_PORT, CONNECT_TIMEOUT)?;
         host::echo_exchange(
             stream,
             100 + round,
             4096 + round * 37,
-            ECHO_WINDOW,
+            vm.echo_window(),
             STALL_TIMEOUT,
         )
         .map_err(|e| e.context(format!("connection {round}")))?;
@@ -299,7 +729,7 @@ fn echo_20_sequential(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
     Ok("20 connections one after another".to_string())
 }
 
-fn unused_port_refused(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
+fn unused_port_refused(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
     match host::connect(vm.uds(), UNUSED_PORT, CONNECT_TIMEOUT)? {
         Connect::Refused => {}
         Connect::Accepted(_) => bail!("a connection to port {UNUSED_PORT} was accepted"),
@@ -312,7 +742,7 @@ fn unused_port_refused(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
 
 /// The host asks the source for 1 MiB, reads nothing for two seconds (the guest's `send`
 /// must block on credit), then reads everything and checks it byte by byte.
-fn host_stops_reading(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
+fn host_stops_reading(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
     const TOTAL: u64 = 1 << 20;
     let mut stream = host::connect_accepted(vm.uds(), SOURCE_PORT, CONNECT_TIMEOUT)?;
     stream.write_all(format!("{TOTAL}\n").as_bytes())?;
@@ -328,7 +758,7 @@ fn host_stops_reading(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
     let marker = format!("source sent {TOTAL} bytes to 2:");
     let deadline = Instant::now() + Duration::from_secs(10);
     let blocked: u64 = loop {
-        let log = vm.guest.serial_log();
+        let log = vm.serial_log();
         if let Some(count) = log
             .lines()
             .find_map(|line| line.split_once(&marker))
@@ -352,21 +782,10 @@ fn host_stops_reading(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
 
 /// Four echo connections; the host drops one halfway; the other three finish byte-exact
 /// and a new connection still works.
-fn host_closes_mid_transfer(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
+fn host_closes_mid_transfer(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
     const TOTAL: u64 = 512 * 1024;
     let mut abandoned = host::connect_accepted(vm.uds(), ECHO_PORT, CONNECT_TIMEOUT)?;
-    let streams = (0..3)
-        .map(|_| host::connect_accepted(vm.uds(), ECHO_PORT, CONNECT_TIMEOUT))
-        .collect::<Result<Vec<_>>>()?;
-    let workers: Vec<_> = streams
-        .into_iter()
-        .enumerate()
-        .map(|(seed, stream)| {
-            thread::spawn(move || {
-                host::echo_exchange(stream, 50 + seed as u64, TOTAL, ECHO_WINDOW, STALL_TIMEOUT)
-            })
-        })
-        .collect();
+    let workers = start_echoes(vm, 3, 50, TOTAL)?;
     // Half a transfer on the abandoned connection, read back partly, then gone.
     let mut chunk = vec![0u8; 32 * 1024];
     host::fill_pattern(99, 0, &mut chunk);
@@ -387,11 +806,8 @@ fn host_closes_mid_transfer(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
 }
 
 /// A host listener on port 4321 answers the client example's line.
-fn client_to_host_listener(vm: &mut EchoVm, kernels: &Kernels) -> Result<String> {
-    let Some(slot) = vm.backend.guest(CLIENT_CID).cloned() else {
-        bail!("no client slot");
-    };
-    let path = PathBuf::from(format!("{}_{CLIENT_HOST_PORT}", slot.uds.display()));
+fn client_to_host_listener(vm: &mut dyn EchoGuest, inputs: &TestInputs) -> Result<String> {
+    let path = PathBuf::from(format!("{}_{CLIENT_HOST_PORT}", vm.client_uds().display()));
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
@@ -423,68 +839,93 @@ fn client_to_host_listener(vm: &mut EchoVm, kernels: &Kernels) -> Result<String>
         stream.write_all(b"hello from the host\n")?;
         Ok(String::from_utf8_lossy(&line).into_owned())
     });
-    let (status, log) = vm.run_client(&kernels.client, "")?;
+    let run = vm.run_client(&inputs.kernels.client, "");
     let _ = std::fs::remove_file(&path);
+    let run = run?;
     let received = host
         .join()
         .map_err(|_| anyhow::anyhow!("host listener panicked"))??;
     if received != format!("hello from {CLIENT_CID}\n") {
         bail!("the host received {received:?}");
     }
-    if status != Some(GUEST_EXIT_SUCCESS) {
-        bail!("the client exited with {status:?}; serial log:\n{log}");
+    if !run.success {
+        bail!(
+            "the client did not succeed ({}); serial log:\n{}",
+            run.how,
+            run.log
+        );
     }
-    if !log.contains("client: got back \"hello from the host\"") {
-        bail!("the client did not print the host's line; serial log:\n{log}");
+    if !run.log.contains("client: got back \"hello from the host\"") {
+        bail!(
+            "the client did not print the host's line; serial log:\n{}",
+            run.log
+        );
     }
     Ok(format!(
-        "host got {received:?}; guest printed the reply and exited 33"
+        "host got {received:?}; guest printed the reply and exited ({})",
+        run.how
     ))
 }
 
 /// The client example in the sibling guest talks to the echo guest by CID.
-fn client_to_sibling_echo(vm: &mut EchoVm, kernels: &Kernels) -> Result<String> {
-    client_echoed_by_sibling(vm, kernels, "")
+fn client_to_sibling_echo(vm: &mut dyn EchoGuest, inputs: &TestInputs) -> Result<String> {
+    client_echoed_by_sibling(vm, inputs, "")
 }
 
 /// The same, with the client in ring 3 after boot (`ring=3`, what the benchmark guest
 /// does): serial output, the device's registers and `isa-debug-exit` from ring 3.
-fn client_in_ring3_to_sibling_echo(vm: &mut EchoVm, kernels: &Kernels) -> Result<String> {
-    let detail = client_echoed_by_sibling(vm, kernels, "ring=3")?;
+fn client_in_ring3_to_sibling_echo(vm: &mut dyn EchoGuest, inputs: &TestInputs) -> Result<String> {
+    let detail = client_echoed_by_sibling(vm, inputs, "ring=3")?;
     Ok(format!("ring 3, {detail}"))
 }
 
 /// Runs the client against the echo guest with `extra` on its command line; checks that
 /// it got its line back and exited 33, and, with `ring=3`, that it said it ran there.
-fn client_echoed_by_sibling(vm: &mut EchoVm, kernels: &Kernels, extra: &str) -> Result<String> {
+fn client_echoed_by_sibling(
+    vm: &mut dyn EchoGuest,
+    inputs: &TestInputs,
+    extra: &str,
+) -> Result<String> {
     let cmdline = format!("cid={GUEST_CID} port={ECHO_PORT} {extra}");
-    let (status, log) = vm.run_client(&kernels.client, &cmdline)?;
+    let run = vm.run_client(&inputs.kernels.client, &cmdline)?;
+    let log = &run.log;
     if extra.contains("ring=3") && !log.contains("boot: running in ring 3") {
         bail!("the client did not say it runs in ring 3; serial log:\n{log}");
     }
-    if status != Some(GUEST_EXIT_SUCCESS) {
-        bail!("the client exited with {status:?}; serial log:\n{log}");
+    if !run.success {
+        bail!(
+            "the client did not succeed ({}); serial log:\n{log}",
+            run.how
+        );
     }
     let expected = format!("client: got back \"hello from {CLIENT_CID}\"");
     if !log.contains(&expected) {
         bail!("the client did not print {expected:?}; serial log:\n{log}");
     }
     Ok(format!(
-        "guest {CLIENT_CID} -> guest {GUEST_CID}:{ECHO_PORT}, line echoed, exit 33"
+        "guest {CLIENT_CID} -> guest {GUEST_CID}:{ECHO_PORT}, line echoed, {}",
+        run.how
     ))
 }
 
-fn guest_log_has_no_errors(vm: &mut EchoVm, _: &Kernels) -> Result<String> {
-    guest_log_clean(&mut vm.guest, "guest")
+fn guest_log_has_no_errors(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
+    let running = vm.is_running();
+    log_clean(running, &vm.serial_log(), "guest")
 }
 
 /// Checks that `guest` still runs and its serial log has no `[PANIC]` or `[ERROR]` line;
 /// prints its warnings, each prefixed with `who`.
 pub fn guest_log_clean(guest: &mut Guest, who: &str) -> Result<String> {
-    if !guest.is_running() {
+    let running = guest.is_running();
+    log_clean(running, &guest.serial_log(), who)
+}
+
+/// Checks that a guest is `running` and `log`, its serial log, has no `[PANIC]` or
+/// `[ERROR]` line; prints its warnings, each prefixed with `who`.
+fn log_clean(running: bool, log: &str, who: &str) -> Result<String> {
+    if !running {
         bail!("the {who} is no longer running");
     }
-    let log = guest.serial_log();
     let errors: Vec<&str> = log
         .lines()
         .filter(|line| line.contains("[PANIC]") || line.contains("[ERROR]"))
@@ -517,8 +958,16 @@ pub fn soak_by_hand(
     load: soak::Load,
 ) -> Result<bool> {
     let kernel = build_example("echo")?;
-    let mut vm =
-        EchoVm::boot_with_cmdline(tools, machine, accel, &kernel, "soak", false, guest_args)?;
+    let mut vm = EchoVm::boot_with_cmdline(
+        tools,
+        machine,
+        accel,
+        &kernel,
+        "soak",
+        false,
+        guest_args,
+        PROCESS_LIMIT,
+    )?;
     println!(
         "soak: {} clients for {} s against the echo guest on {machine} ({accel}), seed {}, mix {:?}",
         load.clients,

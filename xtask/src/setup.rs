@@ -179,14 +179,16 @@ fn installed_version(root: &Path, name: &str) -> Option<String> {
     Some(version.to_string())
 }
 
-fn find_in_path(binary: &str) -> Option<PathBuf> {
+/// The first file named `binary` in a folder of `PATH`.
+pub fn find_in_path(binary: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
         .map(|dir| dir.join(binary))
         .find(|candidate| candidate.is_file())
 }
 
-/// Installs whatever is missing and prints the versions in use.
+/// Installs whatever is missing and prints the versions in use, and whether Cloud
+/// Hypervisor is there (see [`crate::ch::find`]).
 pub fn ensure_all() -> Result<Tools> {
     ensure_toolchain()?;
     let qemu = ensure_qemu()?;
@@ -201,5 +203,14 @@ pub fn ensure_all() -> Result<Tools> {
         "setup: {BACKEND_CRATE} {BACKEND_VERSION} ({})",
         backend.display()
     );
+    // Not installed by xtask (not on crates.io, not in Debian 12): found or not.
+    match crate::ch::find() {
+        Ok(binary) => println!(
+            "setup: {} ({})",
+            crate::ch::version(&binary),
+            binary.display()
+        ),
+        Err(why) => println!("setup: {why}; the Cloud Hypervisor tests will be skipped"),
+    }
     Ok(Tools { qemu, backend })
 }

@@ -216,10 +216,84 @@ pub struct GuestConfig {
     pub limit: Duration,
 }
 
-/// A running QEMU with its serial log in a file.
-pub struct Guest {
+/// A running VMM process with the guest's serial log in a file: what QEMU and Cloud
+/// Hypervisor guests have in common.
+pub struct VmProcess {
     process: Guarded,
     serial: PathBuf,
+    /// How the guest is named in messages, e.g. "guest cid 3".
+    label: String,
+}
+
+impl VmProcess {
+    /// Starts `command` (which must send the guest's serial output to `serial`) as a
+    /// guarded child named `name`, killed after `limit`.
+    pub fn spawn(
+        name: &str,
+        label: String,
+        command: Command,
+        serial: PathBuf,
+        limit: Duration,
+    ) -> Result<Self> {
+        let process = Guarded::spawn(name, command, limit)?;
+        Ok(VmProcess {
+            process,
+            serial,
+            label,
+        })
+    }
+
+    /// The serial log so far.
+    pub fn serial_log(&self) -> String {
+        read_lossy(&self.serial)
+    }
+
+    /// Waits until the serial log contains `needle`; fails when the VMM exits first or
+    /// the timeout passes.
+    pub fn wait_for_serial(&mut self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.serial_log().contains(needle) {
+                return Ok(());
+            }
+            if let Some(status) = self.process.try_status() {
+                bail!(
+                    "{} exited ({status}) before printing {needle:?}; serial log:\n{}",
+                    self.label,
+                    self.serial_log()
+                );
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not print {needle:?} within {}s; serial log:\n{}",
+                    self.label,
+                    timeout.as_secs(),
+                    self.serial_log()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits up to `timeout` for the VMM to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.process.wait_timeout(timeout)
+    }
+
+    /// Whether the VMM is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.process.try_status().is_none()
+    }
+
+    /// Stops the VMM.
+    pub fn stop(&mut self) {
+        self.process.stop();
+    }
+}
+
+/// A running QEMU with its serial log in a file.
+pub struct Guest {
+    vm: VmProcess,
     /// The guest's place in the backend.
     pub slot: GuestSlot,
 }
@@ -244,59 +318,43 @@ impl Guest {
             .stdin(Stdio::null())
             .stdout(log_file.try_clone()?)
             .stderr(log_file);
-        let process = Guarded::spawn(&format!("qemu (cid {})", slot.cid), command, config.limit)?;
-        Ok(Guest {
-            process,
+        let vm = VmProcess::spawn(
+            &format!("qemu (cid {})", slot.cid),
+            format!("guest cid {}", slot.cid),
+            command,
             serial,
+            config.limit,
+        )?;
+        Ok(Guest {
+            vm,
             slot: slot.clone(),
         })
     }
 
     /// The serial log so far.
     pub fn serial_log(&self) -> String {
-        read_lossy(&self.serial)
+        self.vm.serial_log()
     }
 
     /// Waits until the serial log contains `needle`; fails when the guest exits first or
     /// the timeout passes.
     pub fn wait_for_serial(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.serial_log().contains(needle) {
-                return Ok(());
-            }
-            if let Some(status) = self.process.try_status() {
-                bail!(
-                    "guest cid {} exited ({status}) before printing {needle:?}; serial log:\n{}",
-                    self.slot.cid,
-                    self.serial_log()
-                );
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "guest cid {} did not print {needle:?} within {}s; serial log:\n{}",
-                    self.slot.cid,
-                    timeout.as_secs(),
-                    self.serial_log()
-                );
-            }
-            thread::sleep(Duration::from_millis(50));
-        }
+        self.vm.wait_for_serial(needle, timeout)
     }
 
     /// Waits up to `timeout` for QEMU to exit by itself.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        self.process.wait_timeout(timeout)
+        self.vm.wait_exit(timeout)
     }
 
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
-        self.process.try_status().is_none()
+        self.vm.is_running()
     }
 
     /// Stops QEMU.
     pub fn stop(&mut self) {
-        self.process.stop();
+        self.vm.stop();
     }
 }
 
@@ -340,7 +398,8 @@ pub fn qemu_command(tools: &Tools, config: &GuestConfig, vhost_socket: &Path) ->
     command
 }
 
-fn read_lossy(path: &Path) -> String {
+/// A file's contents as text, invalid UTF-8 replaced; empty if it cannot be read.
+pub fn read_lossy(path: &Path) -> String {
     std::fs::read(path)
         .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
         .unwrap_or_default()
