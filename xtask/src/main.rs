@@ -89,6 +89,10 @@ enum Command {
         /// QEMU, 3 under Cloud Hypervisor).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: Option<u32>,
+        /// Seconds of the soak (many host clients at once) on q35 and under Cloud
+        /// Hypervisor; 0 leaves it out.
+        #[arg(long, default_value_t = qemu_tests::SOAK_SECONDS)]
+        soak_seconds: u64,
         /// Skip the Miri run of the host tests.
         #[arg(long)]
         no_miri: bool,
@@ -229,6 +233,7 @@ fn run(command: Command) -> Result<ExitCode> {
             vmm,
             machine,
             rounds,
+            soak_seconds,
             no_miri,
             fuzz_seconds,
             host_only,
@@ -245,6 +250,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 accel,
                 machines: machine,
                 rounds,
+                soak_seconds,
                 miri: !no_miri,
                 fuzz_seconds,
                 host: !vm_only && !linux_only,
@@ -343,6 +349,8 @@ struct TestPlan {
     machines: Vec<Machine>,
     /// Rounds of the repeated echo (`None`: each VMM's default).
     rounds: Option<u32>,
+    /// Seconds of the soak in the q35 and Cloud Hypervisor suites (0: none).
+    soak_seconds: u64,
     miri: bool,
     fuzz_seconds: u32,
     /// The host-side steps.
@@ -397,7 +405,14 @@ fn test(plan: &TestPlan) -> Result<ExitCode> {
             plan.machines.clone()
         };
         let rounds = plan.rounds.unwrap_or(qemu_tests::QEMU_ROUNDS);
-        qemu_tests::run_qemu(&tools, accel, &machines, rounds, &mut vm_tally)?;
+        qemu_tests::run_qemu(
+            &tools,
+            accel,
+            &machines,
+            rounds,
+            plan.soak_seconds,
+            &mut vm_tally,
+        )?;
     }
     // The Linux guest runs on q35 only.
     let linux = plan.linux && (plan.machines.is_empty() || plan.machines.contains(&Machine::Q35));
@@ -409,7 +424,7 @@ fn test(plan: &TestPlan) -> Result<ExitCode> {
     }
     if plan.ch {
         let rounds = plan.rounds.unwrap_or(qemu_tests::CH_ROUNDS);
-        qemu_tests::run_ch(rounds, &mut vm_tally)?;
+        qemu_tests::run_ch(rounds, plan.soak_seconds, &mut vm_tally)?;
     }
     passed += vm_tally.passed;
     let failed = failed_names.len() + vm_tally.failed;
