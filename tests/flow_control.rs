@@ -817,7 +817,8 @@ fn b7_full_reply_queue_stops_rx_until_tx_drains() {
     assert_eq!(vsock.send(conn, &data), Ok(8 * MAX_TX_PAYLOAD));
 
     // Strays to unknown ports, 8 per round (the rx ring size); each needs an RST that has
-    // to wait. The reply queue holds 64.
+    // to wait. RSTs for no connection wait in a queue of 64 (a connection's own replies
+    // wait as what it owes, and never fill anything).
     let stray = |i: u32| Header {
         src_port: 10_000 + i,
         dst_port: 4321,
