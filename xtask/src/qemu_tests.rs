@@ -1044,8 +1044,17 @@ fn soak_mixed_host_clients(vm: &mut dyn EchoGuest, inputs: &TestInputs) -> Resul
 }
 
 /// Runs the soak with `load` against `vm`, then four concurrent echoes; returns what
-/// happened, or fails with the soak's failures.
+/// happened, or fails with the soak's failures or when the driver logged a packet it
+/// dropped meanwhile.
 fn run_soak(vm: &mut dyn EchoGuest, load: soak::Load) -> Result<String> {
+    // What the driver dropped, before and after: nothing may be dropped meanwhile.
+    let drops = |vm: &dyn EchoGuest| {
+        vm.serial_log()
+            .lines()
+            .filter(|line| line.contains("vsock:") && line.contains("dropping"))
+            .count()
+    };
+    let dropped_before = drops(vm);
     let started = Instant::now();
     let report = soak::run(&SoakConfig {
         uds: vm.uds().to_path_buf(),
@@ -1071,6 +1080,10 @@ fn run_soak(vm: &mut dyn EchoGuest, load: soak::Load) -> Result<String> {
     }
     let after =
         concurrent_echoes(vm, 4, 64 * 1024).context(format!("after the soak ({summary})"))?;
+    let dropped = drops(vm) - dropped_before;
+    if dropped > 0 {
+        bail!("{summary}; the driver logged {dropped} dropped packets meanwhile");
+    }
     // Connections the host reset and the device never reported end in the echo guest's
     // idle timeout (README, quirks of vhost-device-vsock).
     let idle_aborts = vm.serial_log().matches("moved nothing for").count();
