@@ -63,9 +63,10 @@ pub struct Stats {
     pub tx_packets: u64,
     /// Received packets dropped as malformed.
     pub rx_dropped: u64,
-    /// Receive buffers the device returned with no packet in them (the header it left
-    /// reads op 0, `VIRTIO_VSOCK_OP_INVALID`), dropped. vhost-device-vsock 0.3.0 does this
-    /// routinely around connections that end.
+    /// Receive buffers the device returned with no packet in them, dropped: the header it
+    /// left reads op 0 (`VIRTIO_VSOCK_OP_INVALID`), or 44 bytes were written and the
+    /// header there announces a payload (an earlier data packet's). vhost-device-vsock
+    /// 0.3.0 does this routinely around connections that end.
     pub rx_empty: u64,
     /// Used-ring entries rejected (unknown id or bad length).
     pub bad_used_entries: u64,
@@ -523,6 +524,9 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
         match entry {
             Ok(Used { id, len }) => {
+                // Whether the buffer now holds a whole packet without payload, which a
+                // device returning it unwritten would show again (see `repost_cleared`).
+                let mut clear = false;
                 match Header::parse_packet(self.rx.buffer(id), len) {
                     Ok((header, _)) if header.op == OP_INVALID => {
                         self.stats.rx_empty += 1;
@@ -530,7 +534,14 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                     }
                     Ok((header, payload)) => {
                         self.stats.rx_packets += 1;
+                        clear = header.len == 0;
                         handle(Arrival::Packet(&header, payload));
+                    }
+                    Err(WireError::LengthMismatch) if len == HEADER_LEN => {
+                        // A header alone that announces a payload: the buffer came back
+                        // unwritten over an earlier data packet.
+                        self.stats.rx_empty += 1;
+                        log::debug!("vsock: the device returned an rx buffer with no packet (44 bytes written over a data packet)");
                     }
                     Err(
                         WireError::Truncated
@@ -553,7 +564,11 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                         }
                     }
                 }
-                self.rx.repost(id);
+                if clear {
+                    self.rx.repost_cleared(id);
+                } else {
+                    self.rx.repost(id);
+                }
             }
             Err(BadUsed::TooLong { id, len }) => {
                 self.stats.bad_used_entries += 1;
@@ -591,14 +606,14 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                         None
                     }
                 };
-                self.events.repost(id);
+                self.events.repost_cleared(id);
                 Some(event)
             }
             Err(bad) => {
                 self.stats.bad_used_entries += 1;
                 log::warn!("vsock: event used entry rejected: {bad:?}");
                 if let BadUsed::TooLong { id, .. } = bad {
-                    self.events.repost(id);
+                    self.events.repost_cleared(id);
                 }
                 Some(None)
             }

@@ -28,7 +28,7 @@ pub const TX_CHUNK: usize = 512;
 pub const MAX_TX_CHUNKS: usize = 8192;
 
 /// Bytes at the start of a receive buffer zeroed before it is posted again: a packet
-/// header (see [`RxQueue::repost`]).
+/// header (see [`RxQueue::repost_cleared`]).
 pub const SCRUBBED_PREFIX: usize = crate::wire::HEADER_LEN;
 
 const DESC_SIZE: usize = 16;
@@ -481,12 +481,21 @@ impl<H: Hal> RxQueue<H> {
         self.rings.publish();
     }
 
-    /// Posts buffer `id` again after its contents were consumed. Its first
-    /// [`SCRUBBED_PREFIX`] bytes are zeroed first: a device that returns a buffer without
-    /// writing a packet into it (vhost-device-vsock 0.3.0 does, for a connection that
-    /// ended while it had work queued) then shows an invalid header (op 0), never the
-    /// header of the packet the buffer held before, which would be handled twice.
+    /// Posts buffer `id` again after its contents were consumed.
     pub fn repost(&mut self, id: u16) {
+        if id < self.rings.size && !self.rings.is_posted(id) {
+            self.rings.post(id);
+        }
+    }
+
+    /// [`RxQueue::repost`], with the first [`SCRUBBED_PREFIX`] bytes of the buffer zeroed
+    /// first, for a buffer that held a whole packet without payload: a device that returns
+    /// a buffer without writing a packet into it (vhost-device-vsock 0.3.0 does, for a
+    /// connection that ended while it had work queued) then shows an invalid header (op 0),
+    /// never that packet again, which would be handled twice. (A header that announces a
+    /// payload fails the length check (B10) when it comes back with nothing after it, so
+    /// buffers of data packets need no zeroing, and their cache lines stay clean.)
+    pub fn repost_cleared(&mut self, id: u16) {
         if id < self.rings.size && !self.rings.is_posted(id) {
             let prefix = SCRUBBED_PREFIX.min(self.buffer_size);
             // SAFETY: `id < size`, so the first `prefix <= buffer_size` bytes of buffer `id`

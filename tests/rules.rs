@@ -2224,9 +2224,11 @@ fn b44_a_truncated_packet_resets_its_connection_and_tells_the_peer() {
 // B6: a buffer the device returns without writing a packet into it.
 
 /// vhost-device-vsock 0.3.0 returns an rx buffer with a used length of 44 and nothing
-/// written when the connection it meant to serve ended meanwhile. The driver zeroes each
-/// buffer's header before it posts it again, so such a buffer reads op 0 and is dropped:
-/// the packet it held before (here a REQUEST, then an RST) is never handled twice.
+/// written when the connection it meant to serve ended meanwhile. The driver zeroes the
+/// header of a buffer that held a packet without payload before it posts it again, so
+/// such a buffer reads op 0 and is dropped: the packet it held before (here a REQUEST,
+/// then an RST) is never handled twice. A buffer that held data needs no zeroing: its
+/// header announces a payload that is not there, and it is dropped the same way.
 #[test]
 fn b6_a_buffer_returned_without_a_packet_is_never_taken_for_the_one_it_held() {
     let (transport, mut model) = new_transport();
@@ -2239,14 +2241,18 @@ fn b6_a_buffer_returned_without_a_packet_is_never_taken_for_the_one_it_held() {
     let listener = listen(&mut vsock);
     let conn = accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(1));
     model
+        .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), b"hello")
+        .unwrap();
+    model
         .deliver(&from_host(Op::Rst, HOST_BUF_ALLOC, 0), &[])
         .unwrap();
     vsock.poll(ms(2));
     let mut buf = [0u8; 8];
+    assert_eq!(vsock.recv(conn, &mut buf), Ok(5));
     assert_eq!(vsock.recv(conn, &mut buf), Err(Error::ConnectionReset));
     vsock.close(conn).unwrap();
-    // Every buffer of the ring comes back once without a packet written into it: two
-    // that never held one, the REQUEST's and the RST's.
+    // Every buffer of the ring comes back once without a packet written into it: one
+    // that never held one, the REQUEST's, the data's and the RST's.
     for _ in 0..4 {
         model.deliver_raw(&[], HEADER_LEN as u32).unwrap();
     }
@@ -2254,7 +2260,11 @@ fn b6_a_buffer_returned_without_a_packet_is_never_taken_for_the_one_it_held() {
     assert_eq!(control(&mut model), [], "no RESPONSE to a ghost REQUEST");
     assert_eq!(vsock.accept(listener), Err(Error::WouldBlock));
     let stats = vsock.stats();
-    assert_eq!((stats.rx_empty, stats.rx_packets), (4, 2), "{stats:?}");
+    assert_eq!(
+        (stats.rx_empty, stats.rx_packets, stats.rx_dropped),
+        (4, 3, 0),
+        "{stats:?}"
+    );
     assert_eq!(model.available(RX), 4);
     // The next real REQUEST on the same tuple is a new connection, as usual.
     accept_host(&mut vsock, &mut model, listener, HOST_BUF_ALLOC, ms(4));
