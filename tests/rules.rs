@@ -170,6 +170,14 @@ struct Recording {
 }
 
 impl Recording {
+    /// Records the calls made on `inner`.
+    fn new(inner: &FakeTransport) -> Self {
+        Recording {
+            inner: inner.clone(),
+            log: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
     fn record(&self, call: Call) {
         // Also called from the driver's Drop: never panic here, even after a failed test.
         self.log
@@ -272,10 +280,7 @@ impl Transport for Recording {
 #[test]
 fn b3_init_order_cid_then_event_and_rx_buffers_then_driver_ok() {
     let inner = FakeTransport::new(GUEST_CID, FEATURES);
-    let transport = Recording {
-        inner: inner.clone(),
-        log: Arc::new(Mutex::new(Vec::new())),
-    };
+    let transport = Recording::new(&inner);
     let model = DeviceModel::new(&inner);
     let mut slots = [const { SocketSlot::EMPTY }; 2];
     let mut rx_memory = vec![0u8; 2 * 4096];
@@ -1973,10 +1978,7 @@ fn b1_device_id_19_queues_0_1_2_and_only_the_features_we_understand() {
         | INDIRECT_DESC
         | UNKNOWN;
     let inner = FakeTransport::new(GUEST_CID, offered);
-    let transport = Recording {
-        inner: inner.clone(),
-        log: Arc::new(Mutex::new(Vec::new())),
-    };
+    let transport = Recording::new(&inner);
     let mut slots = [const { SocketSlot::EMPTY }; 2];
     let mut rx_memory = vec![0u8; 2 * 4096];
     let vsock = VsockDevice::<FakeHal, _>::new(

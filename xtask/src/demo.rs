@@ -2,7 +2,7 @@
 
 use crate::cargo_tasks::build_example;
 use crate::host;
-use crate::qemu_tests::{EchoGuest, EchoVm, CONNECT_TIMEOUT, ECHO_PORT, GUEST_CID};
+use crate::qemu_tests::{EchoGuest, EchoVm, CONNECT_TIMEOUT, ECHO_PORT, GUEST_CID, PROCESS_LIMIT};
 use crate::setup::Tools;
 use crate::vm::{Accel, Machine};
 use anyhow::{bail, Context, Result};
@@ -22,7 +22,16 @@ pub fn run(tools: &Tools, machine: Machine, accel: Accel) -> Result<()> {
     let kernel = build_example("echo")?;
     println!("demo: booting {} on {machine}", kernel.display());
     let started = Instant::now();
-    let mut echo = EchoVm::boot(tools, machine, accel, &kernel, "demo", false)?;
+    let mut echo = EchoVm::boot(
+        tools,
+        machine,
+        accel,
+        &kernel,
+        "demo",
+        false,
+        "",
+        PROCESS_LIMIT,
+    )?;
     println!(
         "demo: guest cid {GUEST_CID} listens on port {ECHO_PORT} after {:.1}s",
         started.elapsed().as_secs_f64()

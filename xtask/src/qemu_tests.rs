@@ -143,32 +143,11 @@ pub struct EchoVm {
 }
 
 impl EchoVm {
-    /// Boots the echo example on `machine` and waits until it listens. With
+    /// Boots the echo example on `machine` with `cmdline` and waits until it listens. With
     /// `client_slot`, the backend also has a sibling slot for [`EchoGuest::run_client`].
-    pub fn boot(
-        tools: &Tools,
-        machine: Machine,
-        accel: Accel,
-        kernel: &Path,
-        run: &str,
-        client_slot: bool,
-    ) -> Result<Self> {
-        Self::boot_with_cmdline(
-            tools,
-            machine,
-            accel,
-            kernel,
-            run,
-            client_slot,
-            "",
-            PROCESS_LIMIT,
-        )
-    }
-
-    /// [`EchoVm::boot`] with `cmdline` for the guest; QEMU and the backend are killed
-    /// after `limit` at the latest.
+    /// QEMU and the backend are killed after `limit` at the latest.
     #[allow(clippy::too_many_arguments)]
-    pub fn boot_with_cmdline(
+    pub fn boot(
         tools: &Tools,
         machine: Machine,
         accel: Accel,
@@ -563,7 +542,7 @@ pub fn run_qemu(
         let started = Instant::now();
         let run = format!("test-{machine}");
         let limit = process_limit(rounds) + Duration::from_secs(soak_seconds);
-        let mut vm = match EchoVm::boot_with_cmdline(
+        let mut vm = match EchoVm::boot(
             tools,
             machine,
             accel,
@@ -1103,7 +1082,7 @@ pub fn soak_by_hand(
     load: soak::Load,
 ) -> Result<bool> {
     let kernel = build_example("echo")?;
-    let mut vm = EchoVm::boot_with_cmdline(
+    let mut vm = EchoVm::boot(
         tools,
         machine,
         accel,
