@@ -78,6 +78,9 @@ pub struct Stats {
     /// because it had run out of receive buffers and used none of the reposted ones for
     /// [`DEVICE_STALL`] (counted in `rx_kicks` too).
     pub rx_stall_notifies: u64,
+    /// Interrupts acknowledged that were this device's (see
+    /// [`VirtioVsock::ack_interrupt`]).
+    pub interrupts: u64,
 }
 
 /// What [`VirtioVsock::receive`] took from the device.
@@ -144,6 +147,12 @@ impl StallWatch {
                 None
             }
         }
+    }
+
+    /// When [`StallWatch::overdue`] will next report, if the device still sits on its
+    /// work then.
+    fn deadline(&self) -> Option<Instant> {
+        self.since.map(|since| since + DEVICE_STALL)
     }
 
     /// The level to log the notification `overdue` just counted at.
@@ -620,9 +629,51 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
     }
 
-    /// Acknowledges a pending interrupt, for users who take them.
-    pub fn ack_interrupt(&mut self) {
-        let _ = self.transport.ack_interrupt();
+    /// Acknowledges the device's interrupt (reads and clears its interrupt status) and
+    /// returns whether it had raised one: `false` means the interrupt was another
+    /// device's, on a shared line.
+    pub fn ack_interrupt(&mut self) -> bool {
+        let ours = !self.transport.ack_interrupt().is_empty();
+        if ours {
+            self.stats.interrupts += 1;
+        }
+        ours
+    }
+
+    /// Asks the device to interrupt when it returns a receive buffer or an event, and,
+    /// with `tx`, a transmit packet; then looks at the used rings once more. Returns
+    /// `true` when none had anything returned meanwhile: then it is safe to wait for the
+    /// interrupt. `false`: something came in before the request was visible; take it
+    /// (poll) instead of waiting. The request lasts until [`VirtioVsock::disarm_interrupts`].
+    pub fn arm_interrupts(&mut self, tx: bool) -> bool {
+        // Every queue is armed, whatever an earlier one found: the caller polls on `false`,
+        // and the poll disarms them all.
+        let rx = self.rx.arm_interrupt();
+        let events = self.events.arm_interrupt();
+        let tx = !tx || self.tx.arm_interrupt();
+        rx && events && tx
+    }
+
+    /// Asks the device not to interrupt (busy stretches run interrupt-free, B8).
+    pub fn disarm_interrupts(&mut self) {
+        self.rx.disarm_interrupt();
+        self.events.disarm_interrupt();
+        self.tx.disarm_interrupt();
+    }
+
+    /// Transmit packets the device holds (submitted, not yet taken back).
+    pub fn tx_outstanding(&self) -> u16 {
+        self.tx.outstanding()
+    }
+
+    /// The next instant [`VirtioVsock::watch_queues`] has something to check, with no
+    /// device activity before it: when a queue's device, sitting on work, will have sat on
+    /// it for [`DEVICE_STALL`]. `None` while it sits on none.
+    pub fn poll_at(&self) -> Option<Instant> {
+        match (self.tx_watch.deadline(), self.rx_watch.deadline()) {
+            (Some(tx), Some(rx)) => Some(tx.min(rx)),
+            (tx, rx) => tx.or(rx),
+        }
     }
 }
 

@@ -151,6 +151,8 @@ struct SplitRing<H: Hal> {
     seen_used_idx: u16,
     /// `last_used_idx` when `used_event` was last written.
     used_event_base: u16,
+    /// The device was asked to interrupt at its next used entry ([`SplitRing::arm`]).
+    armed: bool,
     kicks: u64,
 }
 
@@ -189,6 +191,7 @@ impl<H: Hal> SplitRing<H> {
             last_used_idx: 0,
             seen_used_idx: 0,
             used_event_base: 0,
+            armed: false,
             kicks: 0,
         };
         // We poll; ask the device not to interrupt (without EVENT_IDX this flag is the
@@ -289,6 +292,39 @@ impl<H: Hal> SplitRing<H> {
         }
     }
 
+    /// Asks the device to interrupt once it adds a used entry: `used_event` at the next
+    /// entry to take under `VIRTIO_F_EVENT_IDX` (so one interrupt, however many entries
+    /// follow), else the available ring's `NO_INTERRUPT` flag cleared (an interrupt per
+    /// batch, until [`SplitRing::disarm`]). Then looks at the used index once more and
+    /// returns whether the device had added none: an entry added before the request was
+    /// visible would raise no interrupt, so the caller must not wait for one then.
+    fn arm(&mut self) -> bool {
+        if self.event_idx {
+            let offset = self.avail_offset + 4 + 2 * usize::from(self.size);
+            self.write_ring_u16(offset, self.last_used_idx);
+        } else {
+            self.write_ring_u16(self.avail_offset, 0);
+        }
+        self.armed = true;
+        // The request must be visible before the used index is read again: the device
+        // writes the index, then reads the request (a store-then-load on both sides).
+        fence(Ordering::SeqCst);
+        self.read_used_u16(self.used_offset + 2) == self.last_used_idx
+    }
+
+    /// Asks the device not to interrupt again (undoes [`SplitRing::arm`]).
+    fn disarm(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.armed = false;
+        if self.event_idx {
+            self.write_used_event();
+        } else {
+            self.write_ring_u16(self.avail_offset, AVAIL_F_NO_INTERRUPT);
+        }
+    }
+
     /// Takes the next entry of the used ring, if any: the id (checked to be posted, and now
     /// the driver's again) and the length the device claims. `Err` carries an id that was
     /// out of range or not posted.
@@ -307,7 +343,7 @@ impl<H: Hal> SplitRing<H> {
         let raw_id = self.read_used_u32(entry);
         let raw_len = self.read_used_u32(entry + 4);
         self.last_used_idx = self.last_used_idx.wrapping_add(1);
-        if self.last_used_idx.wrapping_sub(self.used_event_base) >= 0x4000 {
+        if !self.armed && self.last_used_idx.wrapping_sub(self.used_event_base) >= 0x4000 {
             self.write_used_event();
         }
         let Some(id) = u16::try_from(raw_id).ok().filter(|&id| self.is_posted(id)) else {
@@ -577,6 +613,17 @@ impl<H: Hal> RxQueue<H> {
     /// (B8). Returns whether it notified.
     pub fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
         self.rings.notify_if_needed(transport)
+    }
+
+    /// Asks the device to interrupt when it returns a buffer; `false` when it already has
+    /// (see [`TxQueue::arm_interrupt`]).
+    pub fn arm_interrupt(&mut self) -> bool {
+        self.rings.arm()
+    }
+
+    /// Asks the device not to interrupt.
+    pub fn disarm_interrupt(&mut self) {
+        self.rings.disarm();
     }
 }
 
@@ -884,6 +931,19 @@ impl<H: Hal> TxQueue<H> {
     /// hear (B8). Returns whether it notified.
     pub fn notify_if_needed<T: Transport>(&mut self, transport: &mut T) -> bool {
         self.rings.notify_if_needed(transport)
+    }
+
+    /// Asks the device to interrupt when it returns a packet: once with
+    /// `VIRTIO_F_EVENT_IDX`, per batch without it until [`TxQueue::disarm_interrupt`].
+    /// Returns `false` when it had returned one already before the request was visible
+    /// (then no interrupt need come for it: look at the ring instead of waiting).
+    pub fn arm_interrupt(&mut self) -> bool {
+        self.rings.arm()
+    }
+
+    /// Asks the device not to interrupt.
+    pub fn disarm_interrupt(&mut self) {
+        self.rings.disarm();
     }
 }
 

@@ -53,6 +53,10 @@ pub struct Config {
     /// Linux 6.1 take; raise it for siblings known to take more (this driver's take
     /// `rx_buffer_size`).
     pub sibling_packet_size: usize,
+    /// Whether the kernel takes the device's interrupts: then
+    /// [`VsockDevice::arm_interrupts`] asks the device for one before the kernel sleeps.
+    /// Without it the device never interrupts and `arm_interrupts` always says to poll.
+    pub interrupts: bool,
 }
 
 impl Default for Config {
@@ -67,6 +71,7 @@ impl Default for Config {
             close_timeout: Duration::from_secs(8),
             allow_privileged_ports: false,
             sibling_packet_size: 3776,
+            interrupts: false,
         }
     }
 }
@@ -466,10 +471,61 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         self.device.flush();
     }
 
+    /// When the kernel must call [`VsockDevice::poll`] at the latest if nothing else
+    /// happens: the earliest connect or close timeout (B19, B36), credit probe (B29) or
+    /// check of a device that sits on work (see [`VirtioVsock::watch_queues`]). `None` when
+    /// only the device, or a call, can make work: then a kernel that armed the interrupts
+    /// may sleep until one comes. A deadline already past means now.
+    pub fn poll_at(&self) -> Option<Instant> {
+        match (self.sockets.next_deadline(), self.device.poll_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Before the kernel sleeps, after polling until there was nothing left to do: asks
+    /// the device to interrupt when something waits for it (every received packet and
+    /// device event; a transmit packet taken back only while data or a control packet
+    /// waits for transmit memory or a descriptor), then looks at the rings once more.
+    ///
+    /// Returns `true` when it is safe to sleep until the interrupt or
+    /// [`VsockDevice::poll_at`]; `false` when the device returned something meanwhile (it
+    /// may not interrupt for that): poll again instead of sleeping. The next
+    /// [`VsockDevice::poll`] (or `recv`) takes the request back, so busy stretches run
+    /// without interrupts. Always `false` unless [`Config::interrupts`] is set: the device
+    /// then never interrupts, and a kernel must poll.
+    ///
+    /// ```text
+    /// loop {
+    ///     vsock.poll(now());
+    ///     serve(&mut vsock); // until it has nothing left to do
+    ///     if vsock.arm_interrupts() {
+    ///         sleep_until_interrupt_or(vsock.poll_at()); // then vsock.ack_interrupt()
+    ///     }
+    /// }
+    /// ```
+    pub fn arm_interrupts(&mut self) -> bool {
+        if !self.sockets.config.interrupts {
+            return false;
+        }
+        let tx = self.device.tx_outstanding() > 0 && self.sockets.waits_for_device(&self.device);
+        self.device.arm_interrupts(tx)
+    }
+
+    /// Acknowledges the device's interrupt; returns whether it was this device's (`false`
+    /// for another device's on a shared line). Call it from the kernel's main loop (the
+    /// driver is not interrupt-safe), then [`VsockDevice::poll`]; counted in
+    /// [`Stats::interrupts`].
+    pub fn ack_interrupt(&mut self) -> bool {
+        self.device.ack_interrupt()
+    }
+
     /// Takes device events, then received packets while RSTs for no connection can wait
     /// (B7), and sends the replies. With `direct`, its connection's data goes to `direct`
     /// while that has room, and no packet is taken after that.
     fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>) {
+        // Busy: no interrupts until the kernel arms them again.
+        self.device.disarm_interrupts();
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
         while let Some(event) = self.device.next_event() {
@@ -1172,6 +1228,52 @@ impl Sockets<'_> {
             slot.send_queue.front_len() > credit
         };
         conn.state == State::Connected && blocked
+    }
+
+    /// The earliest timer of a connection: a connect or close timeout, or a credit probe.
+    fn next_deadline(&self) -> Option<Instant> {
+        self.slots
+            .get(self.slots_in_use())
+            .into_iter()
+            .flatten()
+            .filter_map(|slot| slot.socket.as_ref()?.conn())
+            .filter_map(|conn| {
+                let timeout = match conn.state {
+                    State::Connecting { deadline } | State::Closing { deadline } => Some(deadline),
+                    State::Connected | State::Closed => None,
+                };
+                let probe = conn.credit_probe.map(|probe| probe.due);
+                match (timeout, probe) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            })
+            .min()
+    }
+
+    /// Whether something waits for the device to take back transmit packets: an RST for
+    /// no connection, a control packet a connection owes, data whose credit has come but
+    /// which found no descriptor or memory, or a `send` that would find none (every
+    /// descriptor, or all transmit memory, is with the device).
+    fn waits_for_device<H: Hal, T: Transport>(&self, device: &VirtioVsock<H, T>) -> bool {
+        if !self.stray_rsts.is_empty()
+            || device.tx_free_descriptors() == 0
+            || device.tx_free_chunks() == 0
+        {
+            return true;
+        }
+        self.slots
+            .get(self.slots_in_use())
+            .into_iter()
+            .flatten()
+            .any(|slot| {
+                let Some(conn) = slot.socket.as_ref().and_then(Socket::conn) else {
+                    return false;
+                };
+                let data_fits = !slot.send_queue.is_empty()
+                    && slot.send_queue.front_len() <= conn.credit.peer_free() as usize;
+                !conn.owed.is_empty() || data_fits
+            })
     }
 
     /// Gives back the memory of data that will never go out: queues of freed slots and of

@@ -11,6 +11,9 @@ const RX: usize = 0;
 const TX: usize = 1;
 const EVENT: usize = 2;
 const DESC_F_WRITE: u16 = 2;
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// `VIRTIO_F_RING_EVENT_IDX`.
+const EVENT_IDX: u64 = 1 << 29;
 
 /// A packet taken from, or given to, the driver.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,15 +183,40 @@ impl DeviceModel {
     /// Returns descriptor `id` to the driver on `queue` with `len` bytes written. Any
     /// values may be passed, to play a device that lies. The used ring has one slot per
     /// descriptor: more entries than the driver has read overwrite the oldest.
+    ///
+    /// Then interrupts as a device does (virtio 1.2, 2.7.10): with `VIRTIO_F_EVENT_IDX`
+    /// negotiated when the new used index passes the driver's `used_event`, without it
+    /// unless the available ring's `VIRTQ_AVAIL_F_NO_INTERRUPT` flag is set. An interrupt
+    /// sets the transport's interrupt status and counts in [`QueueRegs::interrupts`].
     pub fn push_used(&mut self, queue: usize, id: u32, len: u32) -> Result<(), ModelError> {
         let regs = self.regs(queue)?;
         let slot = PhysAddr::from(self.used_idx[queue] % regs.size as u16);
         let entry = regs.device + 4 + 8 * slot;
         write_bytes(entry, &id.to_le_bytes());
         write_bytes(entry + 4, &len.to_le_bytes());
-        self.used_idx[queue] = self.used_idx[queue].wrapping_add(1);
+        let old = self.used_idx[queue];
+        self.used_idx[queue] = old.wrapping_add(1);
         write_bytes(regs.device + 2, &self.used_idx[queue].to_le_bytes());
+        let event_idx = self.transport.state().driver_features & EVENT_IDX != 0;
+        let interrupt = if event_idx {
+            let used_event = read_u16(regs.driver + 4 + 2 * PhysAddr::from(regs.size));
+            let new = self.used_idx[queue];
+            // vring_need_event: did the new index pass `used_event`?
+            new.wrapping_sub(used_event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            read_u16(regs.driver) & AVAIL_F_NO_INTERRUPT == 0
+        };
+        if interrupt {
+            let mut state = self.transport.state();
+            state.interrupt_pending = true;
+            state.queues[queue].interrupts += 1;
+        }
         Ok(())
+    }
+
+    /// Interrupts the device raised for `queue`'s used buffers so far.
+    pub fn interrupts(&self, queue: usize) -> u64 {
+        self.transport.state().queues[queue].interrupts
     }
 
     /// Checks B43 for a header the driver put on the tx ring (see [`DeviceModel`]).

@@ -22,6 +22,9 @@ pub struct QueueRegs {
     pub ready: bool,
     /// Notifications the driver sent on this queue.
     pub notifications: u64,
+    /// Interrupts the device raised for this queue's used buffers (see
+    /// [`DeviceModel`](super::DeviceModel)).
+    pub interrupts: u64,
 }
 
 /// The transport's registers and config space.
@@ -43,6 +46,9 @@ pub struct TransportState {
     pub config: [u8; 8],
     /// Config generation counter.
     pub config_generation: u32,
+    /// The interrupt status register's used-buffer bit: set when the device interrupts,
+    /// cleared by the driver's `ack_interrupt`.
+    pub interrupt_pending: bool,
 }
 
 /// A [`Transport`] over a [`TransportState`] shared with the test.
@@ -64,6 +70,7 @@ impl FakeTransport {
                 queues: [QueueRegs::default(); 3],
                 config: guest_cid.to_le_bytes(),
                 config_generation: 0,
+                interrupt_pending: false,
             })),
         }
     }
@@ -134,6 +141,7 @@ impl Transport for FakeTransport {
                 device: device_area,
                 ready: true,
                 notifications: 0,
+                interrupts: 0,
             };
         }
     }
@@ -150,7 +158,12 @@ impl Transport for FakeTransport {
     }
 
     fn ack_interrupt(&mut self) -> InterruptStatus {
-        InterruptStatus::empty()
+        let mut state = self.state();
+        if std::mem::take(&mut state.interrupt_pending) {
+            InterruptStatus::QUEUE_INTERRUPT
+        } else {
+            InterruptStatus::empty()
+        }
     }
 
     fn read_config_generation(&self) -> u32 {
