@@ -1,5 +1,6 @@
-//! Blocking [`embedded_io`] adapters over a connected socket, for code that wants
-//! `read_exact` and `write_all` instead of polling.
+//! [`embedded_io`] adapters over a connected socket, for code that wants `read_exact` and
+//! `write_all` instead of polling: [`BlockingStream`], and with the feature `async`
+//! [`AsyncStream`] for `embedded-io-async`.
 //!
 //! A [`BlockingStream`] shares the device with the rest of the program through a
 //! [`spin::Mutex`] and drives [`VsockDevice::poll`] itself while it waits, taking the lock
@@ -160,5 +161,122 @@ impl<H: Hal, T: Transport, C: Fn() -> Instant> embedded_io::WriteReady
         Ok(self
             .readiness()?
             .intersects(Readiness::WRITABLE | Readiness::ERROR))
+    }
+}
+
+/// A connected stream socket as an [`embedded_io_async`] byte stream (feature `async`).
+///
+/// `read` resolves once at least one byte arrived (`Ok(0)` at end of stream), `write`
+/// once at least one byte was taken (into the send buffer), `flush` once all of them went
+/// to the device; each fails with the socket's error. Until then the task waits on the
+/// socket's waker ([`VsockDevice::register_recv_waker`]): something else must drive the
+/// device, a task or the kernel's main loop that calls [`VsockDevice::poll`] whenever the
+/// device interrupts or [`VsockDevice::poll_at`] comes, and wakes exactly the tasks whose
+/// socket became ready. The device is shared through a [`spin::Mutex`], held only for
+/// one call at a time.
+///
+/// ```
+/// # use vsock_guest::{io::AsyncStream, Error, SocketHandle, VsockDevice};
+/// # use virtio_drivers::{transport::Transport, Hal};
+/// use embedded_io_async::{Read, Write};
+///
+/// async fn hello<H: Hal, T: Transport>(
+///     device: &spin::Mutex<VsockDevice<'_, H, T>>,
+///     connected: SocketHandle,
+/// ) -> Result<[u8; 5], Error> {
+///     let mut stream = AsyncStream::new(device, connected);
+///     stream.write_all(b"hello").await?;
+///     let mut reply = [0u8; 5];
+///     stream.read_exact(&mut reply).await.map_err(|e| match e {
+///         embedded_io::ReadExactError::UnexpectedEof => Error::ConnectionReset,
+///         embedded_io::ReadExactError::Other(e) => e,
+///     })?;
+///     Ok(reply)
+/// }
+/// ```
+#[cfg(feature = "async")]
+pub struct AsyncStream<'d, 'a, H: Hal, T: Transport> {
+    device: &'d Mutex<VsockDevice<'a, H, T>>,
+    handle: SocketHandle,
+}
+
+#[cfg(feature = "async")]
+impl<'d, 'a, H: Hal, T: Transport> AsyncStream<'d, 'a, H, T> {
+    /// An async view of the connected socket `handle` of `device`.
+    pub fn new(device: &'d Mutex<VsockDevice<'a, H, T>>, handle: SocketHandle) -> Self {
+        AsyncStream { device, handle }
+    }
+
+    /// The socket this stream reads and writes.
+    pub fn handle(&self) -> SocketHandle {
+        self.handle
+    }
+}
+
+/// `Pending` once the task's waker is registered, or the error that kept it from being.
+#[cfg(feature = "async")]
+fn pending_on<R>(registered: Result<(), Error>) -> core::task::Poll<Result<R, Error>> {
+    match registered {
+        Ok(()) => core::task::Poll::Pending,
+        Err(e) => core::task::Poll::Ready(Err(e)),
+    }
+}
+
+#[cfg(feature = "async")]
+impl<H: Hal, T: Transport> embedded_io::ErrorType for AsyncStream<'_, '_, H, T> {
+    type Error = Error;
+}
+
+#[cfg(feature = "async")]
+impl<H: Hal, T: Transport> embedded_io_async::Read for AsyncStream<'_, '_, H, T> {
+    async fn read(&mut self, buf: &mut [u8]) -> Result<usize, Error> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        core::future::poll_fn(|cx| {
+            let mut device = self.device.lock();
+            match device.recv(self.handle, buf) {
+                Err(Error::WouldBlock) => {
+                    pending_on(device.register_recv_waker(self.handle, cx.waker()))
+                }
+                result => core::task::Poll::Ready(result),
+            }
+        })
+        .await
+    }
+}
+
+#[cfg(feature = "async")]
+impl<H: Hal, T: Transport> embedded_io_async::Write for AsyncStream<'_, '_, H, T> {
+    async fn write(&mut self, buf: &[u8]) -> Result<usize, Error> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        core::future::poll_fn(|cx| {
+            let mut device = self.device.lock();
+            match device.send(self.handle, buf) {
+                Err(Error::WouldBlock) => {
+                    pending_on(device.register_send_waker(self.handle, cx.waker()))
+                }
+                result => core::task::Poll::Ready(result),
+            }
+        })
+        .await
+    }
+
+    /// Resolves once every byte written has gone to the device (bytes the send buffer
+    /// held for the peer's credit included), or was dropped because the connection ended
+    /// (the next `read` or `write` says why). It looks again after each poll that finds
+    /// the socket writable.
+    async fn flush(&mut self) -> Result<(), Error> {
+        core::future::poll_fn(|cx| {
+            let mut device = self.device.lock();
+            match device.send_queue(self.handle) {
+                Ok(0) => core::task::Poll::Ready(Ok(())),
+                Ok(_) => pending_on(device.register_send_waker(self.handle, cx.waker())),
+                Err(e) => core::task::Poll::Ready(Err(e)),
+            }
+        })
+        .await
     }
 }

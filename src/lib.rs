@@ -157,6 +157,8 @@ pub mod socket;
 #[cfg(feature = "testing")]
 pub mod testing;
 pub mod time;
+#[cfg(feature = "async")]
+pub mod waker;
 pub mod wire;
 
 pub use addr::{

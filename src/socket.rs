@@ -12,6 +12,8 @@ use bitflags::bitflags;
 use core::time::Duration;
 use virtio_drivers::transport::Transport;
 use virtio_drivers::Hal;
+#[cfg(feature = "async")]
+use {crate::waker::WakerSlot, core::task::Waker};
 
 /// First port handed out by `bind(VMADDR_PORT_ANY)` and implicit binds (B21).
 const EPHEMERAL_FIRST: u32 = 49152;
@@ -112,7 +114,7 @@ pub enum Shutdown {
 }
 
 /// Storage for one socket. Hand the driver a slice of these (`[SocketSlot::EMPTY; N]`);
-/// each is 280 bytes on x86-64.
+/// each is 280 bytes on x86-64 (312 with the feature `async`).
 #[derive(Debug)]
 pub struct SocketSlot {
     generation: u16,
@@ -120,14 +122,31 @@ pub struct SocketSlot {
     /// The connection's data waiting to go out. It outlives the socket until the device
     /// takes its memory back; the slot is free for a new socket only once it is empty.
     send_queue: SendQueue,
+    /// The task waiting for the socket to become readable (feature `async`).
+    #[cfg(feature = "async")]
+    recv_waker: WakerSlot,
+    /// The task waiting for the socket to become writable.
+    #[cfg(feature = "async")]
+    send_waker: WakerSlot,
 }
 
 impl SocketSlot {
+    /// Wakes the tasks waiting on this slot's socket, whatever for.
+    #[cfg(feature = "async")]
+    fn wake_tasks(&mut self) {
+        self.recv_waker.wake();
+        self.send_waker.wake();
+    }
+
     /// An unused slot.
     pub const EMPTY: SocketSlot = SocketSlot {
         generation: 0,
         socket: None,
         send_queue: SendQueue::new(),
+        #[cfg(feature = "async")]
+        recv_waker: WakerSlot::EMPTY,
+        #[cfg(feature = "async")]
+        send_waker: WakerSlot::EMPTY,
     };
 }
 
@@ -365,6 +384,10 @@ struct Sockets<'a> {
     /// One past the highest slot that may hold a socket or queued data: the walks of
     /// every poll stop there (new sockets take the lowest free slot).
     in_use_end: usize,
+    /// Some task may wait on a socket (feature `async`): `poll` looks at the wakers only
+    /// then.
+    #[cfg(feature = "async")]
+    tasks_waiting: bool,
 }
 
 /// A vsock device with its sockets: the one owner of the queues (see the crate docs).
@@ -426,6 +449,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 last_match: 0,
                 send_waiting: false,
                 in_use_end: 0,
+                #[cfg(feature = "async")]
+                tasks_waiting: false,
                 config,
                 guest_cid,
             },
@@ -469,6 +494,66 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         self.sockets.send_stray_rsts(&mut self.device);
         self.device.watch_queues(now);
         self.device.flush();
+        #[cfg(feature = "async")]
+        self.wake_ready_tasks();
+    }
+
+    /// Registers the task that waits for `handle` to become readable: `recv` would not
+    /// return `WouldBlock` (data, end of stream or an error), or for a listener `accept`
+    /// would not. [`VsockDevice::poll`] wakes it once that is so, and forgets it; a task
+    /// registers again each time it finds the socket not ready. One task per socket and
+    /// direction: registering another wakes the one before (feature `async`).
+    #[cfg(feature = "async")]
+    pub fn register_recv_waker(&mut self, handle: SocketHandle, waker: &Waker) -> Result<()> {
+        self.sockets.get(handle)?;
+        self.sockets.slots[usize::from(handle.index)]
+            .recv_waker
+            .register(waker);
+        self.sockets.tasks_waiting = true;
+        Ok(())
+    }
+
+    /// Registers the task that waits for `handle` to become writable: `send` would take
+    /// bytes or fail at once, or a `connect` finished (see
+    /// [`VsockDevice::register_recv_waker`]).
+    #[cfg(feature = "async")]
+    pub fn register_send_waker(&mut self, handle: SocketHandle, waker: &Waker) -> Result<()> {
+        self.sockets.get(handle)?;
+        self.sockets.slots[usize::from(handle.index)]
+            .send_waker
+            .register(waker);
+        self.sockets.tasks_waiting = true;
+        Ok(())
+    }
+
+    /// Wakes the tasks whose socket became ready for what they wait for, and only those;
+    /// a task whose socket is gone (closed under it) is woken too, to find out.
+    #[cfg(feature = "async")]
+    fn wake_ready_tasks(&mut self) {
+        if !self.sockets.tasks_waiting {
+            return;
+        }
+        let mut still_waiting = false;
+        for index in self.sockets.slots_in_use() {
+            let slot = &self.sockets.slots[index];
+            if !slot.recv_waker.is_registered() && !slot.send_waker.is_registered() {
+                continue;
+            }
+            let handle = SocketHandle {
+                index: index as u16,
+                generation: slot.generation,
+            };
+            let ready = self.readiness(handle).unwrap_or(Readiness::all());
+            let slot = &mut self.sockets.slots[index];
+            if ready.intersects(Readiness::READABLE | Readiness::HANG_UP | Readiness::ERROR) {
+                slot.recv_waker.wake();
+            }
+            if ready.intersects(Readiness::WRITABLE | Readiness::ERROR) {
+                slot.send_waker.wake();
+            }
+            still_waiting |= slot.recv_waker.is_registered() || slot.send_waker.is_registered();
+        }
+        self.sockets.tasks_waiting = still_waiting;
     }
 
     /// When the kernel must call [`VsockDevice::poll`] at the latest if nothing else
@@ -850,6 +935,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
         let mut direct = DirectRead::new(usize::from(handle.index), sink);
         self.take_arrivals(Some(&mut direct));
+        // Packets for other sockets may have made them ready.
+        #[cfg(feature = "async")]
+        self.wake_ready_tasks();
         // Replies go out in batches, as `send`'s packets do. The device sees the reposted
         // buffers at the next poll or credit update: a reader that drained them all finds
         // nothing, polls, and shows it the whole batch at once (B8).
@@ -915,6 +1003,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let sockets = &mut self.sockets;
         let slot = &mut sockets.slots[index];
         slot.generation = slot.generation.wrapping_add(1);
+        // Tasks waiting on the socket find out that it is gone.
+        #[cfg(feature = "async")]
+        slot.wake_tasks();
         let Some(socket) = slot.socket.as_mut() else {
             return Ok(());
         };
@@ -963,6 +1054,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
         let slot = &mut self.sockets.slots[index];
         slot.generation = slot.generation.wrapping_add(1);
+        #[cfg(feature = "async")]
+        slot.wake_tasks();
         self.sockets.free(index);
         self.sockets.dispatch(index, &mut self.device);
         self.sockets.release_dead_queues(&mut self.device);
