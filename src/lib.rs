@@ -133,7 +133,17 @@
 //! memory, [`device`] brings the device up and moves packets, [`credit`] keeps the flow
 //! control counters, [`conn`] is one connection's state machine, [`send_queue`] holds a
 //! connection's data that waits for the peer's credit, and [`socket`] the socket table and
-//! the API. Errors carry the `errno` of `vsock(4)` ([`Error::errno`]).
+//! the API. Errors carry the `errno` of `vsock(4)` ([`Error::errno`]). [`io`] has
+//! `embedded-io` streams on top; with the feature `async`, `waker` holds the tasks that
+//! wait on a socket, and `io::AsyncStream` is the `embedded-io-async` stream.
+//!
+//! # Sleeping
+//!
+//! A kernel need not spin on [`VsockDevice::poll`]: with [`Config::interrupts`] set,
+//! [`VsockDevice::arm_interrupts`] asks the device for an interrupt before the kernel
+//! sleeps, [`VsockDevice::poll_at`] says when to wake at the latest, and
+//! [`VsockDevice::ack_interrupt`] takes the interrupt (README, "Sleeping until there is
+//! work").
 #![no_std]
 #![deny(
     missing_docs,
