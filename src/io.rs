@@ -1,6 +1,6 @@
 //! [`embedded_io`] adapters over a connected socket, for code that wants `read_exact` and
 //! `write_all` instead of polling: [`BlockingStream`], and with the feature `async`
-//! [`AsyncStream`] for `embedded-io-async`.
+//! `AsyncStream` for `embedded-io-async`.
 //!
 //! A [`BlockingStream`] shares the device with the rest of the program through a
 //! [`spin::Mutex`] and drives [`VsockDevice::poll`] itself while it waits, taking the lock
