@@ -7,7 +7,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 
 use virtio_drivers::{BufferDirection, Hal, PhysAddr, PAGE_SIZE};
 
-use super::paging;
+use super::arch;
 
 /// Size of the DMA pool, in bytes (32 MiB, in `.bss`).
 pub const DMA_POOL_SIZE: usize = 32 << 20;
@@ -39,8 +39,13 @@ static DMA_NEXT: AtomicUsize = AtomicUsize::new(0);
 ///   expected to allocate their queues and buffers once; a program that keeps creating
 ///   and dropping devices will eventually run out of pool.
 /// * `mmio_phys_to_virt`, `share` and `unshare` are identities (buffers are shared in
-///   place, no bounce buffers). `mmio_phys_to_virt` also makes sure regions above 4 GiB
-///   (64-bit PCI BARs) are mapped, see [`paging::identity_map`].
+///   place, no bounce buffers). `mmio_phys_to_virt` also makes sure the region is mapped
+///   as device memory (`arch::map_mmio`: on x86-64 regions above 4 GiB, such as 64-bit
+///   PCI BARs, are mapped on demand; on aarch64 the boot code's map covers every MMIO
+///   window of QEMU `virt`).
+/// * The device's DMA is taken to be cache-coherent (as it is under QEMU and KVM): the
+///   pool is ordinary cacheable memory, and nothing cleans or invalidates caches around
+///   a transfer. A machine whose DMA is not coherent needs a `Hal` that does.
 pub struct BootHal;
 
 /// Returns how many bytes of the DMA pool have been handed out.
@@ -79,7 +84,7 @@ unsafe impl Hal for BootHal {
     }
 
     unsafe fn mmio_phys_to_virt(paddr: PhysAddr, size: usize) -> NonNull<u8> {
-        if let Err(error) = paging::identity_map(paddr, size as u64) {
+        if let Err(error) = arch::map_mmio(paddr, size as u64) {
             panic!("BootHal: cannot map MMIO region {paddr:#x}+{size:#x}: {error:?}");
         }
         NonNull::new(paddr as *mut u8).expect("BootHal: MMIO region at physical address 0")

@@ -1,5 +1,6 @@
-//! Boot support for the bare-metal example guests (x86-64, PVH boot under QEMU or Cloud
-//! Hypervisor).
+//! Boot support for the bare-metal example guests: x86-64 (PVH boot under QEMU `q35` and
+//! `microvm`, or Cloud Hypervisor) and aarch64 (QEMU `virt`, entered at EL1 from QEMU's
+//! `-kernel` ELF loader).
 //!
 //! An example includes this module and names its entry point:
 //!
@@ -24,66 +25,56 @@
 //! }
 //! ```
 //!
-//! # What happens before `main`
+//! # Layout
 //!
-//! 1. QEMU (`-kernel`, on `-machine q35` through SeaBIOS, or on `-machine microvm`
-//!    through qboot) or Cloud Hypervisor (`--kernel`, directly) finds the
-//!    `XEN_ELFNOTE_PHYS32_ENTRY` note in the ELF's `PT_NOTE` segment and starts the
-//!    32-bit entry in [`start`](self::start) with `EBX` pointing at the PVH
-//!    `hvm_start_info`. The image is linked at 1 MiB by
-//!    `linker/x86_64-pvh.ld`.
-//! 2. The entry code zeroes `.bss`, identity-maps the first 4 GiB with 2 MiB pages,
-//!    enters long mode, switches to a 512 KiB stack and calls into Rust.
-//! 3. Rust code initialises COM1 (0x3F8, 115200 8N1, polled), installs an IDT whose
-//!    handlers report CPU exceptions and exit with the failure status, copies the
-//!    command line, installs a [`log`] logger printing `[LEVEL] message` lines to COM1
-//!    (level from `log=<off|error|warn|info|debug|trace>` on the command line, default
-//!    `info`), finds the TSC frequency ([`time`]: CPUID, the hypervisor's CPUID leaf or
-//!    the PIT; the log line `boot: ... TSC ... MHz (Source)` says which) and calls
-//!    `main` with a [`BootInfo`].
+//! What every architecture shares is here: the entry macro and [`BootInfo`], the exit
+//! path and the panic handler, the serial console and logger ([`serial`]), the clock
+//! ([`time`]), the virtio `Hal` ([`hal`]), finding the vsock device ([`virtio`]), the
+//! driver's `Config` from the command line ([`config`]) and the heap ([`heap`]). What is
+//! not is in [`arch`], selected by `cfg(target_arch)`:
 //!
-//! Memory is identity-mapped (virtual address = physical address) throughout; regions
-//! above 4 GiB are mapped on demand ([`paging`]). Interrupts stay disabled: everything
-//! polls.
+//! | | x86-64 (`x86_64/`) | aarch64 (`aarch64/`) |
+//! | --- | --- | --- |
+//! | entry | PVH note, 32-bit entry, long mode (`start.rs`) | EL1 (or EL2, dropped to EL1) from QEMU's ELF loader (`start.rs`) |
+//! | memory | first 4 GiB identity-mapped, 2 MiB pages; more on demand (`paging.rs`) | identity map of the first 1 TiB, 1 GiB blocks: RAM normal cacheable, the rest device memory (`start.rs`) |
+//! | exceptions | IDT (`idt.rs`) | `VBAR_EL1` vectors (`exceptions.rs`) |
+//! | console | COM1, a 16550 (`uart.rs`) | PL011 at 0x0900_0000 (`uart.rs`) |
+//! | command line, RAM | PVH start info (`pvh.rs`) | the device tree QEMU passes (`dtb.rs`) |
+//! | clock | TSC, calibrated (`tsc.rs`) | generic timer, `CNTVCT_EL0` / `CNTFRQ_EL0` |
+//! | vsock device | PCI (ports or q35 ECAM) or microvm's MMIO slots (`devices.rs`) | the device tree's virtio-mmio slots or PCIe ECAM, BARs assigned by the guest (`devices.rs`) |
+//! | exit | `isa-debug-exit`, ACPI power-off (`acpi.rs`) | semihosting `SYS_EXIT`, PSCI `SYSTEM_OFF` |
+//! | ring 3 | `ring=3` (`ring3.rs`) | not offered |
+//!
+//! Each `arch` module's documentation says what happens before `main` there. Memory is
+//! identity-mapped (virtual address = physical address) throughout and interrupts stay
+//! disabled: everything polls.
 //!
 //! # Exit status
 //!
 //! [`exit`] first prints `boot: exit success` ([`exit_success`]), `boot: exit failure`
-//! ([`exit_failure`]) or `boot: exit code 0x..` on COM1, as a line of its own and
-//! whatever the log level, so that a test can read the outcome from the serial log
-//! where the VMM's exit status says nothing. Then it stops the VM the first way that
-//! works:
+//! ([`exit_failure`]) or `boot: exit code 0x..` on the serial console, as a line of its
+//! own and whatever the log level, so that a test can read the outcome from the serial
+//! log where the VMM's exit status says nothing. Then the architecture stops the VM,
+//! under QEMU with an exit status that tells the outcome:
 //!
-//! 1. QEMU's `isa-debug-exit` device (start QEMU with
-//!    `-device isa-debug-exit,iobase=0xf4,iosize=0x04`): the code written to port 0xF4
-//!    makes QEMU exit with status `(code << 1) | 1`:
+//! | call               | code   | QEMU exit status |
+//! |--------------------|--------|------------------|
+//! | [`exit_success`]   | `0x10` | **33**           |
+//! | [`exit_failure`]   | `0x11` | **35**           |
 //!
-//!    | call               | code   | QEMU exit status |
-//!    |--------------------|--------|------------------|
-//!    | [`exit_success`]   | `0x10` | **33**           |
-//!    | [`exit_failure`]   | `0x11` | **35**           |
+//! On x86-64 through `isa-debug-exit` (`-device isa-debug-exit,iobase=0xf4,iosize=0x04`,
+//! which exits with `(code << 1) | 1`), on aarch64 through semihosting (`-semihosting`),
+//! whose `SYS_EXIT` gives QEMU the status itself. Without those devices the VM is powered
+//! off (ACPI, PSCI) and only the serial line tells the outcome.
 //!
-//! 2. Where the write to port 0xF4 went nowhere (Cloud Hypervisor, QEMU without the
-//!    device), an ACPI power-off found through the RSDP of the PVH start info
-//!    ([`acpi`]): the VMM exits, Cloud Hypervisor with status 0 whatever the guest
-//!    meant, hence the line above.
-//! 3. Failing both, the CPU halts (or spins, in ring 3, where `hlt` is not allowed) and
-//!    the VMM runs on until it is killed.
-//!
-//! A panic and a CPU exception both print a message on COM1 and call [`exit_failure`].
-//! Under QEMU any other status means the guest did not get to say (e.g. 0 after a triple
-//! fault with `-no-reboot`, or 1 if the device is missing and QEMU was killed).
+//! A panic and a CPU exception both print a message and call [`exit_failure`].
 //!
 //! # Command line
 //!
-//! The PVH command line (`-append "cid=4 port=1234"`) is [`BootInfo::cmdline`];
+//! The kernel command line (`-append "cid=4 port=1234"`: the PVH start info on x86-64,
+//! `/chosen/bootargs` of the device tree on aarch64) is [`BootInfo::cmdline`];
 //! [`BootInfo::cmdline_value`] looks up `key=value` words in it. The boot code reads
-//! `log=<level>` and `ring=3`: with that, `main` runs in ring 3 ([`ring3`]).
-//!
-//! # Devices
-//!
-//! [`virtio::find_vsock`] finds the virtio socket device over PCI (q35, Cloud
-//! Hypervisor) or virtio-mmio (microvm) and [`hal::BootHal`] is the `virtio_drivers::Hal` to drive it with.
+//! `log=<off|error|warn|info|debug|trace>` (default `info`) and, on x86-64, `ring=3`.
 //!
 //! # Heap
 //!
@@ -93,62 +84,48 @@
 // Every example uses a different part of this module.
 #![allow(dead_code)]
 
-#[cfg(not(target_arch = "x86_64"))]
-compile_error!("the boot module supports x86_64 only (PVH boot under QEMU)");
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+compile_error!("the boot module supports x86_64 (PVH boot) and aarch64 (QEMU virt) only");
 
-pub mod acpi;
+#[cfg_attr(target_arch = "x86_64", path = "x86_64/mod.rs")]
+#[cfg_attr(target_arch = "aarch64", path = "aarch64/mod.rs")]
+pub mod arch;
 pub mod config;
 pub mod hal;
 pub mod heap;
-mod idt;
-pub mod paging;
-pub mod port;
-pub mod pvh;
-pub mod ring3;
 pub mod serial;
-mod start;
 pub mod time;
 pub mod virtio;
 
-use core::arch::asm;
 use core::fmt::Write;
-use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use log::{debug, info, warn, LevelFilter};
+use log::{warn, LevelFilter};
 
-/// The code [`exit_success`] writes to `isa-debug-exit`.
+/// The code [`exit_success`] hands to the architecture's exit.
 pub const EXIT_SUCCESS_CODE: u32 = 0x10;
-/// The code [`exit_failure`] writes to `isa-debug-exit`.
+/// The code [`exit_failure`] hands to the architecture's exit.
 pub const EXIT_FAILURE_CODE: u32 = 0x11;
-/// QEMU's exit status after [`exit_success`]: `(0x10 << 1) | 1`.
+/// QEMU's exit status after [`exit_success`].
 pub const QEMU_STATUS_SUCCESS: i32 = 33;
 /// QEMU's exit status after [`exit_failure`] (also after a panic or CPU exception).
 pub const QEMU_STATUS_FAILURE: i32 = 35;
-/// I/O port of the `isa-debug-exit` device.
-pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// The line [`exit_success`] prints before it stops the VM.
 pub const EXIT_SUCCESS_LINE: &str = "boot: exit success";
 /// The line [`exit_failure`] prints before it stops the VM.
 pub const EXIT_FAILURE_LINE: &str = "boot: exit failure";
-/// How long [`exit`] waits for the VMM to act on the ACPI power-off before it halts.
-const POWER_OFF_WAIT_MICROS: u64 = 1_000_000;
-
-/// The RSDP's physical address from the start info, for the ACPI power-off in [`exit`].
-static RSDP_PADDR: AtomicU64 = AtomicU64::new(0);
 
 /// What the boot code hands to the example's `main`.
 #[derive(Clone, Copy, Debug)]
 pub struct BootInfo {
     /// The kernel command line (QEMU `-append`), trimmed; empty if there is none.
     pub cmdline: &'static str,
-    /// Physical address of the PVH `hvm_start_info` structure (0 if it was invalid).
-    pub start_info_paddr: u64,
-    /// Physical address of the ACPI RSDP from the start info, 0 if none.
-    pub rsdp_paddr: u64,
-    /// Bytes of RAM listed in the PVH memory map (0 if there is no map).
+    /// Bytes of RAM the boot information lists (0 if it lists none).
     pub ram_bytes: u64,
-    /// TSC frequency used by [`time`], in Hz.
-    pub tsc_hz: u64,
+    /// The frequency of the clock's counter ([`time`]), in Hz.
+    pub counter_hz: u64,
+    /// What the architecture's boot found besides ([`arch::Platform`]).
+    pub platform: arch::Platform,
 }
 
 impl BootInfo {
@@ -159,7 +136,8 @@ impl BootInfo {
     }
 }
 
-fn cmdline_value(cmdline: &'static str, key: &str) -> Option<&'static str> {
+/// The value of the last `key=value` word of `cmdline`, if any.
+pub fn cmdline_value(cmdline: &'static str, key: &str) -> Option<&'static str> {
     cmdline
         .split_ascii_whitespace()
         .rev()
@@ -172,23 +150,25 @@ fn cmdline_value(cmdline: &'static str, key: &str) -> Option<&'static str> {
 /// set up (see the [module documentation](self)).
 macro_rules! entry {
     ($main:path) => {
-        /// Called by the PVH entry code on the boot stack; never returns.
+        /// Called by the architecture's entry code on the boot stack, with what its
+        /// loader handed over (x86-64: the PVH start info's address; aarch64: the device
+        /// tree's); never returns.
         #[unsafe(no_mangle)]
-        extern "C" fn __vsock_guest_boot_entry(start_info_paddr: u64) -> ! {
-            $crate::boot::start(start_info_paddr, $main)
+        extern "C" fn __vsock_guest_boot_entry(boot_arg: u64) -> ! {
+            $crate::boot::start(boot_arg, $main)
         }
     };
 }
 pub(crate) use entry;
 
-/// Sets up serial output, exception handlers, logging and the clock, then calls `main`.
-/// Called by the function [`entry!`] defines; not for direct use.
-pub fn start(start_info_paddr: u64, main: fn(&BootInfo) -> !) -> ! {
+/// Sets up the serial console, exception handlers, logging, the clock and whatever else
+/// the architecture needs, then calls `main`. Called by the function [`entry!`] defines;
+/// not for direct use.
+pub fn start(boot_arg: u64, main: fn(&BootInfo) -> !) -> ! {
     serial::init();
-    idt::init();
+    arch::init_exceptions();
 
-    let start_info = pvh::read(start_info_paddr);
-    let cmdline = start_info.map_or("", |s| pvh::copy_cmdline(s.cmdline_paddr));
+    let cmdline = arch::cmdline(boot_arg);
     let level = cmdline_value(cmdline, "log");
     serial::init_logger(
         level
@@ -198,108 +178,39 @@ pub fn start(start_info_paddr: u64, main: fn(&BootInfo) -> !) -> ! {
     if let Some(level) = level.filter(|l| l.parse::<LevelFilter>().is_err()) {
         warn!("boot: unknown log level {level:?}; using info");
     }
-    if start_info.is_none() {
-        warn!("boot: no valid PVH start info at {start_info_paddr:#x}");
-    }
-
-    let mut ram_bytes = 0;
-    if let Some(start_info) = start_info {
-        debug!(
-            "boot: PVH start info at {start_info_paddr:#x}, version {}, cmdline at {:#x}, RSDP at {:#x}",
-            start_info.version, start_info.cmdline_paddr, start_info.rsdp_paddr
-        );
-        for index in 0..start_info.memmap_entries {
-            if let Some(entry) = start_info.memmap_entry(index) {
-                debug!(
-                    "boot:   memory {:#012x}..{:#012x} type {}",
-                    entry.addr,
-                    entry.addr + entry.size,
-                    entry.kind
-                );
-                if entry.kind == 1 {
-                    ram_bytes += entry.size;
-                }
-            }
-        }
-    }
-
-    RSDP_PADDR.store(start_info.map_or(0, |s| s.rsdp_paddr), Ordering::Relaxed);
-
-    let (tsc_hz, source) = time::calibrate();
-    info!(
-        "boot: {} MiB RAM, TSC {}.{:03} MHz ({source:?})",
-        ram_bytes >> 20,
-        tsc_hz / 1_000_000,
-        tsc_hz / 1_000 % 1_000
-    );
-    if source == time::TscSource::Guess {
-        warn!("boot: no CPUID leaf and no PIT gave the TSC frequency; timeouts may be off");
-    }
-
-    if cmdline_value(cmdline, "ring") == Some("3") {
-        ring3::enter();
-        info!("boot: running in ring 3");
-    }
-
+    let (ram_bytes, platform) = arch::init(boot_arg, cmdline);
     let info = BootInfo {
         cmdline,
-        start_info_paddr: if start_info.is_some() {
-            start_info_paddr
-        } else {
-            0
-        },
-        rsdp_paddr: start_info.map_or(0, |s| s.rsdp_paddr),
         ram_bytes,
-        tsc_hz,
+        counter_hz: time::counter_hz(),
+        platform,
     };
     main(&info)
 }
 
-/// Prints the outcome line, then stops the VM: through `isa-debug-exit` (QEMU exits
-/// with status `(code << 1) | 1`), else through an ACPI power-off, else by halting for
-/// good (see the [module documentation](self#exit-status)).
-pub fn exit(code: u32) -> ! {
-    static EXITING: AtomicBool = AtomicBool::new(false);
-    // A second call (a fault while powering off, say) only halts: the outcome is out.
-    if !EXITING.swap(true, Ordering::Relaxed) {
-        // Not through the lock: `exit` may be called while it is held (a panic).
-        let mut out = serial::SerialPort::unlocked();
-        let _ = match code {
-            EXIT_SUCCESS_CODE => writeln!(out, "{EXIT_SUCCESS_LINE}"),
-            EXIT_FAILURE_CODE => writeln!(out, "{EXIT_FAILURE_LINE}"),
-            _ => writeln!(out, "boot: exit code {code:#x}"),
-        };
-        // SAFETY: port 0xF4 is QEMU's isa-debug-exit device (or nothing); writing to it
-        // has no effect on this program's memory.
-        unsafe { port::outl(DEBUG_EXIT_PORT, code) };
-        // Still running: there is no isa-debug-exit.
-        let result = acpi::power_off(RSDP_PADDR.load(Ordering::Relaxed));
-        // (Before calibration there is no clock to wait with.)
-        if result.is_ok() && time::tsc_hz() != 0 {
-            time::delay_micros(POWER_OFF_WAIT_MICROS);
-        }
-        let _ = match result {
-            Ok(()) => writeln!(out, "boot: the VMM ignored the ACPI power-off; halting"),
-            Err(e) => writeln!(out, "boot: no ACPI power-off ({e}); halting"),
-        };
-    }
-    halt_forever()
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// Whether [`exit`] has begun (an exception handler that fires then only stops the VM).
+pub fn exiting() -> bool {
+    EXITING.load(Ordering::Relaxed)
 }
 
-/// Stops the CPU for good: `hlt` with interrupts off in ring 0; in ring 3, where `hlt`
-/// faults, a spin loop.
-fn halt_forever() -> ! {
-    let cs: u16;
-    // SAFETY: reading CS has no side effects.
-    unsafe { asm!("mov {:x}, cs", out(reg) cs, options(nomem, nostack, preserves_flags)) };
-    loop {
-        if cs & 3 == 0 {
-            // SAFETY: halting with interrupts disabled just stops the CPU.
-            unsafe { asm!("cli", "hlt", options(nomem, nostack)) };
-        } else {
-            core::hint::spin_loop();
-        }
+/// Prints the outcome line, then stops the VM the architecture's way (see the [module
+/// documentation](self#exit-status)); `code` is [`EXIT_SUCCESS_CODE`],
+/// [`EXIT_FAILURE_CODE`] or another code for QEMU's exit status.
+pub fn exit(code: u32) -> ! {
+    // A second call (a fault while powering off, say) only halts: the outcome is out.
+    if EXITING.swap(true, Ordering::Relaxed) {
+        arch::halt_forever();
     }
+    // Not through the lock: `exit` may be called while it is held (a panic).
+    let mut out = serial::SerialPort::unlocked();
+    let _ = match code {
+        EXIT_SUCCESS_CODE => writeln!(out, "{EXIT_SUCCESS_LINE}"),
+        EXIT_FAILURE_CODE => writeln!(out, "{EXIT_FAILURE_LINE}"),
+        _ => writeln!(out, "boot: exit code {code:#x}"),
+    };
+    arch::stop(code)
 }
 
 /// Prints [`EXIT_SUCCESS_LINE`] and exits; under QEMU with status 33 (code 0x10).

@@ -1,16 +1,16 @@
-//! Finding the virtio socket device: over PCI (`-machine q35`, also `pc`) or over
-//! virtio-mmio (`-machine microvm`).
+//! Finding the virtio socket device, over virtio-pci or virtio-mmio. Where to look is
+//! the architecture's part (`arch::find_vsock`):
 //!
-//! * **PCI.** If configuration mechanism #1 (ports 0xCF8/0xCFC) finds a host bridge at
-//!   00:00.0, the bus is scanned. On q35 (Intel MCH 8086:29c0) the ECAM window is read
-//!   from the bridge's PCIEXBAR register (offsets 0x60/0x64; SeaBIOS puts it at
-//!   0xB000_0000) and the scan goes through ECAM; elsewhere through the I/O ports. Bus 0
-//!   and the secondary buses of PCI-PCI bridges are scanned. The firmware (SeaBIOS) has
-//!   already assigned the BARs; this code enables memory decoding and bus mastering.
-//! * **virtio-mmio.** With no PCI host bridge (all config reads 0xFFFF_FFFF), the 32
-//!   slots of 512 bytes from physical 0xFEB0_0000 are probed for the "virt" magic and
-//!   device id 19. QEMU's `microvm` exposes legacy (version 1) virtio-mmio unless started
-//!   with `-global virtio-mmio.force-legacy=false`.
+//! * **x86-64** (`x86_64/devices.rs`): PCI through ports 0xCF8/0xCFC or the q35 ECAM,
+//!   with the BARs the firmware assigned (q35, Cloud Hypervisor); without a PCI host
+//!   bridge, the 32 virtio-mmio slots of `microvm` at 0xFEB0_0000.
+//! * **aarch64** (`aarch64/devices.rs`): QEMU `virt`'s device tree names the virtio-mmio
+//!   slots and the PCIe ECAM; no firmware runs before the guest, so the guest assigns
+//!   the BARs itself from the host bridge's windows.
+//!
+//! What both share is here: the PCI bus scan, the bring-up of a PCI function, and the
+//! probe of one virtio-mmio slot. QEMU exposes legacy (version 1) virtio-mmio unless
+//! started with `-global virtio-mmio.force-legacy=false`.
 
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -18,26 +18,16 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use log::{debug, error, info, warn};
 use virtio_drivers::transport::mmio::{MmioTransport, VirtIOHeader};
 use virtio_drivers::transport::pci::bus::{
-    BarInfo, Cam, Command, ConfigurationAccess, DeviceFunction, HeaderType, MmioCam, PciRoot,
+    BarInfo, Command, ConfigurationAccess, DeviceFunction, HeaderType, PciRoot,
 };
 use virtio_drivers::transport::pci::{virtio_device_type, PciTransport};
 use virtio_drivers::transport::{DeviceType, SomeTransport};
 
+use super::arch;
 use super::hal::BootHal;
-use super::paging;
-use super::port::{inl, outl};
-
-/// Physical address of the first virtio-mmio slot on QEMU's `microvm`.
-pub const MMIO_BASE: u64 = 0xfeb0_0000;
-/// Distance between two virtio-mmio slots (and the size given to the transport).
-pub const MMIO_SLOT_SIZE: usize = 0x200;
-/// Number of virtio-mmio slots probed.
-pub const MMIO_SLOTS: usize = 32;
 
 const VIRTIO_MMIO_MAGIC: u32 = 0x7472_6976; // "virt"
 const VIRTIO_ID_SOCKET: u32 = 19;
-const Q35_MCH: u32 = 0x29c0_8086; // device << 16 | vendor
-const PCIEXBAR: u8 = 0x60;
 
 static CLAIMED: AtomicBool = AtomicBool::new(false);
 
@@ -49,13 +39,7 @@ pub fn find_vsock() -> Option<SomeTransport<'static>> {
         warn!("boot: find_vsock called twice; the device is already in use");
         return None;
     }
-    let host_bridge = pio_read(0, 0, 0, 0);
-    let found = if host_bridge & 0xffff == 0xffff || host_bridge == 0 {
-        debug!("boot: no PCI host bridge; probing virtio-mmio");
-        find_mmio()
-    } else {
-        find_pci()
-    };
+    let found = arch::find_vsock();
     if found.is_none() {
         error!("boot: no virtio socket device found");
         CLAIMED.store(false, Ordering::Release);
@@ -65,80 +49,15 @@ pub fn find_vsock() -> Option<SomeTransport<'static>> {
 
 // ---- PCI ----------------------------------------------------------------------------
 
-fn pio_address(bus: u8, device: u8, function: u8, offset: u8) -> u32 {
-    0x8000_0000
-        | (u32::from(bus) << 16)
-        | (u32::from(device) << 11)
-        | (u32::from(function) << 8)
-        | u32::from(offset & 0xfc)
-}
-
-fn pio_read(bus: u8, device: u8, function: u8, offset: u8) -> u32 {
-    // SAFETY: PCI configuration mechanism #1: select the register, then read it. Nothing
-    // else uses these ports concurrently (single CPU, no interrupts).
-    unsafe {
-        outl(0xcf8, pio_address(bus, device, function, offset));
-        inl(0xcfc)
-    }
-}
-
-/// PCI configuration access through I/O ports 0xCF8/0xCFC (256 bytes per function).
-struct PioCam;
-
-impl ConfigurationAccess for PioCam {
-    fn read_word(&self, df: DeviceFunction, offset: u8) -> u32 {
-        pio_read(df.bus, df.device, df.function, offset)
-    }
-
-    fn write_word(&mut self, df: DeviceFunction, offset: u8, data: u32) {
-        // SAFETY: as in `pio_read`; the caller (virtio_drivers) chooses what to write.
-        unsafe {
-            outl(0xcf8, pio_address(df.bus, df.device, df.function, offset));
-            outl(0xcfc, data);
-        }
-    }
-
-    unsafe fn unsafe_clone(&self) -> Self {
-        PioCam
-    }
-}
-
-/// Reads the q35 PCIEXBAR register: the ECAM base and the number of buses it covers.
-fn q35_ecam() -> Option<(u64, u16)> {
-    if pio_read(0, 0, 0, 0) != Q35_MCH {
-        return None;
-    }
-    let low = pio_read(0, 0, 0, PCIEXBAR);
-    let high = pio_read(0, 0, 0, PCIEXBAR + 4);
-    if low & 1 == 0 {
-        return None; // ECAM not enabled by the firmware
-    }
-    let (size, buses): (u64, u16) = match (low >> 1) & 3 {
-        0 => (256 << 20, 256),
-        1 => (128 << 20, 128),
-        2 => (64 << 20, 64),
-        _ => return None,
-    };
-    let base = ((u64::from(high) << 32) | u64::from(low)) & !(size - 1) & ((1 << 39) - 1);
-    Some((base, buses))
-}
-
-fn find_pci() -> Option<SomeTransport<'static>> {
-    if let Some((base, buses)) = q35_ecam() {
-        if paging::identity_map(base, u64::from(buses) << 20).is_ok() {
-            info!("boot: PCI ECAM at {base:#x} ({buses} buses)");
-            // SAFETY: the firmware enabled ECAM at `base` for `buses` buses, now mapped;
-            // only those buses are accessed (`scan_pci` gets the limit) and nothing else
-            // in the program accesses the window.
-            let cam = unsafe { MmioCam::new(base as *mut u8, Cam::Ecam) };
-            return scan_pci(cam, buses);
-        }
-    }
-    info!("boot: PCI through I/O ports 0xcf8/0xcfc");
-    scan_pci(PioCam, 256)
-}
-
-fn scan_pci<C: ConfigurationAccess>(cam: C, buses: u16) -> Option<SomeTransport<'static>> {
+/// Scans buses `0..buses` behind `cam` (bus 0, then the secondary buses of PCI-PCI
+/// bridges whose bus numbers are set) for a virtio socket device. `assign_bars` is
+/// called for that function before it is enabled: where no firmware assigned its BARs,
+/// it assigns them.
+pub fn scan_pci<C: ConfigurationAccess>(
+    cam: C,
+    buses: u16,
+    assign_bars: &mut dyn FnMut(&mut PciRoot<C>, DeviceFunction),
+) -> Option<SomeTransport<'static>> {
     // SAFETY: the clone is only used to read bridges' bus-number registers, which this
     // code never writes, so it cannot observe or cause a conflicting access.
     let reader = unsafe { cam.unsafe_clone() };
@@ -159,6 +78,7 @@ fn scan_pci<C: ConfigurationAccess>(cam: C, buses: u16) -> Option<SomeTransport<
                 }
             }
             if virtio_device_type(&info) == Some(DeviceType::Socket) {
+                assign_bars(&mut root, df);
                 if let Some(transport) = init_pci(&mut root, df) {
                     return Some(transport.into());
                 }
@@ -204,44 +124,46 @@ fn init_pci<C: ConfigurationAccess>(
 
 // ---- virtio-mmio --------------------------------------------------------------------
 
-fn find_mmio() -> Option<SomeTransport<'static>> {
-    for slot in 0..MMIO_SLOTS {
-        let base = MMIO_BASE + (slot * MMIO_SLOT_SIZE) as u64;
-        let registers = base as *const u32;
-        // SAFETY: the slots lie in the identity-mapped first 4 GiB; on microvm each is a
-        // virtio-mmio register block (magic at 0x0, version at 0x4, device id at 0x8),
-        // and reading those registers has no side effects; absent slots read as 0 or
-        // all ones.
-        let (magic, version, device_id) = unsafe {
-            (
-                registers.read_volatile(),
-                registers.add(1).read_volatile(),
-                registers.add(2).read_volatile(),
-            )
-        };
-        if magic != VIRTIO_MMIO_MAGIC || device_id == 0 {
-            continue;
-        }
-        debug!("boot: virtio-mmio {base:#x}: device {device_id}, version {version}");
-        if device_id != VIRTIO_ID_SOCKET {
-            continue;
-        }
-        info!("boot: virtio-vsock on virtio-mmio at {base:#x} (version {version})");
-        if version == 1 {
-            warn!(
-                "boot: legacy virtio-mmio; start QEMU with -global virtio-mmio.force-legacy=false"
-            );
-        }
-        let Some(header) = NonNull::new(base as *mut VirtIOHeader) else {
-            continue;
-        };
-        // SAFETY: `header` is a virtio-mmio register block of MMIO_SLOT_SIZE bytes
-        // (header plus config space), identity-mapped, valid for the rest of the program,
-        // and handed out only once (`CLAIMED`).
-        match unsafe { MmioTransport::new(header, MMIO_SLOT_SIZE) } {
-            Ok(transport) => return Some(transport.into()),
-            Err(e) => error!("boot: virtio-mmio {base:#x}: {e}"),
+/// A transport for the virtio-mmio register block of `size` bytes at `base` when it
+/// holds a virtio socket device; `None` for an empty slot or another device.
+///
+/// # Safety
+///
+/// `base..base + size` must be a virtio-mmio register block (or an empty slot of one),
+/// mapped as device memory at its physical address for the rest of the program, and no
+/// other transport may be created for it.
+pub unsafe fn probe_mmio(base: u64, size: usize) -> Option<SomeTransport<'static>> {
+    let registers = base as *const u32;
+    // SAFETY: per the contract, a mapped virtio-mmio register block (magic at 0x0,
+    // version at 0x4, device id at 0x8); reading those registers has no side effects and
+    // an empty slot reads as 0 or all ones.
+    let (magic, version, device_id) = unsafe {
+        (
+            registers.read_volatile(),
+            registers.add(1).read_volatile(),
+            registers.add(2).read_volatile(),
+        )
+    };
+    if magic != VIRTIO_MMIO_MAGIC || device_id == 0 {
+        return None;
+    }
+    debug!("boot: virtio-mmio {base:#x}: device {device_id}, version {version}");
+    if device_id != VIRTIO_ID_SOCKET {
+        return None;
+    }
+    info!("boot: virtio-vsock on virtio-mmio at {base:#x} (version {version})");
+    if version == 1 {
+        warn!("boot: legacy virtio-mmio; start QEMU with -global virtio-mmio.force-legacy=false");
+    }
+    let header = NonNull::new(base as *mut VirtIOHeader)?;
+    // SAFETY: `header` is a virtio-mmio register block of `size` bytes (header plus
+    // config space), mapped for the rest of the program, and handed out only once (the
+    // caller's contract, and `CLAIMED`).
+    match unsafe { MmioTransport::new(header, size) } {
+        Ok(transport) => Some(transport.into()),
+        Err(e) => {
+            error!("boot: virtio-mmio {base:#x}: {e}");
+            None
         }
     }
-    None
 }

@@ -1,5 +1,5 @@
 //! A minimal IDT for the 32 CPU exceptions: each one prints what happened on COM1 and
-//! exits QEMU with the failure status (see [`super::exit_failure`]) instead of letting
+//! exits QEMU with the failure status (see [`crate::boot::exit_failure`]) instead of letting
 //! the CPU triple-fault (which, with `-no-reboot`, would make QEMU exit with status 0).
 //! The one exception that is not the end: a general protection fault on port I/O from
 //! ring 3, which the #GP entry does in ring 0 (see [`super::ring3`]).
@@ -11,7 +11,7 @@ use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
 use core::fmt::Write;
 
-use super::serial::SerialPort;
+use crate::boot::serial::SerialPort;
 
 /// What the exception stubs push, lowest address first.
 #[repr(C)]
@@ -280,5 +280,5 @@ extern "C" fn exception_handler(frame: &ExceptionFrame) -> ! {
          rflags {:#x}, cs {:#x}, ss {:#x}, cr2 {:#x}\n",
         frame.vector, frame.error_code, frame.rip, frame.rsp, frame.rflags, frame.cs, frame.ss, cr2
     );
-    super::exit_failure()
+    crate::boot::exit_failure()
 }

@@ -10,7 +10,7 @@
 //!
 //! 1. clears the direction flag and zeroes `.bss` (`__bss_start..__bss_end` from the
 //!    linker script, 4-byte multiples) with `rep stosl`, keeping `EBX` intact (the
-//!    linker script's `.noinit`, the DMA pool of [`super::hal`], is left as it is);
+//!    linker script's `.noinit`, the DMA pool of [`crate::boot::hal`], is left as it is);
 //! 2. saves `EBX` in the symbol `PVH_START_INFO` (in `.bss`, hence after the zeroing)
 //!    and later passes it to Rust;
 //! 3. builds identity-mapped page tables for the first 4 GiB with 2 MiB pages
@@ -24,7 +24,7 @@
 //!    jumps into 64-bit code;
 //! 6. loads the data segments and a 512 KiB stack, and calls the `extern "C"`
 //!    function `__vsock_guest_boot_entry(start_info_paddr: u64) -> !`, which the
-//!    [`entry!`](super::entry) macro defines in the example.
+//!    [`entry!`](crate::boot::entry) macro defines in the example.
 
 use core::arch::global_asm;
 

@@ -18,7 +18,7 @@
 //! - `rdtsc`: allowed while `CR4.TSD` is clear (it is).
 //!
 //! Nothing the guest does afterwards may need ring 0: no `hlt` (the last resort of
-//! [`super::exit`] spins instead in ring 3), no control registers (the exception
+//! [`crate::boot::exit`] spins instead in ring 3), no control registers (the exception
 //! handler, which reads CR2, runs in ring 0 on the TSS's stack).
 
 use core::arch::asm;

@@ -5,7 +5,7 @@
 //! virtio-mmio slots of `microvm`. Anything above that — in practice 64-bit PCI BARs —
 //! must be mapped before use with [`identity_map`], which adds 2 MiB identity pages
 //! (cache-disabled, as such regions are MMIO) using page-table pages from a small
-//! static pool. [`super::hal::BootHal::mmio_phys_to_virt`] calls it for every BAR region
+//! static pool. [`crate::boot::hal::BootHal::mmio_phys_to_virt`] calls it for every BAR region
 //! the virtio transport maps.
 
 use core::cell::UnsafeCell;
