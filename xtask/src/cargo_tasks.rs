@@ -158,7 +158,14 @@ pub fn fuzz_step(cargo_fuzz: &std::path::Path, target: &str, seconds: u32) -> St
 fn miri_step() -> Step {
     let mut command = nightly_cargo();
     command
-        .args(["miri", "test", "--features", "testing,async", "--lib", "--tests"])
+        .args([
+            "miri",
+            "test",
+            "--features",
+            "testing,async",
+            "--lib",
+            "--tests",
+        ])
         // Miri's isolation forbids the clock and randomness proptest would like. Under
         // Miri one property case takes about a minute, so each property runs one case
         // there (the plain host run above does 1,000).
