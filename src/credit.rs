@@ -62,8 +62,12 @@ impl Credit {
     /// Bytes we may send now (B24): `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`, and 0 when
     /// the peer shrank its buffer or reports a `fwd_cnt` ahead of what we sent.
     pub const fn peer_free(&self) -> u32 {
-        let in_flight = self.tx_cnt.wrapping_sub(self.peer_fwd_cnt);
-        self.peer_buf_alloc.saturating_sub(in_flight)
+        self.peer_buf_alloc.saturating_sub(self.in_flight())
+    }
+
+    /// Bytes we sent that the peer has not reported consumed: `tx_cnt - peer_fwd_cnt`.
+    pub const fn in_flight(&self) -> u32 {
+        self.tx_cnt.wrapping_sub(self.peer_fwd_cnt)
     }
 
     /// Records `n` bytes sent. The caller has checked `n <= peer_free()` (B25).

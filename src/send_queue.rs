@@ -15,6 +15,11 @@ use virtio_drivers::Hal;
 /// Packets one connection may have waiting.
 pub const SEGMENTS: usize = 4;
 
+/// The smallest payload [`SendQueue::packet_limit`] cuts packets to for a small window:
+/// smaller packets would cost the device and the peer more per byte than the pipelining
+/// saves.
+const MIN_WINDOW_SHARE: usize = 4096;
+
 /// A packet being built: its buffer (header space first) and the payload bytes in it.
 #[derive(Debug)]
 struct Segment {
@@ -92,7 +97,7 @@ impl SendQueue {
         let credit = conn.credit.peer_free() as usize;
         let can_submit = device.tx_free_descriptors() > 0 && device.tx_free_chunks() > 0;
         if self.segments.is_empty() && credit > 0 && can_submit {
-            return Space::New(credit.min(Self::max_payload(device, conn)).min(size_hint));
+            return Space::New(credit.min(Self::packet_limit(device, conn)).min(size_hint));
         }
         let queued_room = send_buffer.saturating_sub(self.unsent());
         if queued_room == 0 {
@@ -107,22 +112,20 @@ impl SendQueue {
         if self.segments.is_full() || device.tx_free_chunks() == 0 {
             return Space::None;
         }
-        Space::New(Self::waiting_capacity(device, conn).min(queued_room))
+        Space::New(Self::packet_limit(device, conn).min(queued_room))
     }
 
-    /// The payload capacity of a packet that will wait for credit: the peer's whole
-    /// buffer, at most one packet's payload. Peers tend to give credit back in large
-    /// steps (vhost-device-vsock after every batch it takes from the ring, so once per
-    /// window), and every packet costs the peer a write to its socket: large packets
-    /// move the most per step. A peer that returns credit in smaller parts still moves
-    /// every packet, which fits in its buffer once it has read everything.
-    fn waiting_capacity<H: Hal, T: Transport>(
-        device: &VirtioVsock<H, T>,
-        conn: &Connection,
-    ) -> usize {
-        (conn.credit.peer_buf_alloc() as usize)
-            .min(Self::max_payload(device, conn))
-            .max(1)
+    /// The largest payload a new packet of `conn` takes: the device's and the peer's
+    /// limit, and a quarter of the peer's receive buffer, but not under 4 KiB (or the whole
+    /// buffer, when it is smaller). A packet as large as the peer's whole buffer takes all
+    /// its credit at once: the connection then waits a full round trip for the peer's
+    /// CREDIT_UPDATE before it sends again. With four or more packets in the window, the
+    /// peer reads the first ones and returns their credit (peers do, when their free
+    /// space runs low) while the next ones are on the way, and the pipe stays full.
+    fn packet_limit<H: Hal, T: Transport>(device: &VirtioVsock<H, T>, conn: &Connection) -> usize {
+        let window = conn.credit.peer_buf_alloc() as usize;
+        let share = (window / 4).max(window.min(MIN_WINDOW_SHARE));
+        Self::max_payload(device, conn).min(share).max(1)
     }
 
     /// The largest payload of one packet of `conn`: the device's limit, and the peer's.

@@ -1289,6 +1289,13 @@ impl Sockets<'_> {
     /// [`Sockets::blocked_on_credit`]) and no request is outstanding, queues a
     /// CREDIT_REQUEST and arms the probe that asks again later if the answer shows none
     /// (B29). Returns whether it queued one.
+    ///
+    /// While data of ours is still unacknowledged, it only arms the probe: the peer
+    /// returns that data's credit once it reads it (Linux, vhost-device-vsock and Cloud
+    /// Hypervisor send a CREDIT_UPDATE when their free space runs low, and packets are
+    /// at most a quarter of the window, so it does run low), and an immediate request
+    /// would only take the device's time before the data behind it. A peer that stays
+    /// silent is asked when the probe fires.
     fn ask_credit_if_blocked(&mut self, index: usize, refused: bool, now: Instant) -> bool {
         if !self.blocked_on_credit(index, refused) {
             return false;
@@ -1297,6 +1304,12 @@ impl Sockets<'_> {
         let Some(conn) = self.conn_at(index) else {
             return false;
         };
+        if conn.credit.in_flight() > 0 {
+            if conn.credit_probe.is_none() {
+                conn.credit_probe = Some(CreditProbe::first(now));
+            }
+            return false;
+        }
         if !conn.credit.take_credit_request(needed) {
             return false;
         }
