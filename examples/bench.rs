@@ -5,6 +5,7 @@
 //! | `driver=`     | what |
 //! | ------------- | ---- |
 //! | `ours`        | vsock-guest's `VsockDevice` with `Config::default()` and 256 KiB of receive memory per socket |
+//! | `ours-throughput` | the same; the host adds `preset=throughput`, so it runs `Config::throughput()` |
 //! | `theirs`      | virtio-drivers' `VsockConnectionManager` at its defaults: `VsockConnectionManager::new(VirtIOSocket::new(..))` (512-byte RX buffers, 8-entry queues, 1 KiB per connection) |
 //! | `theirs-best` | the same at its best settings: 64 KiB + 44-byte RX buffers, `new_with_capacity(.., 256 KiB)` |
 //!
@@ -1055,7 +1056,7 @@ mod bench {
             boot::exit_failure();
         };
         match name {
-            "ours" => serve(
+            "ours" | "ours-throughput" => serve(
                 Ours::new(transport, port, info).unwrap_or_else(|e| failed(e)),
                 port,
             ),
@@ -1084,7 +1085,9 @@ mod bench {
                 }
             }
             other => {
-                error!("bench: unknown driver={other} (ours, theirs, theirs-best)");
+                error!(
+                    "bench: unknown driver={other} (ours, ours-throughput, theirs, theirs-best)"
+                );
                 boot::exit_failure();
             }
         }

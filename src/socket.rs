@@ -61,6 +61,25 @@ pub struct Config {
     pub interrupts: bool,
 }
 
+impl Config {
+    /// Settings for bulk transfers, at more than three times the DMA memory of
+    /// [`Config::default`]: receive buffers that take a whole 64 KiB packet (65,580 bytes
+    /// with its header; a host backend fills one buffer per read of its socket, so larger
+    /// buffers mean fewer, larger reads), 1 MiB of transmit memory and a 256 KiB send
+    /// buffer per connection. DMA memory: 128 × 65,580 bytes of receive buffers (8 MiB)
+    /// and 1 MiB for transmit, about 9.1 MiB against the default's 2.6 MiB. What it buys
+    /// is measured by `cargo xtask bench qemu` (README, "Benchmarks"). Receive memory per
+    /// connection (`buf_alloc`) is the caller's `rx_memory`, as always.
+    pub fn throughput() -> Self {
+        Config {
+            rx_buffer_size: 64 * 1024 + 44,
+            tx_memory: 1024 * 1024,
+            send_buffer: 256 * 1024,
+            ..Config::default()
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {

@@ -103,7 +103,11 @@ fn b25_b29_a_64_kib_window_keeps_data_in_flight() {
     // device never idles and never spends a step on a request.
     assert_eq!(transfer.credit_requests, 0, "{transfer:?}");
     assert_eq!(transfer.bubbles, 0, "{transfer:?}");
-    assert_eq!(transfer.data_packets, TOTAL.div_ceil(16 * 1024), "{transfer:?}");
+    assert_eq!(
+        transfer.data_packets,
+        TOTAL.div_ceil(16 * 1024),
+        "{transfer:?}"
+    );
 }
 
 #[test]
@@ -111,7 +115,11 @@ fn b25_a_large_window_still_gets_the_largest_packets() {
     // No smaller packets where the window has room for four of the largest.
     let transfer = send_total(Config::default(), 256 * 1024);
     println!("256 KiB window: {transfer:?}");
-    assert_eq!(transfer.data_packets, TOTAL.div_ceil(64 * 1024), "{transfer:?}");
+    assert_eq!(
+        transfer.data_packets,
+        TOTAL.div_ceil(64 * 1024),
+        "{transfer:?}"
+    );
     assert_eq!(transfer.bubbles, 0, "{transfer:?}");
 }
 

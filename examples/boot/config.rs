@@ -9,6 +9,7 @@
 //! | `tx_memory=<bytes>` | `tx_memory` |
 //! | `send_buffer=<bytes>` | `send_buffer` |
 //! | `sibling=<bytes>` | `sibling_packet_size` (largest packet sent to another guest) |
+//! | `preset=throughput` | start from `Config::throughput()` instead of `Config::default()` |
 //!
 //! A word that is missing, or whose value is not a number, leaves the default. To talk to
 //! a Linux guest through vhost-device-vsock 0.3.0, which truncates a packet that does not
@@ -20,13 +21,17 @@ use vsock_guest::Config;
 
 use super::BootInfo;
 
-/// `Config::default()` with the fields the command line names changed.
+/// `Config::default()` (or `Config::throughput()` with `preset=throughput`) with the
+/// fields the command line names changed.
 pub fn from_cmdline(info: &BootInfo) -> Config {
     let number = |key: &str| {
         info.cmdline_value(key)
             .and_then(|value| value.parse::<usize>().ok())
     };
-    let default = Config::default();
+    let default = match info.cmdline_value("preset") {
+        Some("throughput") => Config::throughput(),
+        _ => Config::default(),
+    };
     Config {
         queue_size: number("queue")
             .and_then(|n| u16::try_from(n).ok())

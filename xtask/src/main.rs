@@ -141,10 +141,11 @@ enum Command {
         /// (see examples/bench.rs), e.g. "rx=16384".
         #[arg(long, default_value = "")]
         guest_args: String,
-        /// `qemu` only: the receive window vhost-device-vsock advertises per connection,
-        /// in bytes (its tx-buffer-size; its own default is 65536).
-        #[arg(long, default_value_t = bench::DEFAULT_HOST_WINDOW)]
-        host_window: u32,
+        /// `qemu` only: the receive windows vhost-device-vsock advertises per connection,
+        /// in bytes (its tx-buffer-size), one table each; by default its own default,
+        /// 65536, and Linux vhost-vsock's, 262144.
+        #[arg(long = "host-window", value_delimiter = ',', default_values_t = bench::DEFAULT_HOST_WINDOWS)]
+        host_windows: Vec<u32>,
     },
     /// Boot the echo guest and run the soak against it: many host clients at once, each
     /// echoing, resetting mid-transfer, vanishing after CONNECT or reading the source
@@ -280,7 +281,7 @@ fn run(command: Command) -> Result<ExitCode> {
             drivers,
             repetitions,
             guest_args,
-            host_window,
+            host_windows,
         } => {
             bench::qemu(&bench::QemuOptions {
                 machine,
@@ -291,7 +292,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 drivers,
                 repetitions,
                 guest_args,
-                host_window,
+                host_windows,
             })?;
             Ok(ExitCode::SUCCESS)
         }
