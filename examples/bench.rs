@@ -38,7 +38,9 @@
 //!   status 33.
 //!
 //! After each command the guest logs one line, `bench: result "<command>" ok=1
-//! guest_us=<t> bytes=<n> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`: the notifications
+//! guest_us=<t> bytes=<n> driver_us=<d> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
+//! the time spent inside the driver's calls (timed with the architecture's counter
+//! around each call, both drivers alike), the notifications
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
 //! the same way), and the driver's own counters (ours: `VsockDevice::stats()`; theirs:
@@ -126,6 +128,86 @@ mod bench {
 
     fn kicks() -> [u64; 3] {
         [0, 1, 2].map(|queue| KICKS[queue].load(Ordering::Relaxed))
+    }
+
+    // ------------------------------------------------------------ timing the driver
+
+    /// Counter ticks spent inside the driver's calls, summed by [`Timed`].
+    static DRIVER_TICKS: AtomicU64 = AtomicU64::new(0);
+
+    /// What the result line reports as differences: kicks per queue and the ticks spent
+    /// inside the driver.
+    #[derive(Clone, Copy)]
+    struct Counters {
+        kicks: [u64; 3],
+        driver_ticks: u64,
+    }
+
+    impl Counters {
+        fn now() -> Self {
+            Counters {
+                kicks: kicks(),
+                driver_ticks: DRIVER_TICKS.load(Ordering::Relaxed),
+            }
+        }
+    }
+
+    /// A driver whose every call is timed with the architecture's counter (the TSC on
+    /// x86-64) into [`DRIVER_TICKS`]: the guest's own work inside the driver, both
+    /// drivers measured alike. A zero-copy call counts the pattern work it calls back
+    /// into too.
+    struct Timed<D>(D);
+
+    impl<D: Driver> Timed<D> {
+        fn time<R>(&mut self, call: impl FnOnce(&mut D) -> R) -> R {
+            let start = boot::arch::counter();
+            let result = call(&mut self.0);
+            let spent = boot::arch::counter().saturating_sub(start);
+            DRIVER_TICKS.fetch_add(spent, Ordering::Relaxed);
+            result
+        }
+    }
+
+    impl<D: Driver> Driver for Timed<D> {
+        type Conn = D::Conn;
+        fn poll(&mut self) -> Result<()> {
+            self.time(|driver| driver.poll())
+        }
+        fn accept(&mut self) -> Option<Self::Conn> {
+            self.time(|driver| driver.accept())
+        }
+        fn send(&mut self, conn: Self::Conn, data: &[u8]) -> Result<usize> {
+            self.time(|driver| driver.send(conn, data))
+        }
+        fn log_send_stall(&self, conn: Self::Conn) {
+            self.0.log_send_stall(conn);
+        }
+        fn recv(&mut self, conn: Self::Conn, buf: &mut [u8]) -> Result<Recv> {
+            self.time(|driver| driver.recv(conn, buf))
+        }
+        fn send_pattern_in_place(
+            &mut self,
+            conn: Self::Conn,
+            offset: u64,
+            buffer: &mut [u8],
+        ) -> Result<()> {
+            self.time(|driver| driver.send_pattern_in_place(conn, offset, buffer))
+        }
+        fn check_in_place(
+            &mut self,
+            conn: Self::Conn,
+            offset: u64,
+            want: usize,
+            buffer: &mut [u8],
+        ) -> Result<Checked> {
+            self.time(|driver| driver.check_in_place(conn, offset, want, buffer))
+        }
+        fn close(&mut self, conn: Self::Conn) {
+            self.time(|driver| driver.close(conn));
+        }
+        fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+            self.0.counters(out)
+        }
     }
 
     /// The boot transport, counting every `notify` (a kick: an exit to the hypervisor).
@@ -662,7 +744,7 @@ mod bench {
         expected: u64,
         done: u64,
         started_us: u64,
-        kicks: [u64; 3],
+        counters: Counters,
         line: heapless::String<MAX_LINE>,
     }
 
@@ -886,9 +968,13 @@ mod bench {
         result: core::result::Result<u64, Failure>,
         elapsed_us: u64,
         bytes: u64,
-        kicks_before: [u64; 3],
+        before: Counters,
     ) {
-        let kicks_after = kicks();
+        let after = Counters::now();
+        let hz = boot::time::counter_hz().max(1);
+        let driver_us = u128::from(after.driver_ticks.saturating_sub(before.driver_ticks))
+            * 1_000_000
+            / u128::from(hz);
         let mut line: heapless::String<512> = heapless::String::new();
         let _ = write!(line, "bench: result \"{command}\" ");
         match result {
@@ -901,10 +987,10 @@ mod bench {
         }
         let _ = write!(
             line,
-            "guest_us={elapsed_us} bytes={bytes} kicks_rx={} kicks_tx={} kicks_event={} ",
-            kicks_after[0] - kicks_before[0],
-            kicks_after[1] - kicks_before[1],
-            kicks_after[2] - kicks_before[2],
+            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} kicks_rx={} kicks_tx={} kicks_event={} ",
+            after.kicks[0] - before.kicks[0],
+            after.kicks[1] - before.kicks[1],
+            after.kicks[2] - before.kicks[2],
         );
         let _ = driver.counters(&mut line);
         info!("{line}");
@@ -945,13 +1031,14 @@ mod bench {
         info!("bench: reference fill_us={fill_us} copy_us={copy_us} bytes={REFERENCE_BYTES}");
     }
 
-    fn serve<D: Driver>(mut driver: D, port: u32) -> ! {
+    fn serve<D: Driver>(driver: D, port: u32) -> ! {
+        let mut driver = Timed(driver);
         let buffer = spin::MutexGuard::leak(BUFFER.lock());
         let mut cycles = Cycles {
             expected: 0,
             done: 0,
             started_us: 0,
-            kicks: [0; 3],
+            counters: Counters::now(),
             line: heapless::String::new(),
         };
         info!("bench: listening on port {port}");
@@ -974,7 +1061,7 @@ mod bench {
         cycles: &mut Cycles,
         buffer: &mut [u8; MAX_IO],
     ) {
-        let kicks_before = kicks();
+        let before = Counters::now();
         let started_us = now_micros();
         let mut line = [0u8; MAX_LINE];
         let (end, start, len) = match read_command(driver, conn, &mut line) {
@@ -986,7 +1073,7 @@ mod bench {
                     cycles.done += 1;
                     if cycles.done == cycles.expected {
                         let elapsed = now_micros() - cycles.started_us;
-                        log_result(driver, &cycles.line, Ok(0), elapsed, 0, cycles.kicks);
+                        log_result(driver, &cycles.line, Ok(0), elapsed, 0, cycles.counters);
                     }
                 }
                 return;
@@ -1018,14 +1105,14 @@ mod bench {
         let bytes = progress.bytes;
         match result {
             Ok(Outcome::Done { bad }) => {
-                log_result(driver, command, Ok(bad), elapsed, bytes, kicks_before)
+                log_result(driver, command, Ok(bad), elapsed, bytes, before)
             }
             Ok(Outcome::Cycles(n)) => {
                 *cycles = Cycles {
                     expected: n,
                     done: 0,
                     started_us: now_micros(),
-                    kicks: kicks(),
+                    counters: Counters::now(),
                     line: heapless::String::new(),
                 };
                 let _ = cycles.line.push_str(command);
@@ -1034,7 +1121,7 @@ mod bench {
                 info!("bench: exit requested");
                 boot::exit_success();
             }
-            Err(e) => log_result(driver, command, Err(e), elapsed, bytes, kicks_before),
+            Err(e) => log_result(driver, command, Err(e), elapsed, bytes, before),
         }
     }
 

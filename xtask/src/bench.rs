@@ -286,9 +286,10 @@ struct Run {
 }
 
 impl Run {
-    fn kicks_per_unit(&self, key: &str) -> Option<f64> {
-        let kicks = self.guest.number(key)? as f64;
-        (self.units > 0.0).then(|| kicks / self.units)
+    /// A count the guest reported (`kicks_rx`, `driver_us`, ...) per unit of the workload.
+    fn per_unit(&self, key: &str) -> Option<f64> {
+        let count = self.guest.number(key)? as f64;
+        (self.units > 0.0).then(|| count / self.units)
     }
 }
 
@@ -915,14 +916,15 @@ fn run_driver_round(
                     .map(|(metric, value)| format!("{value:.1} {}", metric.unit))
                     .collect();
                 println!(
-                    "  {accel}/{}: {}: {} in {:.2}s; kicks per {}: rx {:.2}, tx {:.2}{}",
+                    "  {accel}/{}: {}: {} in {:.2}s; per {}: kicks rx {:.2}, tx {:.2}, {:.1} us in the driver{}",
                     driver.arg,
                     workload.name(),
                     values.join(", "),
                     run.seconds,
                     workload.kick_unit(),
-                    run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
-                    run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN),
+                    run.per_unit("kicks_rx").unwrap_or(f64::NAN),
+                    run.per_unit("kicks_tx").unwrap_or(f64::NAN),
+                    run.per_unit("driver_us").unwrap_or(f64::NAN),
                     run.partial
                         .as_ref()
                         .map_or(String::new(), |note| format!(" (PARTIAL: {note})")),
@@ -1371,8 +1373,8 @@ fn render_table(
             .map(|outcomes| match &outcomes[w] {
                 Ok(run) => format!(
                     "{:.2}/{:.2}",
-                    run.kicks_per_unit("kicks_rx").unwrap_or(f64::NAN),
-                    run.kicks_per_unit("kicks_tx").unwrap_or(f64::NAN)
+                    run.per_unit("kicks_rx").unwrap_or(f64::NAN),
+                    run.per_unit("kicks_tx").unwrap_or(f64::NAN)
                 ),
                 Err(e) if e == NOT_RUN => "-".to_string(),
                 Err(_) => "failed".to_string(),
@@ -1386,6 +1388,29 @@ fn render_table(
             kicks[1],
             kicks[2],
             kicks[3]
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\nguest time inside the driver's calls (poll, send, recv, accept, close; timed in the guest), us per unit"
+    );
+    for (w, &workload) in workloads.iter().enumerate() {
+        let times: Vec<String> = outcomes
+            .iter()
+            .map(|outcomes| match &outcomes[w] {
+                Ok(run) => run.per_unit("driver_us").map_or("?".to_string(), number),
+                Err(e) if e == NOT_RUN => "-".to_string(),
+                Err(_) => "failed".to_string(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<56} {:>16} {:>16} {:>16} {:>16}",
+            format!("{} (per {})", workload.name(), workload.kick_unit()),
+            times[0],
+            times[1],
+            times[2],
+            times[3]
         );
     }
     if !notes.is_empty() {
@@ -1419,8 +1444,9 @@ fn json_run(
                                 .collect::<serde_json::Map<_, _>>(),
                             "seconds": run.seconds,
                             "kicks_per": workload.kick_unit(),
-                            "kicks_rx_per_unit": run.kicks_per_unit("kicks_rx"),
-                            "kicks_tx_per_unit": run.kicks_per_unit("kicks_tx"),
+                            "kicks_rx_per_unit": run.per_unit("kicks_rx"),
+                            "kicks_tx_per_unit": run.per_unit("kicks_tx"),
+                            "driver_us_per_unit": run.per_unit("driver_us"),
                             "guest": run.guest.fields,
                             "partial": run.partial,
                             "median_of": run.repetitions,
