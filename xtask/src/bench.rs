@@ -1367,52 +1367,20 @@ fn render_table(
         DRIVERS[2].label,
         DRIVERS[3].label
     );
-    for (w, &workload) in workloads.iter().enumerate() {
-        let kicks: Vec<String> = outcomes
-            .iter()
-            .map(|outcomes| match &outcomes[w] {
-                Ok(run) => format!(
-                    "{:.2}/{:.2}",
-                    run.per_unit("kicks_rx").unwrap_or(f64::NAN),
-                    run.per_unit("kicks_tx").unwrap_or(f64::NAN)
-                ),
-                Err(e) if e == NOT_RUN => "-".to_string(),
-                Err(_) => "failed".to_string(),
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:<56} {:>16} {:>16} {:>16} {:>16}",
-            format!("{} (per {})", workload.name(), workload.kick_unit()),
-            kicks[0],
-            kicks[1],
-            kicks[2],
-            kicks[3]
-        );
-    }
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        format!(
+            "{:.2}/{:.2}",
+            run.per_unit("kicks_rx").unwrap_or(f64::NAN),
+            run.per_unit("kicks_tx").unwrap_or(f64::NAN)
+        )
+    });
     let _ = writeln!(
         out,
         "\nguest time inside the driver's calls (poll, send, recv, accept, close; timed in the guest), us per unit"
     );
-    for (w, &workload) in workloads.iter().enumerate() {
-        let times: Vec<String> = outcomes
-            .iter()
-            .map(|outcomes| match &outcomes[w] {
-                Ok(run) => run.per_unit("driver_us").map_or("?".to_string(), number),
-                Err(e) if e == NOT_RUN => "-".to_string(),
-                Err(_) => "failed".to_string(),
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "{:<56} {:>16} {:>16} {:>16} {:>16}",
-            format!("{} (per {})", workload.name(), workload.kick_unit()),
-            times[0],
-            times[1],
-            times[2],
-            times[3]
-        );
-    }
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        run.per_unit("driver_us").map_or("?".to_string(), number)
+    });
     if !notes.is_empty() {
         let _ = writeln!(out);
         for note in notes {
@@ -1420,6 +1388,34 @@ fn render_table(
         }
     }
     out
+}
+
+/// One row per workload, one column per driver, each cell `cell` of the driver's run.
+fn per_unit_rows(
+    out: &mut String,
+    workloads: &[Workload],
+    outcomes: &[Vec<Outcome>],
+    cell: impl Fn(&Run) -> String,
+) {
+    for (w, &workload) in workloads.iter().enumerate() {
+        let cells: Vec<String> = outcomes
+            .iter()
+            .map(|outcomes| match &outcomes[w] {
+                Ok(run) => cell(run),
+                Err(e) if e == NOT_RUN => "-".to_string(),
+                Err(_) => "failed".to_string(),
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "{:<56} {:>16} {:>16} {:>16} {:>16}",
+            format!("{} (per {})", workload.name(), workload.kick_unit()),
+            cells[0],
+            cells[1],
+            cells[2],
+            cells[3]
+        );
+    }
 }
 
 fn json_run(
