@@ -173,8 +173,10 @@ impl SocketSlot {
 enum Role {
     /// Created, maybe bound; neither listening nor connected.
     Unconnected,
-    /// Listening with a backlog.
-    Listening { backlog: usize },
+    /// Listening with a backlog; `waiting` connections wait in its queue (those whose
+    /// `Role::Stream::listener` names this slot), so that `accept` on an empty queue and
+    /// the backlog check of a REQUEST walk no slots.
+    Listening { backlog: usize, waiting: usize },
     /// A connection. `accept_order` is `Some` while it waits in its listener's queue.
     Stream {
         conn: Connection,
@@ -702,13 +704,15 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             Role::Unconnected if socket.local_port.is_some() => {
                 socket.role = Role::Listening {
                     backlog: backlog.max(1),
+                    waiting: 0,
                 };
                 Ok(())
             }
-            Role::Listening { .. } => {
-                socket.role = Role::Listening {
-                    backlog: backlog.max(1),
-                };
+            Role::Listening {
+                backlog: ref mut current,
+                ..
+            } => {
+                *current = backlog.max(1);
                 Ok(())
             }
             // B22; a connecting or connected socket cannot listen either: EINVAL, as
@@ -721,12 +725,15 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// peer's address. `WouldBlock` when none waits (B22).
     pub fn accept(&mut self, handle: SocketHandle) -> Result<(SocketHandle, VsockAddr)> {
         let sockets = &mut self.sockets;
-        if !matches!(sockets.get(handle)?.role, Role::Listening { .. }) {
-            return Err(Error::InvalidArgument);
+        match sockets.get(handle)?.role {
+            Role::Listening { waiting: 0, .. } => return Err(Error::WouldBlock),
+            Role::Listening { .. } => {}
+            _ => return Err(Error::InvalidArgument),
         }
         let index = sockets
             .oldest_waiting(handle.index)
             .ok_or(Error::WouldBlock)?;
+        sockets.forget_waiting(handle.index);
         let slot = &mut sockets.slots[index];
         let Some(Socket {
             role: Role::Stream { conn, listener, .. },
@@ -1089,8 +1096,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let mut ready = Readiness::empty();
         match &socket.role {
             Role::Unconnected => {}
-            Role::Listening { .. } => {
-                if sockets.oldest_waiting(handle.index).is_some() {
+            Role::Listening { waiting, .. } => {
+                if *waiting > 0 {
                     ready |= Readiness::READABLE;
                 }
             }
@@ -1430,6 +1437,20 @@ impl Sockets<'_> {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
+        if let Some(Socket {
+            role:
+                Role::Stream {
+                    listener: Some(listener),
+                    ..
+                },
+            ..
+        }) = slot.socket
+        {
+            self.forget_waiting(listener);
+        }
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
         match slot.socket.as_mut() {
             Some(Socket {
                 role: Role::Stream { conn, listener, .. },
@@ -1446,7 +1467,7 @@ impl Sockets<'_> {
     }
 
     fn port_in_use(&self, port: u32) -> bool {
-        self.slots
+        self.slots[self.slots_in_use()]
             .iter()
             .filter_map(|slot| slot.socket.as_ref())
             .any(|socket| {
@@ -1551,7 +1572,7 @@ impl Sockets<'_> {
 
     /// The connection waiting longest in `listener`'s accept queue.
     fn oldest_waiting(&self, listener: u16) -> Option<usize> {
-        self.slots
+        self.slots[self.slots_in_use()]
             .iter()
             .enumerate()
             .filter_map(|(index, slot)| match slot.socket.as_ref()?.role {
@@ -1566,16 +1587,17 @@ impl Sockets<'_> {
             .map(|(_, index)| index)
     }
 
-    fn waiting_count(&self, listener: u16) -> usize {
-        self.slots
-            .iter()
-            .filter(|slot| {
-                matches!(
-                    slot.socket.as_ref().map(|s| s.role),
-                    Some(Role::Stream { listener: Some(l), .. }) if l == listener
-                )
-            })
-            .count()
+    /// Counts one connection less in the queue of the listener in slot `listener`: it
+    /// was accepted or freed.
+    fn forget_waiting(&mut self, listener: u16) {
+        if let Some(Role::Listening { waiting, .. }) = self
+            .slots
+            .get_mut(usize::from(listener))
+            .and_then(|slot| slot.socket.as_mut())
+            .map(|socket| &mut socket.role)
+        {
+            *waiting = waiting.saturating_sub(1);
+        }
     }
 
     /// Resets and frees every connection still waiting in `listener`'s queue.
@@ -1737,7 +1759,7 @@ impl Sockets<'_> {
         if self.slots.get(self.last_match).is_some_and(matches) {
             return Some(self.last_match);
         }
-        let found = self.slots.iter().position(matches)?;
+        let found = self.slots[self.slots_in_use()].iter().position(matches)?;
         self.last_match = found;
         Some(found)
     }
@@ -1814,7 +1836,7 @@ impl Sockets<'_> {
 
     /// A REQUEST for no existing connection (B15, B16).
     fn on_request(&mut self, header: &Header) {
-        let listener = self.slots.iter().position(|slot| {
+        let listener = self.slots[self.slots_in_use()].iter().position(|slot| {
             slot.socket.as_ref().is_some_and(|s| {
                 !s.orphaned
                     && s.local_port == Some(header.dst_port)
@@ -1826,13 +1848,13 @@ impl Sockets<'_> {
             self.push_stray_rst(rst);
             return;
         };
-        let Some(Role::Listening { backlog }) =
+        let Some(Role::Listening { backlog, waiting }) =
             self.slots[listener].socket.as_ref().map(|s| s.role)
         else {
             return;
         };
         let free = self.free_slot();
-        let (Some(index), true) = (free, self.waiting_count(listener as u16) < backlog) else {
+        let (Some(index), true) = (free, waiting < backlog) else {
             log::debug!("vsock: backlog full on port {}", header.dst_port);
             let rst = self.rst_for(header);
             self.push_stray_rst(rst);
@@ -1851,6 +1873,11 @@ impl Sockets<'_> {
         conn.credit.update_peer(header.buf_alloc, header.fwd_cnt);
         let accept_order = self.next_accept_order;
         self.next_accept_order += 1;
+        if let Some(Role::Listening { waiting, .. }) =
+            self.slots[listener].socket.as_mut().map(|s| &mut s.role)
+        {
+            *waiting += 1;
+        }
         self.occupy(
             index,
             Socket {

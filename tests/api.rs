@@ -781,6 +781,62 @@ fn b15_request_beyond_the_backlog_gets_rst_and_room_returns_after_accept() {
     assert_eq!(vsock.peer_addr(first), Ok(VsockAddr::new(HOST_CID, 5000)));
 }
 
+/// The listener counts its queue rather than walking the slots: the count must follow
+/// every way a connection leaves the queue (accepted, reset by the peer and freed,
+/// the listener closed), or the backlog would refuse too early or admit too many.
+#[test]
+fn b15_the_backlog_counts_connections_that_left_the_queue_every_way() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(8);
+    let mut vsock = bring_up(&transport, test_config(), &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 2);
+    let peer = |port| Tuple::new(GUEST_PORT, HOST_CID, port);
+    let refused = |vsock: &mut Device<'_>, model: &mut DeviceModel, port, now| {
+        let request = peer(port).peer_sends(Op::Request);
+        model.deliver(&request, &[]).unwrap();
+        vsock.poll(now);
+        assert_eq!(control(model), [rst_for(&request)], "port {port}");
+    };
+
+    // Full, then one accepted: room for one.
+    request(&mut vsock, &mut model, peer(5000), ms(1));
+    request(&mut vsock, &mut model, peer(5001), ms(2));
+    refused(&mut vsock, &mut model, 5002, ms(3));
+    assert_eq!(vsock.accept(listener).unwrap().1.port, 5000);
+    request(&mut vsock, &mut model, peer(5003), ms(4));
+    refused(&mut vsock, &mut model, 5004, ms(5));
+
+    // A waiting connection the peer resets leaves the queue (it is freed): room for one.
+    model.deliver(&peer(5001).peer_sends(Op::Rst), &[]).unwrap();
+    vsock.poll(ms(6));
+    assert_eq!(control(&mut model), []);
+    request(&mut vsock, &mut model, peer(5005), ms(7));
+    refused(&mut vsock, &mut model, 5010, ms(7));
+    assert_eq!(vsock.readiness(listener), Ok(Readiness::READABLE));
+    assert_eq!(vsock.accept(listener).unwrap().1.port, 5003);
+    assert_eq!(vsock.accept(listener).unwrap().1.port, 5005);
+    assert_eq!(vsock.readiness(listener), Ok(Readiness::empty()));
+    assert_eq!(vsock.accept(listener), Err(Error::WouldBlock));
+
+    // Closing a listener resets what waits in it; a new listener in its slot starts empty.
+    request(&mut vsock, &mut model, peer(5006), ms(8));
+    vsock.close(listener).unwrap();
+    assert_eq!(control(&mut model), [peer(5006).to_peer(Op::Rst, PER, 0)]);
+    // (The accepted connections keep GUEST_PORT.)
+    let listener = listen_on(&mut vsock, GUEST_PORT + 1, 2);
+    assert_eq!(vsock.readiness(listener), Ok(Readiness::empty()));
+    let peer = |port| Tuple::new(GUEST_PORT + 1, HOST_CID, port);
+    request(&mut vsock, &mut model, peer(5007), ms(9));
+    request(&mut vsock, &mut model, peer(5008), ms(10));
+    let request = peer(5009).peer_sends(Op::Request);
+    model.deliver(&request, &[]).unwrap();
+    vsock.poll(ms(11));
+    assert_eq!(control(&mut model), [rst_for(&request)]);
+    assert_eq!(vsock.accept(listener).unwrap().1.port, 5007);
+    assert_eq!(vsock.accept(listener).unwrap().1.port, 5008);
+    assert_eq!(vsock.accept(listener), Err(Error::WouldBlock));
+}
+
 #[test]
 fn b15_request_with_no_free_socket_slot_gets_rst() {
     let (transport, mut model) = new_transport();

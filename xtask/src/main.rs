@@ -22,6 +22,7 @@ mod qemu_tests;
 mod setup;
 mod soak;
 mod vm;
+mod work;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -55,6 +56,9 @@ enum BenchTarget {
     Host,
     /// In a QEMU guest against vhost-device-vsock, driven and timed from the host.
     Qemu,
+    /// The driver's own instructions per round trip and per connect/close cycle, counted
+    /// by callgrind against the device model (independent of the machine's load).
+    Work,
 }
 
 #[derive(Subcommand)]
@@ -259,6 +263,13 @@ fn run(command: Command) -> Result<ExitCode> {
                 linux: qemu && !host_only,
                 ch: vmms.contains(&Vmm::Ch) && !host_only && !linux_only,
             })
+        }
+        Command::Bench {
+            target: BenchTarget::Work,
+            ..
+        } => {
+            work::run()?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
             target: BenchTarget::Host,
