@@ -43,8 +43,10 @@
 //! around each call, both drivers alike), the notifications
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
-//! the same way), and the driver's own counters (ours: `VsockDevice::stats()`; theirs:
-//! the packets its `poll` rejected). A failed workload logs `ok=0 error=<why>`.
+//! the same way), ours the CREDIT_UPDATEs it received and CREDIT_REQUESTs it sent in that
+//! time (`credit_updates_rx=<u> credit_requests_tx=<r>`), and the driver's own counters
+//! (ours: `VsockDevice::stats()`; theirs: the packets its `poll` rejected). A failed
+//! workload logs `ok=0 error=<why>`.
 //!
 //! Before the driver starts, the guest times plain memory work (the pattern fill and a
 //! memcpy of 4 MiB) and logs `bench: reference fill_us=.. copy_us=.. bytes=..`, which the
@@ -135,21 +137,31 @@ mod bench {
     /// Counter ticks spent inside the driver's calls, summed by [`Timed`].
     static DRIVER_TICKS: AtomicU64 = AtomicU64::new(0);
 
-    /// What the result line reports as differences: kicks per queue and the ticks spent
-    /// inside the driver.
+    /// What the result line reports as differences: kicks per queue, the ticks spent
+    /// inside the driver, and the credit packets where the driver counts them.
     #[derive(Clone, Copy)]
     struct Counters {
         kicks: [u64; 3],
         driver_ticks: u64,
+        credit: Option<CreditCounts>,
     }
 
     impl Counters {
-        fn now() -> Self {
+        fn now<D: Driver>(driver: &D) -> Self {
             Counters {
                 kicks: kicks(),
                 driver_ticks: DRIVER_TICKS.load(Ordering::Relaxed),
+                credit: driver.credit_counts(),
             }
         }
+    }
+
+    /// CREDIT_UPDATEs received and CREDIT_REQUESTs sent: how the peer's window paced a
+    /// transfer (ours counts them in `Stats`; virtio-drivers does not say).
+    #[derive(Clone, Copy)]
+    struct CreditCounts {
+        updates_received: u64,
+        requests_sent: u64,
     }
 
     /// A driver whose every call is timed with the architecture's counter (the TSC on
@@ -207,6 +219,9 @@ mod bench {
         }
         fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result {
             self.0.counters(out)
+        }
+        fn credit_counts(&self) -> Option<CreditCounts> {
+            self.0.credit_counts()
         }
     }
 
@@ -421,6 +436,10 @@ mod bench {
         fn close(&mut self, conn: Self::Conn);
         /// The driver's own counters, for the result line.
         fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result;
+        /// The driver's credit counters, where it keeps them.
+        fn credit_counts(&self) -> Option<CreditCounts> {
+            None
+        }
     }
 
     type OurDevice = VsockDevice<'static, boot::hal::BootHal, CountingTransport>;
@@ -574,6 +593,14 @@ mod bench {
                 stats.tx_packets,
                 stats.rx_dropped
             )
+        }
+
+        fn credit_counts(&self) -> Option<CreditCounts> {
+            let stats = self.device.stats();
+            Some(CreditCounts {
+                updates_received: stats.rx_credit_updates,
+                requests_sent: stats.tx_credit_requests,
+            })
         }
     }
 
@@ -970,7 +997,7 @@ mod bench {
         bytes: u64,
         before: Counters,
     ) {
-        let after = Counters::now();
+        let after = Counters::now(driver);
         let hz = boot::time::counter_hz().max(1);
         let driver_us = u128::from(after.driver_ticks.saturating_sub(before.driver_ticks))
             * 1_000_000
@@ -992,6 +1019,14 @@ mod bench {
             after.kicks[1] - before.kicks[1],
             after.kicks[2] - before.kicks[2],
         );
+        if let (Some(after), Some(before)) = (after.credit, before.credit) {
+            let _ = write!(
+                line,
+                "credit_updates_rx={} credit_requests_tx={} ",
+                after.updates_received - before.updates_received,
+                after.requests_sent - before.requests_sent,
+            );
+        }
         let _ = driver.counters(&mut line);
         info!("{line}");
     }
@@ -1038,7 +1073,7 @@ mod bench {
             expected: 0,
             done: 0,
             started_us: 0,
-            counters: Counters::now(),
+            counters: Counters::now(&driver),
             line: heapless::String::new(),
         };
         info!("bench: listening on port {port}");
@@ -1061,7 +1096,7 @@ mod bench {
         cycles: &mut Cycles,
         buffer: &mut [u8; MAX_IO],
     ) {
-        let before = Counters::now();
+        let before = Counters::now(driver);
         let started_us = now_micros();
         let mut line = [0u8; MAX_LINE];
         let (end, start, len) = match read_command(driver, conn, &mut line) {
@@ -1112,7 +1147,7 @@ mod bench {
                     expected: n,
                     done: 0,
                     started_us: now_micros(),
-                    counters: Counters::now(),
+                    counters: Counters::now(driver),
                     line: heapless::String::new(),
                 };
                 let _ = cycles.line.push_str(command);

@@ -5,7 +5,7 @@ use crate::addr::is_valid_guest_cid;
 use crate::error::Error;
 use crate::queue::{BadUsed, RxQueue, TxBuffer, TxQueue, Used, MAX_QUEUE_SIZE, TX_CHUNK};
 use crate::time::Instant;
-use crate::wire::{Header, WireError, HEADER_LEN, MAX_PAYLOAD, OP_INVALID};
+use crate::wire::{Header, Op, WireError, HEADER_LEN, MAX_PAYLOAD, OP_INVALID};
 use bitflags::bitflags;
 use core::time::Duration;
 use virtio_drivers::transport::{DeviceType, Transport};
@@ -81,6 +81,12 @@ pub struct Stats {
     /// Interrupts acknowledged that were this device's (see
     /// [`VirtioVsock::ack_interrupt`]).
     pub interrupts: u64,
+    /// CREDIT_UPDATE packets received: how often peers returned credit unasked or
+    /// answered a request (with `tx_credit_requests`, how a transfer was paced).
+    pub rx_credit_updates: u64,
+    /// CREDIT_REQUEST packets sent: the times a connection found itself without credit
+    /// and nothing of its own left unacknowledged, or its probe fired (B29).
+    pub tx_credit_requests: u64,
 }
 
 /// What [`VirtioVsock::receive`] took from the device.
@@ -466,6 +472,9 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         }
         self.tx.submit(buffer, HEADER_LEN + len)?;
         self.stats.tx_packets += 1;
+        if header.op == Op::CreditRequest as u16 {
+            self.stats.tx_credit_requests += 1;
+        }
         Ok(())
     }
 
@@ -543,6 +552,9 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
                     }
                     Ok((header, payload)) => {
                         self.stats.rx_packets += 1;
+                        if header.op == Op::CreditUpdate as u16 {
+                            self.stats.rx_credit_updates += 1;
+                        }
                         clear = header.len == 0;
                         handle(Arrival::Packet(&header, payload));
                     }

@@ -205,6 +205,9 @@ fn b29_a_peer_without_room_and_nothing_of_ours_unread_is_asked_at_once() {
     vsock.poll(ms(101));
     assert_eq!(vsock.send(conn, &data), Ok(100));
     assert_eq!(model.drain_tx(), [rw_to_host(&data, per, 0)]);
+    // The counters the benchmarks print: one request sent, one update received.
+    let stats = vsock.stats();
+    assert_eq!((stats.tx_credit_requests, stats.rx_credit_updates), (1, 1));
 }
 
 #[test]

@@ -26,6 +26,8 @@ struct Transfer {
     bubbles: usize,
     /// CREDIT_REQUESTs the driver sent.
     credit_requests: usize,
+    /// CREDIT_UPDATEs the driver received (its `Stats::rx_credit_updates`).
+    credit_updates: u64,
     /// RW packets the driver sent.
     data_packets: usize,
     /// Steps until the host had everything.
@@ -90,6 +92,9 @@ fn send_total(config: Config, window: u32) -> Transfer {
     }
     assert!(received == data, "the host received the bytes in order");
     assert_eq!(host.violations(), []);
+    let stats = vsock.stats();
+    assert_eq!(stats.tx_credit_requests, transfer.credit_requests as u64);
+    transfer.credit_updates = stats.rx_credit_updates;
     transfer
 }
 
@@ -106,6 +111,12 @@ fn b25_b29_a_64_kib_window_keeps_data_in_flight() {
     assert_eq!(
         transfer.data_packets,
         TOTAL.div_ceil(16 * 1024),
+        "{transfer:?}"
+    );
+    // The host returns credit once three quarters of its window were read: about one
+    // update per 48 KiB.
+    assert!(
+        transfer.credit_updates as usize >= TOTAL / (64 * 1024),
         "{transfer:?}"
     );
 }

@@ -1381,6 +1381,19 @@ fn render_table(
     per_unit_rows(&mut out, workloads, outcomes, |run| {
         run.per_unit("driver_us").map_or("?".to_string(), number)
     });
+    let _ = writeln!(
+        out,
+        "\ncredit packets, updates received/requests sent per unit (counted by our driver; '-' where the driver does not count them)"
+    );
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        match (
+            run.per_unit("credit_updates_rx"),
+            run.per_unit("credit_requests_tx"),
+        ) {
+            (Some(updates), Some(requests)) => format!("{updates:.2}/{requests:.2}"),
+            _ => "-".to_string(),
+        }
+    });
     if !notes.is_empty() {
         let _ = writeln!(out);
         for note in notes {
@@ -1443,6 +1456,8 @@ fn json_run(
                             "kicks_rx_per_unit": run.per_unit("kicks_rx"),
                             "kicks_tx_per_unit": run.per_unit("kicks_tx"),
                             "driver_us_per_unit": run.per_unit("driver_us"),
+                            "credit_updates_rx_per_unit": run.per_unit("credit_updates_rx"),
+                            "credit_requests_tx_per_unit": run.per_unit("credit_requests_tx"),
                             "guest": run.guest.fields,
                             "partial": run.partial,
                             "median_of": run.repetitions,
