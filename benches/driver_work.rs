@@ -14,6 +14,8 @@
 //! the guest polls, reads it and sends it back).
 //! `driver_work cycles N`: N connections, each accepted, ended by the host, read to end
 //! of stream and closed by the guest.
+//! `driver_work idle N`: one connection and nothing arriving: N turns of a guest's wait
+//! loop (`recv` finds nothing, then `poll`), what a spinning guest pays between packets.
 
 use vsock_guest::testing::{FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
 use vsock_guest::wire::ShutdownFlags;
@@ -69,6 +71,21 @@ fn main() {
                 assert_eq!(host.recv(id, 1), sent, "round {round}");
             }
         }
+        "idle" => {
+            let id = host.connect(PORT);
+            host.settle(&mut vsock, tick());
+            let conn = vsock.accept(listener).expect("the connection waits").0;
+            host.settle(&mut vsock, tick());
+            let mut byte = [0u8; 1];
+            for _ in 0..count {
+                assert_eq!(
+                    in_driver(|| vsock.recv(conn, &mut byte)),
+                    Err(Error::WouldBlock)
+                );
+                in_driver(|| vsock.poll(tick()));
+            }
+            assert!(host.recv(id, 1).is_empty());
+        }
         "cycles" => {
             let mut buffer = [0u8; 64];
             for cycle in 0..count {
@@ -97,7 +114,7 @@ fn main() {
                 );
             }
         }
-        other => panic!("unknown workload {other:?}: pingpong or cycles"),
+        other => panic!("unknown workload {other:?}: pingpong, cycles or idle"),
     }
     assert!(host.violations().is_empty(), "{:?}", host.violations());
     println!("{workload} {count}: done");

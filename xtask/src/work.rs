@@ -13,7 +13,11 @@ use std::process::Command;
 /// Operations per workload: enough that bring-up and the first connection are noise.
 const OPERATIONS: u64 = 1000;
 /// The workloads of `benches/driver_work.rs` and what one operation is.
-const WORKLOADS: [(&str, &str); 2] = [("pingpong", "round trip"), ("cycles", "connect/close")];
+const WORKLOADS: [(&str, &str); 3] = [
+    ("pingpong", "round trip"),
+    ("cycles", "connect/close"),
+    ("idle", "turn of recv and poll with nothing arriving"),
+];
 
 /// Builds `benches/driver_work.rs`, runs each workload under callgrind counting only the
 /// driver's calls and prints instructions per operation.
