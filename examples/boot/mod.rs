@@ -96,6 +96,7 @@ pub mod heap;
 pub mod serial;
 pub mod time;
 pub mod virtio;
+pub mod wait;
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, Ordering};
