@@ -21,10 +21,10 @@
 //! a halt that finds work counts in `backstop_finds`.
 //!
 //! **Statistics.** Every [`REPORT_MICROS`] the waiter logs one line,
-//! `wait: <mode> loops=.. wakeups=.. halts=.. interrupts=.. timer_wakes=..
-//! backstop_finds=..` (cumulative counts), so that a test reads from the log that an
-//! idle guest halted (few loops per wake-up) instead of spinning (millions of loops, no
-//! halts); [`Waiter::report`] logs it on demand (the client does at its end).
+//! `wait: <mode> loops=.. news=.. spins=.. wakeups=.. halts=.. interrupts=..
+//! timer_wakes=.. backstop_finds=..` (cumulative counts), so that a test reads from the
+//! log that an idle guest halted (in a quiet stretch one loop per halt) instead of
+//! spinning (millions of loops, no halts); [`Waiter::report`] logs it on demand (the client does at its end).
 //!
 //! Interrupts are routed by the architecture: on x86-64 the IOAPIC line of q35's
 //! virtio-pci INTx or of microvm's virtio-mmio slot, and the LAPIC timer
@@ -62,6 +62,11 @@ pub enum Mode {
 pub struct WaitStats {
     /// Calls of [`Waiter::idle`]: iterations of the main loop.
     pub loops: u64,
+    /// Of those, the ones with news (something moved).
+    pub news: u64,
+    /// Of those, the ones without news that polled on in the spin window, or because the
+    /// re-arm found work (`arm_interrupts` returned `false`).
+    pub spins: u64,
     /// Halts that ended (by any interrupt).
     pub wakeups: u64,
     /// Halts begun.
@@ -168,6 +173,7 @@ impl Waiter {
         let news = moved || packets != self.last_packets;
         self.last_packets = packets;
         if news {
+            self.stats.news += 1;
             if self.backstop_woke {
                 self.stats.backstop_finds += 1;
             }
@@ -178,10 +184,11 @@ impl Waiter {
             self.report();
             self.next_report = now + REPORT_MICROS;
         }
-        if self.mode == Mode::Poll || news || now < self.last_news + self.spin_micros {
+        if self.mode == Mode::Poll || news {
             return;
         }
-        if !device.arm_interrupts() {
+        if now < self.last_news + self.spin_micros || !device.arm_interrupts() {
+            self.stats.spins += 1;
             return;
         }
         let quiet = now - self.last_news;
@@ -208,12 +215,14 @@ impl Waiter {
     pub fn report(&self) {
         let s = self.stats;
         info!(
-            "wait: {} loops={} wakeups={} halts={} interrupts={} timer_wakes={} backstop_finds={}",
+            "wait: {} loops={} news={} spins={} wakeups={} halts={} interrupts={} timer_wakes={} backstop_finds={}",
             match self.mode {
                 Mode::Irq => "irq",
                 Mode::Poll => "poll",
             },
             s.loops,
+            s.news,
+            s.spins,
             s.wakeups,
             s.halts,
             s.interrupts,
