@@ -155,6 +155,11 @@ enum Command {
         /// 65536, and Linux vhost-vsock's, 262144.
         #[arg(long = "host-window", value_delimiter = ',', default_values_t = bench::DEFAULT_HOST_WINDOWS)]
         host_windows: Vec<u32>,
+        /// `qemu` only: how our driver waits in the guest: `irq` (halted until an
+        /// interrupt or a deadline, the `ours` column) and `poll` (spinning, an `ours
+        /// poll` column); each also gets an idle row (QEMU's CPU with the guest idle).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [qemu_tests::Wait::Irq, qemu_tests::Wait::Poll])]
+        wait: Vec<qemu_tests::Wait>,
     },
     /// Boot the echo guest and run the soak against it: many host clients at once, each
     /// echoing, resetting mid-transfer, vanishing after CONNECT or reading the source
@@ -294,6 +299,7 @@ fn run(command: Command) -> Result<ExitCode> {
             repetitions,
             guest_args,
             host_windows,
+            wait,
         } => {
             bench::qemu(&bench::QemuOptions {
                 machine,
@@ -305,6 +311,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 repetitions,
                 guest_args,
                 host_windows,
+                waits: wait,
             })?;
             Ok(ExitCode::SUCCESS)
         }
