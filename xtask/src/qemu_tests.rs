@@ -410,6 +410,9 @@ pub struct TestInputs {
     wait: Wait,
     /// Which tests run.
     selection: Selection,
+    /// The echo guest is `examples/async_echo.rs` (echo service only): only
+    /// [`ASYNC_TESTS`] run.
+    async_guest: bool,
     /// Rounds of the repeated 64 x 256 KiB echo.
     rounds: u32,
     /// The soak's length and seed; `None`: no soak in this suite.
@@ -491,6 +494,20 @@ const TESTS: &[TestCase] = &[
     test("guest_log_has_no_errors", guest_log_has_no_errors),
 ];
 
+/// The tests of the async echo guest's suite: those of the echo service.
+const ASYNC_TESTS: &[&str] = &[
+    "echo_one_message",
+    "echo_3_concurrent_1mib_patterned",
+    "echo_20_sequential_connections",
+    "echo_64_concurrent_256kib",
+    "ping_pong_1_byte_1000_round_trips",
+    "connect_close_200_sequential",
+    "unused_port_refused_then_still_serving",
+    "host_closes_mid_transfer_others_continue",
+    "guest_halts_when_idle",
+    "guest_log_has_no_errors",
+];
+
 /// What the VM suites counted.
 #[derive(Default)]
 pub struct Tally {
@@ -513,6 +530,7 @@ fn run_suite(label: &str, guest: &mut dyn EchoGuest, inputs: &TestInputs, tally:
             inputs.soak.is_some(),
             inputs.wait,
         ) || !inputs.selection.runs(case.name)
+            || (inputs.async_guest && !ASYNC_TESTS.contains(&case.name))
         {
             continue;
         }
@@ -605,6 +623,7 @@ pub fn run_qemu(
                 },
                 wait,
                 selection: selection.clone(),
+                async_guest: false,
                 rounds,
                 soak,
             };
@@ -645,6 +664,70 @@ pub fn run_qemu(
             );
         }
     }
+    if machines.contains(&Machine::Q35) && selection.waits_on(Machine::Q35).contains(&Wait::Irq) {
+        run_async_suite(tools, accel, rounds, selection, &client, tally)?;
+    }
+    Ok(())
+}
+
+/// The async echo guest (`examples/async_echo.rs`, one task per connection) on q35,
+/// halting (`wait=irq`): the echo tests of [`ASYNC_TESTS`].
+fn run_async_suite(
+    tools: &Tools,
+    accel: Accel,
+    rounds: u32,
+    selection: &Selection,
+    client: &Path,
+    tally: &mut Tally,
+) -> Result<()> {
+    let kernel = build_example("async_echo")?;
+    let wait = Wait::Irq;
+    let inputs = TestInputs {
+        kernels: Kernels {
+            client: client.to_path_buf(),
+        },
+        wait,
+        selection: selection.clone(),
+        async_guest: true,
+        rounds,
+        soak: None,
+    };
+    let label = "q35-async";
+    println!(
+        "\n=== QEMU tests of the async echo guest on q35 ({accel}, {})",
+        wait.arg()
+    );
+    let started = Instant::now();
+    let size = 1 + TESTS
+        .iter()
+        .filter(|case| ASYNC_TESTS.contains(&case.name) && selection.runs(case.name))
+        .count();
+    let mut vm = match EchoVm::boot(
+        tools,
+        Machine::Q35,
+        accel,
+        &kernel,
+        "test-q35-async",
+        true,
+        wait.arg(),
+        process_limit(rounds),
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            boot_failed(label, &e, size, tally);
+            return Ok(());
+        }
+    };
+    println!(
+        "ok   {label}/boot_echo_guest ({:.1}s to listening)",
+        started.elapsed().as_secs_f64()
+    );
+    tally.passed += 1;
+    run_suite(label, &mut vm, &inputs, tally);
+    println!(
+        "=== QEMU tests on {label} took {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -679,6 +762,7 @@ pub fn run_ch(
         },
         wait,
         selection: selection.clone(),
+        async_guest: false,
         rounds,
         soak,
     };
