@@ -13,7 +13,9 @@
 //! driver's `Config` (`queue_size`, `rx_buffer_size`, `tx_packet_size`, `tx_memory`,
 //! `send_buffer`) for
 //! experiments (`cargo xtask bench qemu --guest-args "rx=16384"`); the guest says which
-//! settings it runs with.
+//! settings it runs with. `wait=irq|poll` says how our driver waits for the peer: halted
+//! until the device interrupts or a deadline (`irq`, the default; `boot::wait`) or
+//! spinning on `poll`; virtio-drivers' driver always spins.
 //!
 //! The host measures every time; the guest only serves. It listens on port 5000 (`port=`
 //! changes it) and prints `bench: ready` once it does. Each host connection starts with a
@@ -82,9 +84,7 @@ mod bench {
         DeviceStatus, DeviceType, InterruptStatus, SomeTransport, Transport,
     };
     use virtio_drivers::PhysAddr;
-    use vsock_guest::{
-        Config, Instant, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY,
-    };
+    use vsock_guest::{Config, SocketHandle, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY};
     use zerocopy::{FromBytes, Immutable, IntoBytes};
 
     /// The control port unless `port=` says otherwise.
@@ -184,6 +184,10 @@ mod bench {
         type Conn = D::Conn;
         fn poll(&mut self) -> Result<()> {
             self.time(|driver| driver.poll())
+        }
+        fn idle(&mut self) {
+            // Not timed: halting is not the driver's work.
+            self.0.idle();
         }
         fn accept(&mut self) -> Option<Self::Conn> {
             self.time(|driver| driver.accept())
@@ -400,6 +404,9 @@ mod bench {
     /// progress.
     trait Driver: Sized {
         type Conn: Copy;
+        /// Called where the guest waits for the peer, before the next `poll`: ours
+        /// halts there (`wait=irq`, `boot::wait`) when nothing moved; theirs spins.
+        fn idle(&mut self) {}
         fn poll(&mut self) -> Result<()>;
         /// A new connection on the control port, if one is waiting.
         fn accept(&mut self) -> Option<Self::Conn>;
@@ -447,6 +454,7 @@ mod bench {
     struct Ours {
         device: OurDevice,
         listener: SocketHandle,
+        waiter: boot::wait::Waiter,
     }
 
     impl Ours {
@@ -457,7 +465,8 @@ mod bench {
             let slots = spin::MutexGuard::leak(SLOTS.lock());
             let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
             let default = Config::default();
-            let config = boot::config::from_cmdline(info);
+            let mut config = boot::config::from_cmdline(info);
+            let waiter = boot::wait::Waiter::new("bench", info, &mut config);
             let mut device =
                 VsockDevice::new(transport, config, slots, rx_memory).map_err(Failure::Ours)?;
             let listener = device.stream_socket().map_err(Failure::Ours)?;
@@ -467,7 +476,7 @@ mod bench {
             device.listen(listener, BACKLOG).map_err(Failure::Ours)?;
             info!(
                 "bench: driver ours (vsock-guest), {}: {}-entry queues, {} B RX buffers, TX packets up to {} B in {} KiB, {} KiB send buffer, {} KiB receive memory per socket",
-                if config == default { "Config::default()" } else { "Config changed on the command line" },
+                if (Config { interrupts: false, ..config }) == default { "Config::default()" } else { "Config changed on the command line" },
                 config.queue_size,
                 config.rx_buffer_size,
                 config.tx_packet_size,
@@ -475,7 +484,11 @@ mod bench {
                 config.send_buffer / 1024,
                 device.rx_buffer_per_socket() / 1024
             );
-            Ok(Ours { device, listener })
+            Ok(Ours {
+                device,
+                listener,
+                waiter,
+            })
         }
     }
 
@@ -483,8 +496,12 @@ mod bench {
         type Conn = SocketHandle;
 
         fn poll(&mut self) -> Result<()> {
-            self.device.poll(Instant::from_micros(now_micros()));
+            self.waiter.poll(&mut self.device);
             Ok(())
+        }
+
+        fn idle(&mut self) {
+            self.waiter.idle(&mut self.device, false, None);
         }
 
         fn accept(&mut self) -> Option<SocketHandle> {
@@ -538,6 +555,7 @@ mod bench {
                         watch.progressed();
                     }
                     Err(vsock_guest::Error::WouldBlock) => {
+                        self.idle();
                         self.poll()?;
                         watch.waited(self, conn);
                     }
@@ -586,12 +604,14 @@ mod bench {
             let stats = self.device.stats();
             write!(
                 out,
-                "stats_rx_kicks={} stats_tx_kicks={} rx_packets={} tx_packets={} rx_dropped={}",
+                "stats_rx_kicks={} stats_tx_kicks={} rx_packets={} tx_packets={} rx_dropped={} interrupts={} halts={}",
                 stats.rx_kicks,
                 stats.tx_kicks,
                 stats.rx_packets,
                 stats.tx_packets,
-                stats.rx_dropped
+                stats.rx_dropped,
+                stats.interrupts,
+                self.waiter.stats().halts
             )
         }
 
@@ -818,13 +838,19 @@ mod bench {
         }
     }
 
+    /// Waits for the peer: the driver halts if it can ([`Driver::idle`]), then polls.
+    fn wait<D: Driver>(driver: &mut D) -> Result<()> {
+        driver.idle();
+        driver.poll()
+    }
+
     fn send_all<D: Driver>(driver: &mut D, conn: D::Conn, data: &[u8]) -> Result<()> {
         let mut offset = 0;
         let mut watch = SendStallLog::new();
         while offset < data.len() {
             match driver.send(conn, &data[offset..])? {
                 0 => {
-                    driver.poll()?;
+                    wait(driver)?;
                     watch.waited(driver, conn);
                 }
                 n => {
@@ -842,7 +868,7 @@ mod bench {
         loop {
             match driver.recv(conn, &mut scratch)? {
                 Recv::Data(_) => {}
-                Recv::Empty => driver.poll()?,
+                Recv::Empty => wait(driver)?,
                 Recv::Eof => return Ok(()),
             }
         }
@@ -865,7 +891,7 @@ mod bench {
             }
             match driver.recv(conn, &mut line[len..])? {
                 Recv::Data(n) => len += n,
-                Recv::Empty => driver.poll()?,
+                Recv::Empty => wait(driver)?,
                 Recv::Eof if len == 0 => return Ok(None),
                 Recv::Eof => return Err(Failure::Protocol("closed inside the command line")),
             }
@@ -951,7 +977,7 @@ mod bench {
                             got += n as u64;
                             progress.bytes = got;
                         }
-                        Checked::Empty => driver.poll()?,
+                        Checked::Empty => wait(driver)?,
                         Checked::Eof => return Err(Failure::Protocol("recv: closed early")),
                     }
                 }
@@ -966,7 +992,7 @@ mod bench {
                 loop {
                     match driver.recv(conn, &mut bytes)? {
                         Recv::Data(n) => send_all(driver, conn, &bytes[..n])?,
-                        Recv::Empty => driver.poll()?,
+                        Recv::Empty => wait(driver)?,
                         Recv::Eof => break,
                     }
                 }
@@ -1086,6 +1112,8 @@ mod bench {
             while let Some(conn) = driver.accept() {
                 serve_connection(&mut driver, conn, &mut cycles, buffer);
             }
+            // Nothing to accept: sleep until news (ours with `wait=irq`).
+            driver.idle();
         }
     }
 

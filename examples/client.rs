@@ -4,8 +4,9 @@
 //! (`boot::exit_success`); any error or timeout exits with 35.
 //!
 //! The peer is the host (CID 2) port 4321 unless the kernel command line says otherwise:
-//! `-append "cid=3 port=1234"` talks to the echo example in a sibling guest. It uses the
-//! blocking `embedded-io` adapter (`vsock_guest::io::BlockingStream`) for the exchange.
+//! `-append "cid=3 port=1234"` talks to the echo example in a sibling guest. It waits for
+//! the device as `wait=irq|poll` says (halted until an interrupt or a deadline by
+//! default; `boot::wait`), and logs the waiter's counts at the end.
 //!
 //! With `bulk=<bytes>`, the client then sends that many bytes of a pattern on the same
 //! connection while it reads them back from an echoing peer, checks every byte, and logs
@@ -25,15 +26,15 @@ boot::entry!(main);
 #[cfg(target_os = "none")]
 mod client {
     use crate::boot;
+    use boot::wait::{now, Waiter};
     use core::fmt::Write as _;
     use core::time::Duration;
-    use embedded_io::{Read, Write};
     use log::{error, info};
     use spin::Mutex;
-    use vsock_guest::io::BlockingStream;
+    use virtio_drivers::transport::SomeTransport;
     use vsock_guest::{
-        Config, Error, Instant, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr,
-        VsockDevice, VMADDR_CID_HOST,
+        Config, Error, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
+        VMADDR_CID_HOST,
     };
 
     /// Default peer port.
@@ -61,10 +62,6 @@ mod client {
     static RX_MEMORY: Mutex<[u8; SOCKETS * RX_PER_SOCKET]> =
         Mutex::new([0; SOCKETS * RX_PER_SOCKET]);
 
-    fn now() -> Instant {
-        Instant::from_micros(boot::time::now_micros())
-    }
-
     fn number(info: &boot::BootInfo, key: &str, default: u32) -> u32 {
         info.cmdline_value(key)
             .and_then(|v| v.parse().ok())
@@ -76,10 +73,17 @@ mod client {
             number(info, "cid", VMADDR_CID_HOST),
             number(info, "port", DEFAULT_PORT),
         );
-        let config = boot::config::from_cmdline(info);
+        let mut config = boot::config::from_cmdline(info);
         boot::config::log_if_changed("client", &config);
         let bulk = info.cmdline_value("bulk").and_then(|v| v.parse().ok());
-        match exchange(peer, config, bulk) {
+        let Some(transport) = boot::virtio::find_vsock() else {
+            error!("client: {}", Error::NoDevice);
+            boot::exit_failure()
+        };
+        let mut waiter = Waiter::new("client", info, &mut config);
+        let result = exchange(transport, peer, config, bulk, &mut waiter);
+        waiter.report();
+        match result {
             Ok(()) => boot::exit_success(),
             Err(e) => {
                 error!("client: {e}");
@@ -88,11 +92,12 @@ mod client {
         }
     }
 
-    /// Connects a new socket to `peer`, polling until the connect finishes or fails (after
+    /// Connects a new socket to `peer`, waiting until the connect finishes or fails (after
     /// at most the connect timeout).
     fn connect<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
         device: &mut VsockDevice<'_, H, T>,
         peer: VsockAddr,
+        waiter: &mut Waiter,
     ) -> Result<SocketHandle, Error> {
         let socket = device.stream_socket()?;
         match device.connect(socket, peer) {
@@ -100,7 +105,7 @@ mod client {
             Err(e) => return Err(e),
         }
         loop {
-            device.poll(now());
+            waiter.poll(device);
             if let Some(e) = device.take_error(socket)? {
                 device.close(socket)?;
                 return Err(e);
@@ -108,12 +113,17 @@ mod client {
             if device.readiness(socket)?.contains(Readiness::WRITABLE) {
                 return Ok(socket);
             }
-            core::hint::spin_loop();
+            waiter.idle(device, false, None);
         }
     }
 
-    fn exchange(peer: VsockAddr, config: Config, bulk: Option<u64>) -> Result<(), Error> {
-        let transport = boot::virtio::find_vsock().ok_or(Error::NoDevice)?;
+    fn exchange(
+        transport: SomeTransport<'static>,
+        peer: VsockAddr,
+        config: Config,
+        bulk: Option<u64>,
+        waiter: &mut Waiter,
+    ) -> Result<(), Error> {
         let slots = spin::MutexGuard::leak(SLOTS.lock());
         let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
         let mut device =
@@ -128,7 +138,7 @@ mod client {
 
         let mut attempt = 1;
         let socket = loop {
-            match connect(&mut device, peer) {
+            match connect(&mut device, peer, waiter) {
                 Err(Error::TimedOut) if attempt < CONNECT_ATTEMPTS => {
                     info!("client: no answer from {peer}; trying again");
                     attempt += 1;
@@ -139,12 +149,22 @@ mod client {
         let local = device.local_addr(socket)?;
         info!("client: connected from port {} to {peer}", local.port);
 
-        let device = Mutex::new(device);
-        let mut stream = BlockingStream::new(&device, socket, now).with_timeout(EXCHANGE_TIMEOUT);
+        let deadline = now() + EXCHANGE_TIMEOUT;
         let mut hello: heapless::String<64> = heapless::String::new();
         // 64 bytes hold "hello from " and any u32.
         let _ = writeln!(hello, "hello from {cid}");
-        stream.write_all(hello.as_bytes())?;
+        let mut written = 0;
+        while written < hello.len() {
+            waiter.poll(&mut device);
+            match device.send(socket, &hello.as_bytes()[written..]) {
+                Ok(n) => written += n,
+                Err(Error::WouldBlock) if now() < deadline => {
+                    waiter.idle(&mut device, false, Some(deadline))
+                }
+                Err(Error::WouldBlock) => return Err(Error::TimedOut),
+                Err(e) => return Err(e),
+            }
+        }
 
         let mut line = [0u8; MAX_LINE];
         let mut len = 0;
@@ -153,19 +173,24 @@ mod client {
                 error!("client: reply longer than {MAX_LINE} bytes");
                 return Err(Error::NoBufferSpace);
             };
-            match stream.read(free)? {
-                0 => return Err(Error::ConnectionReset),
-                _ if line[len] == b'\n' => break,
-                _ => len += 1,
+            match device.recv(socket, free) {
+                Ok(0) => return Err(Error::ConnectionReset),
+                Ok(_) if line[len] == b'\n' => break,
+                Ok(_) => len += 1,
+                Err(Error::WouldBlock) if now() < deadline => {
+                    waiter.idle(&mut device, false, Some(deadline));
+                    waiter.poll(&mut device);
+                }
+                Err(Error::WouldBlock) => return Err(Error::TimedOut),
+                Err(e) => return Err(e),
             }
         }
         let reply = core::str::from_utf8(&line[..len]).unwrap_or("<not UTF-8>");
         info!("client: got back {reply:?}");
-        let mut device = device.lock();
         if let Some(total) = bulk {
-            bulk_echo(&mut device, socket, total)?;
+            bulk_echo(&mut device, socket, total, waiter)?;
         }
-        finish(&mut device, socket)
+        finish(&mut device, socket, waiter)
     }
 
     /// Ends the connection as a careful peer does before it goes away: shuts its sending
@@ -177,6 +202,7 @@ mod client {
     fn finish<H: virtio_drivers::Hal, T: virtio_drivers::transport::Transport>(
         device: &mut VsockDevice<'_, H, T>,
         socket: SocketHandle,
+        waiter: &mut Waiter,
     ) -> Result<(), Error> {
         match device.shutdown(socket, Shutdown::Write) {
             Ok(()) => {}
@@ -187,11 +213,13 @@ mod client {
         let deadline = now() + FINISH_TIMEOUT;
         let mut rest = [0u8; 256];
         loop {
-            device.poll(now());
+            waiter.poll(device);
             match device.recv(socket, &mut rest) {
                 Ok(0) | Err(Error::ConnectionReset) => break,
                 Ok(n) => info!("client: {n} more bytes after our shutdown"),
-                Err(Error::WouldBlock) if now() < deadline => core::hint::spin_loop(),
+                Err(Error::WouldBlock) if now() < deadline => {
+                    waiter.idle(device, false, Some(deadline))
+                }
                 Err(Error::WouldBlock) => {
                     info!("client: the peer did not close within {FINISH_TIMEOUT:?}");
                     break;
@@ -214,13 +242,14 @@ mod client {
         device: &mut VsockDevice<'_, H, T>,
         socket: SocketHandle,
         total: u64,
+        waiter: &mut Waiter,
     ) -> Result<(), Error> {
         let started = now();
         let mut last_progress = started;
         let (mut sent, mut received) = (0u64, 0u64);
         let mut chunk = [0u8; BULK_CHUNK];
         while received < total {
-            device.poll(now());
+            waiter.poll(device);
             let mut moved = false;
             if sent < total {
                 let n = (total - sent).min(BULK_CHUNK as u64) as usize;
@@ -273,6 +302,7 @@ mod client {
                 error!("client: bulk stalled: {sent} of {total} bytes sent, {received} received");
                 return Err(Error::TimedOut);
             }
+            waiter.idle(device, moved, Some(last_progress + BULK_STALL));
         }
         let micros = (now() - started).as_micros().max(1);
         info!(

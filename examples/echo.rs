@@ -10,8 +10,10 @@
 //! Boot it with `cargo xtask demo`, or by hand as the README shows. Command-line options:
 //! `port=<n>` (default 1234; the source is on the next port), `idle=<seconds>` (abort a
 //! connection that moved no byte either way for that long; default 0, never),
-//! `log=<level>`, and the driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...;
-//! e.g. `rx=65580` to serve a Linux sibling: README, "Linux siblings").
+//! `log=<level>`, `wait=irq|poll` and `spin=<µs>` (how it waits for work: halted until
+//! the device interrupts or a deadline, the default, or spinning; `boot::wait`), and the
+//! driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...; e.g. `rx=65580` to
+//! serve a Linux sibling: README, "Linux siblings").
 //!
 //! The idle timeout is for peers that can vanish without a word: vhost-device-vsock
 //! 0.3.0 never tells the guest when a host client closes with unread data (its read
@@ -147,8 +149,9 @@ mod server {
         let slots = spin::MutexGuard::leak(SLOTS.lock());
         let rx_memory = spin::MutexGuard::leak(RX_MEMORY.lock());
         let buffers = spin::MutexGuard::leak(BUFFERS.lock());
-        let config = boot::config::from_cmdline(info);
+        let mut config = boot::config::from_cmdline(info);
         boot::config::log_if_changed("echo", &config);
+        let mut waiter = boot::wait::Waiter::new("echo", info, &mut config);
         let mut device: Device = match VsockDevice::new(transport, config, slots, rx_memory) {
             Ok(device) => device,
             Err(e) => {
@@ -165,24 +168,27 @@ mod server {
 
         let mut connections: [Option<Connection>; MAX_CONNECTIONS] = [None; MAX_CONNECTIONS];
         loop {
-            device.poll(now());
-            accept_all(&mut device, echo_listener, Service::Echo, &mut connections);
-            accept_all(
+            waiter.poll(&mut device);
+            let mut moved = accept_all(&mut device, echo_listener, Service::Echo, &mut connections);
+            moved |= accept_all(
                 &mut device,
                 source_listener,
                 Service::SourceRequest,
                 &mut connections,
             );
             let now = now();
+            // The earliest idle timeout of a connection, when the loop must look again.
+            let mut deadline: Option<Instant> = None;
             for (slot, buffer) in connections.iter_mut().zip(buffers.iter_mut()) {
                 if let Some(connection) = slot {
-                    let moved = (connection.sent, connection.received);
+                    let moved_before = (connection.sent, connection.received);
                     let mut open = match connection.service {
                         Service::Echo => serve_echo(&mut device, connection, buffer),
                         _ => serve_source(&mut device, connection, buffer),
                     };
-                    if moved != (connection.sent, connection.received) {
+                    if moved_before != (connection.sent, connection.received) {
                         connection.last_progress = now;
+                        moved = true;
                     } else if open
                         && idle_limit.is_some_and(|limit| now >= connection.last_progress + limit)
                     {
@@ -199,19 +205,26 @@ mod server {
                     }
                     if !open {
                         *slot = None;
+                        moved = true;
+                    } else if let Some(limit) = idle_limit {
+                        let at = connection.last_progress + limit;
+                        deadline = Some(deadline.map_or(at, |d| d.min(at)));
                     }
                 }
             }
+            waiter.idle(&mut device, moved, deadline);
         }
     }
 
-    /// Takes every waiting connection of `listener` while there is room to serve it.
+    /// Takes every waiting connection of `listener` while there is room to serve it;
+    /// whether it took one.
     fn accept_all(
         device: &mut Device,
         listener: SocketHandle,
         service: Service,
         connections: &mut [Option<Connection>],
-    ) {
+    ) -> bool {
+        let mut took = false;
         while let Some(free) = connections.iter_mut().find(|c| c.is_none()) {
             match device.accept(listener) {
                 Ok((handle, peer)) => {
@@ -226,14 +239,16 @@ mod server {
                         received: 0,
                         last_progress: now(),
                     });
+                    took = true;
                 }
-                Err(Error::WouldBlock) => return,
+                Err(Error::WouldBlock) => return took,
                 Err(e) => {
                     warn!("echo: accept failed: {e}");
-                    return;
+                    return took;
                 }
             }
         }
+        took
     }
 
     /// Sends what `buffer[start..start + len]` holds; `Ok(true)` when all of it went,

@@ -91,11 +91,13 @@ compile_error!("the boot module supports x86_64 (PVH boot) and aarch64 (QEMU vir
 #[cfg_attr(target_arch = "aarch64", path = "aarch64/mod.rs")]
 pub mod arch;
 pub mod config;
+pub mod executor;
 pub mod hal;
 pub mod heap;
 pub mod serial;
 pub mod time;
 pub mod virtio;
+pub mod wait;
 
 use core::fmt::Write;
 use core::sync::atomic::{AtomicBool, Ordering};

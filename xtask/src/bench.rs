@@ -3,6 +3,7 @@
 use crate::cargo_tasks::build_example;
 use crate::host;
 use crate::process;
+use crate::qemu_tests::{EchoVm, Wait, ECHO_PORT};
 use crate::setup::{self, cargo, project_root, Tools};
 use crate::vm::{self, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
 use anyhow::{bail, Context, Result};
@@ -64,6 +65,11 @@ pub struct QemuOptions {
     /// (its `tx-buffer-size`): how much guest->host data may be in flight. Every workload
     /// runs at each, in a table of its own.
     pub host_windows: Vec<u32>,
+    /// How our driver waits in the guest (`wait=` on its command line): `irq` is the
+    /// `ours` column; with `poll`, an `ours poll` driver runs beside it, compared in a
+    /// table of its own. Each mode also gets an idle row (the QEMU process's CPU with the
+    /// echo guest idle).
+    pub waits: Vec<Wait>,
 }
 
 /// The host's receive windows unless `--host-window` says otherwise: vhost-device-vsock
@@ -136,6 +142,21 @@ const DRIVERS: [Driver; 4] = [
         settings: "virtio-drivers 0.13 at its best: 64 KiB + 44 B RX buffers, new_with_capacity(256 KiB); update_credit after every recv",
     },
 ];
+
+/// Our driver spinning on `poll` (`wait=poll`), beside `ours`, which halts until the
+/// device interrupts (`wait=irq`, the guests' default): the `--wait poll` column.
+const OURS_POLL: Driver = Driver {
+    arg: "ours",
+    words: "wait=poll",
+    label: "ours poll",
+    settings:
+        "as ours, spinning on poll (wait=poll) instead of halting until an interrupt or a deadline",
+};
+
+/// Host connections held open, idle, while the idle row measures.
+const IDLE_CONNECTIONS: usize = 8;
+/// How long the idle row measures the QEMU process's CPU time.
+const IDLE_MEASURE: Duration = Duration::from_secs(10);
 
 /// What a workload does, driven and timed by the host.
 #[derive(Clone, Copy, Debug)]
@@ -1171,17 +1192,20 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
                 plan.limit.as_secs()
             );
             let started = Instant::now();
-            let drivers: Vec<Option<Driver>> = DRIVERS
+            let mut drivers: Vec<Option<Driver>> = DRIVERS
                 .iter()
                 .map(|&driver| selected(&driver).then_some(driver))
                 .collect();
+            let poll = options.waits.contains(&Wait::Poll) && selected(&DRIVERS[0]);
+            drivers.push(poll.then_some(OURS_POLL));
             let results = run_rounds(&plan, accel, &drivers);
             let reference = results.iter().find_map(|r| r.reference);
             let descriptions: Vec<String> = results
                 .iter()
                 .filter_map(|r| r.description.clone())
                 .collect();
-            let outcomes: Vec<Vec<Outcome>> = results.into_iter().map(|r| r.outcomes).collect();
+            let mut outcomes: Vec<Vec<Outcome>> = results.into_iter().map(|r| r.outcomes).collect();
+            let poll_outcomes = outcomes.pop().unwrap_or_default();
             println!(
                 "  {accel}: all drivers in {:.0}s",
                 started.elapsed().as_secs_f64()
@@ -1193,6 +1217,17 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             for description in &descriptions {
                 let _ = writeln!(table, "  {description}");
             }
+            let idle: Vec<(Wait, Result<f64>)> = options
+                .waits
+                .iter()
+                .map(|&wait| (wait, idle_cpu(&tools, accel, machine, wait)))
+                .collect();
+            table.push_str(&render_wait_table(
+                &plan,
+                &outcomes[0],
+                poll.then_some(&poll_outcomes[..]),
+                &idle,
+            ));
             println!("\n{table}");
             tables.push(table);
             let mut run = json_run(machine, accel, &note, &workloads, &outcomes);
@@ -1206,6 +1241,27 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             run["drivers_as_the_guest_reported"] = descriptions.clone().into();
             run["workload_limit_seconds"] = plan.limit.as_secs().into();
             run["host_window_bytes"] = plan.host_window.into();
+            run["idle_qemu_cpu_percent"] = idle
+                .iter()
+                .map(|(wait, cpu)| {
+                    (
+                        format!("{wait:?}").to_lowercase(),
+                        cpu.as_ref().ok().copied().into(),
+                    )
+                })
+                .collect::<serde_json::Map<String, serde_json::Value>>()
+                .into();
+            run["ours_poll"] = poll_outcomes
+                .iter()
+                .zip(&workloads)
+                .map(|(outcome, workload)| {
+                    serde_json::json!({
+                        "workload": workload.name(),
+                        "values": outcome.as_ref().ok().map(|run| run.values.clone()),
+                    })
+                })
+                .collect::<Vec<_>>()
+                .into();
             json_runs.push(run);
         }
     }
@@ -1497,4 +1553,139 @@ fn json_run(
         "accel_note": note,
         "results": results,
     })
+}
+
+/// The QEMU process's CPU time over [`IDLE_MEASURE`] with the echo guest listening and
+/// [`IDLE_CONNECTIONS`] idle host connections open, as % of one core; the guest waits
+/// as `wait` says.
+fn idle_cpu(tools: &Tools, accel: Accel, machine: Machine, wait: Wait) -> Result<f64> {
+    let kernel = build_example("echo")?;
+    let mut vm = EchoVm::boot(
+        tools,
+        machine,
+        accel,
+        &kernel,
+        &format!("bench-idle-{accel}-{machine}-{wait:?}"),
+        false,
+        wait.arg(),
+        IDLE_MEASURE * 6,
+    )?;
+    let mut connections = Vec::new();
+    for _ in 0..IDLE_CONNECTIONS {
+        connections.push(host::connect_accepted(
+            &vm.guest.slot.uds,
+            ECHO_PORT,
+            CONNECT_TIMEOUT,
+        )?);
+    }
+    thread::sleep(Duration::from_secs(1));
+    let pid = vm.guest.pid();
+    let before = cpu_ticks(pid)?;
+    let started = Instant::now();
+    thread::sleep(IDLE_MEASURE);
+    let ticks = cpu_ticks(pid)? - before;
+    let seconds = started.elapsed().as_secs_f64();
+    drop(connections);
+    vm.guest.stop();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let percent = ticks as f64 / hz / seconds * 100.0;
+    println!(
+        "  {accel}: idle echo guest ({}), {IDLE_CONNECTIONS} idle connections: QEMU used {percent:.3}% of a core over {seconds:.1}s",
+        wait.arg()
+    );
+    Ok(percent)
+}
+
+/// User and system CPU time of process `pid` so far, in clock ticks (`/proc/PID/stat`).
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("no ')' in /proc/PID/stat")?;
+    let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let utime: u64 = fields.get(11).context("no utime")?.parse()?;
+    let stime: u64 = fields.get(12).context("no stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// Our driver halting (`ours`, `wait=irq`) against spinning (`ours poll`): each metric,
+/// the ratio (how many times better halting is), the device interrupts and halts per
+/// unit, then the idle rows.
+fn render_wait_table(
+    plan: &Plan<'_>,
+    irq: &[Outcome],
+    poll: Option<&[Outcome]>,
+    idle: &[(Wait, Result<f64>)],
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "\nours halting until an interrupt or a deadline (wait=irq) and spinning on poll (wait=poll)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10}",
+        "workload", "ours irq", "ours poll", "irq/poll", "interrupts", "halts"
+    );
+    let value = |outcome: Option<&Outcome>, index: usize| match outcome {
+        Some(Ok(run)) => number(run.values[index]),
+        Some(Err(e)) if e == NOT_RUN => "-".to_string(),
+        Some(Err(_)) => "failed".to_string(),
+        None => "-".to_string(),
+    };
+    for (w, &workload) in plan.workloads.iter().enumerate() {
+        for (index, &metric) in workload.metrics().iter().enumerate() {
+            let ours = &irq[w];
+            let spinning = poll.map(|p| &p[w]);
+            let per_unit = |key: &str| {
+                ours.as_ref()
+                    .ok()
+                    .and_then(|run| run.per_unit(key))
+                    .map_or("-".to_string(), |v| format!("{v:.2}"))
+            };
+            let _ = writeln!(
+                out,
+                "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10}",
+                format!("{} ({})", workload.name(), metric.unit),
+                value(Some(ours), index),
+                value(spinning, index),
+                spinning
+                    .and_then(|p| ratio(metric, ours, p, index))
+                    .map_or("-".to_string(), |r| format!("{r:.2}x")),
+                if index == 0 {
+                    per_unit("interrupts")
+                } else {
+                    String::new()
+                },
+                if index == 0 {
+                    per_unit("halts")
+                } else {
+                    String::new()
+                },
+            );
+        }
+    }
+    for (wait, cpu) in idle {
+        let _ = writeln!(
+            out,
+            "{:<56} {:>12}",
+            format!(
+                "idle, {IDLE_CONNECTIONS} open connections, {}: QEMU CPU (% of a core)",
+                wait.arg()
+            ),
+            match cpu {
+                Ok(percent) => format!("{percent:.3}"),
+                Err(e) => format!("failed: {e:#}"),
+            }
+        );
+    }
+    let _ = writeln!(
+        out,
+        "irq/poll = how many times better halting is (rates: irq/poll; times: poll/irq); interrupts and halts per unit of the workload (MiB, round trip, cycle), counted in the guest"
+    );
+    out
 }

@@ -14,7 +14,8 @@ const OTHER_TARGET: &str = "aarch64-unknown-none";
 /// Builds example `name` for the guest target (release) and returns the ELF's path.
 pub fn build_example(name: &str) -> Result<PathBuf> {
     println!("build: example {name} for {GUEST_TARGET}");
-    process::run(cargo().args([
+    let mut command = cargo();
+    command.args([
         "build",
         "--quiet",
         "--release",
@@ -22,7 +23,12 @@ pub fn build_example(name: &str) -> Result<PathBuf> {
         GUEST_TARGET,
         "--example",
         name,
-    ]))?;
+    ]);
+    // The async echo guest needs the driver's `async` feature (Cargo.toml).
+    if name == "async_echo" {
+        command.args(["--features", "async"]);
+    }
+    process::run(&mut command)?;
     let elf = project_root()
         .join("target")
         .join(GUEST_TARGET)
@@ -88,6 +94,8 @@ pub fn host_steps(miri: bool) -> Vec<Step> {
                 "--target",
                 GUEST_TARGET,
                 "--examples",
+                "--features",
+                "async",
                 "--",
                 "-D",
                 "warnings",

@@ -113,6 +113,15 @@ enum Command {
         /// Only the Linux sibling tests (a stock Linux guest beside ours, q35).
         #[arg(long, conflicts_with_all = ["host_only", "vm_only"])]
         linux_only: bool,
+        /// How the QEMU suites' guests wait for work (`irq`: halted until an interrupt or
+        /// a deadline; `poll`: spinning). Default: `irq` on every machine, and `poll` on
+        /// q35 as well.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        wait: Vec<qemu_tests::Wait>,
+        /// Only the VM tests whose name contains this text (each suite's boot runs
+        /// anyway).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Benchmarks, ours side by side with virtio-drivers' socket driver.
     Bench {
@@ -150,6 +159,11 @@ enum Command {
         /// 65536, and Linux vhost-vsock's, 262144.
         #[arg(long = "host-window", value_delimiter = ',', default_values_t = bench::DEFAULT_HOST_WINDOWS)]
         host_windows: Vec<u32>,
+        /// `qemu` only: how our driver waits in the guest: `irq` (halted until an
+        /// interrupt or a deadline, the `ours` column) and `poll` (spinning, an `ours
+        /// poll` column); each also gets an idle row (QEMU's CPU with the guest idle).
+        #[arg(long, value_enum, value_delimiter = ',', default_values_t = [qemu_tests::Wait::Irq, qemu_tests::Wait::Poll])]
+        wait: Vec<qemu_tests::Wait>,
     },
     /// Boot the echo guest and run the soak against it: many host clients at once, each
     /// echoing, resetting mid-transfer, vanishing after CONNECT or reading the source
@@ -244,6 +258,8 @@ fn run(command: Command) -> Result<ExitCode> {
             host_only,
             vm_only,
             linux_only,
+            wait,
+            only,
         } => {
             let vmms = if vmm.is_empty() {
                 vec![Vmm::Qemu, Vmm::Ch]
@@ -262,6 +278,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 qemu: qemu && !host_only && !linux_only,
                 linux: qemu && !host_only,
                 ch: vmms.contains(&Vmm::Ch) && !host_only && !linux_only,
+                selection: qemu_tests::Selection { waits: wait, only },
             })
         }
         Command::Bench {
@@ -293,6 +310,7 @@ fn run(command: Command) -> Result<ExitCode> {
             repetitions,
             guest_args,
             host_windows,
+            wait,
         } => {
             bench::qemu(&bench::QemuOptions {
                 machine,
@@ -304,6 +322,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 repetitions,
                 guest_args,
                 host_windows,
+                waits: wait,
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -373,6 +392,8 @@ struct TestPlan {
     linux: bool,
     /// The Cloud Hypervisor tests.
     ch: bool,
+    /// The QEMU suites' wait modes and the tests that run.
+    selection: qemu_tests::Selection,
 }
 
 /// `cargo xtask test`: every step runs even when an earlier one failed; the summary
@@ -423,6 +444,7 @@ fn test(plan: &TestPlan) -> Result<ExitCode> {
             &machines,
             rounds,
             plan.soak_seconds,
+            &plan.selection,
             &mut vm_tally,
         )?;
     }
@@ -436,7 +458,7 @@ fn test(plan: &TestPlan) -> Result<ExitCode> {
     }
     if plan.ch {
         let rounds = plan.rounds.unwrap_or(qemu_tests::CH_ROUNDS);
-        qemu_tests::run_ch(rounds, plan.soak_seconds, &mut vm_tally)?;
+        qemu_tests::run_ch(rounds, plan.soak_seconds, &plan.selection, &mut vm_tally)?;
     }
     passed += vm_tally.passed;
     let failed = failed_names.len() + vm_tally.failed;

@@ -357,9 +357,62 @@ struct Kernels {
     client: PathBuf,
 }
 
+/// How the guests of a suite wait for work (`wait=` on their command line,
+/// `examples/boot/wait.rs`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Wait {
+    /// Halted until the device interrupts or a deadline (the guests' default).
+    Irq,
+    /// Spinning on `poll`.
+    Poll,
+}
+
+impl Wait {
+    /// The word on the guests' command line.
+    pub fn arg(self) -> &'static str {
+        match self {
+            Wait::Irq => "wait=irq",
+            Wait::Poll => "wait=poll",
+        }
+    }
+}
+
+/// Which suites `cargo xtask test` runs and which of their tests.
+#[derive(Clone, Debug, Default)]
+pub struct Selection {
+    /// Wait modes of the QEMU suites; empty: `irq` on every machine and `poll` on q35.
+    pub waits: Vec<Wait>,
+    /// Only the tests whose name contains this text (the boot always runs).
+    pub only: Option<String>,
+}
+
+impl Selection {
+    fn runs(&self, name: &str) -> bool {
+        self.only.as_deref().is_none_or(|text| name.contains(text))
+    }
+
+    /// The wait modes of the suites on `machine`.
+    fn waits_on(&self, machine: Machine) -> Vec<Wait> {
+        if !self.waits.is_empty() {
+            self.waits.clone()
+        } else if machine == Machine::Q35 {
+            vec![Wait::Irq, Wait::Poll]
+        } else {
+            vec![Wait::Irq]
+        }
+    }
+}
+
 /// What every test gets besides the echo guest.
 pub struct TestInputs {
     kernels: Kernels,
+    /// How the guests of this suite wait.
+    wait: Wait,
+    /// Which tests run.
+    selection: Selection,
+    /// The echo guest is `examples/async_echo.rs` (echo service only): only
+    /// [`ASYNC_TESTS`] run.
+    async_guest: bool,
     /// Rounds of the repeated 64 x 256 KiB echo.
     rounds: u32,
     /// The soak's length and seed; `None`: no soak in this suite.
@@ -385,6 +438,8 @@ enum Needs {
     Siblings,
     /// A soak in this suite ([`TestInputs::soak`]).
     Soak,
+    /// Guests that halt (`wait=irq`).
+    Irq,
 }
 
 const fn test(name: &'static str, run: VmTest) -> TestCase {
@@ -431,7 +486,26 @@ const TESTS: &[TestCase] = &[
         run: soak_mixed_host_clients,
         needs: Needs::Soak,
     },
+    TestCase {
+        name: "guest_halts_when_idle",
+        run: guest_halts_when_idle,
+        needs: Needs::Irq,
+    },
     test("guest_log_has_no_errors", guest_log_has_no_errors),
+];
+
+/// The tests of the async echo guest's suite: those of the echo service.
+const ASYNC_TESTS: &[&str] = &[
+    "echo_one_message",
+    "echo_3_concurrent_1mib_patterned",
+    "echo_20_sequential_connections",
+    "echo_64_concurrent_256kib",
+    "ping_pong_1_byte_1000_round_trips",
+    "connect_close_200_sequential",
+    "unused_port_refused_then_still_serving",
+    "host_closes_mid_transfer_others_continue",
+    "guest_halts_when_idle",
+    "guest_log_has_no_errors",
 ];
 
 /// What the VM suites counted.
@@ -450,7 +524,14 @@ pub struct Tally {
 fn run_suite(label: &str, guest: &mut dyn EchoGuest, inputs: &TestInputs, tally: &mut Tally) {
     let failed_before = tally.failed;
     for case in TESTS {
-        if !case_runs(case, guest.has_siblings(), inputs.soak.is_some()) {
+        if !case_runs(
+            case,
+            guest.has_siblings(),
+            inputs.soak.is_some(),
+            inputs.wait,
+        ) || !inputs.selection.runs(case.name)
+            || (inputs.async_guest && !ASYNC_TESTS.contains(&case.name))
+        {
             continue;
         }
         let started = Instant::now();
@@ -479,27 +560,28 @@ fn run_suite(label: &str, guest: &mut dyn EchoGuest, inputs: &TestInputs, tally:
     }
 }
 
-/// Whether `case` belongs in a suite with `siblings` and a `soak`.
-fn case_runs(case: &TestCase, siblings: bool, soak: bool) -> bool {
+/// Whether `case` belongs in a suite with `siblings`, a `soak` and guests that `wait`.
+fn case_runs(case: &TestCase, siblings: bool, soak: bool, wait: Wait) -> bool {
     match case.needs {
         Needs::Nothing => true,
         Needs::Siblings => siblings,
         Needs::Soak => soak,
+        Needs::Irq => wait == Wait::Irq,
     }
 }
 
 /// The tests of a suite, the boot included.
-fn suite_size(siblings: bool, soak: bool) -> usize {
+fn suite_size(siblings: bool, soak: bool, wait: Wait, selection: &Selection) -> usize {
     1 + TESTS
         .iter()
-        .filter(|case| case_runs(case, siblings, soak))
+        .filter(|case| case_runs(case, siblings, soak, wait) && selection.runs(case.name))
         .count()
 }
 
 /// Counts a failed boot: the boot itself and every test that could not run.
-fn boot_failed(label: &str, error: &anyhow::Error, siblings: bool, soak: bool, tally: &mut Tally) {
+fn boot_failed(label: &str, error: &anyhow::Error, size: usize, tally: &mut Tally) {
     println!("FAIL {label}/boot_echo_guest: {error:#}");
-    tally.failed += suite_size(siblings, soak);
+    tally.failed += size;
 }
 
 /// How long the soak runs in each suite that has one (q35 and Cloud Hypervisor), by
@@ -514,74 +596,159 @@ fn soak_seed() -> u64 {
         .map_or(0, |d| d.as_nanos() as u64)
 }
 
-/// Runs every test under QEMU on every machine in `machines`, with `rounds` rounds of
-/// the repeated echo, and on q35 the soak for `soak_seconds` (0: none).
+/// Runs every test under QEMU on every machine in `machines`, in the wait modes of
+/// `selection`, with `rounds` rounds of the repeated echo, and on q35 (`irq`) the soak
+/// for `soak_seconds` (0: none).
+#[allow(clippy::too_many_arguments)]
 pub fn run_qemu(
     tools: &Tools,
     accel: Accel,
     machines: &[Machine],
     rounds: u32,
     soak_seconds: u64,
+    selection: &Selection,
     tally: &mut Tally,
 ) -> Result<()> {
     let echo_kernel = build_example("echo")?;
     let client = build_example("client")?;
     for &machine in machines {
-        // The soak runs on one machine: the transport makes no difference to it.
-        let soak = (machine == Machine::Q35 && soak_seconds > 0)
-            .then(|| (Duration::from_secs(soak_seconds), soak_seed()));
-        let inputs = TestInputs {
-            kernels: Kernels {
-                client: client.clone(),
-            },
-            rounds,
-            soak,
-        };
-        println!("\n=== QEMU tests on {machine} ({accel})");
-        let label = machine.to_string();
-        let started = Instant::now();
-        let run = format!("test-{machine}");
-        let limit = process_limit(rounds) + Duration::from_secs(soak_seconds);
-        let mut vm = match EchoVm::boot(
-            tools,
-            machine,
-            accel,
-            &echo_kernel,
-            &run,
-            true,
-            QEMU_ECHO_ARGS,
-            limit,
-        ) {
-            Ok(vm) => vm,
-            Err(e) => {
-                boot_failed(&label, &e, true, soak.is_some(), tally);
-                continue;
-            }
-        };
-        println!(
-            "ok   {label}/boot_echo_guest ({:.1}s to listening)",
-            started.elapsed().as_secs_f64()
-        );
-        tally.passed += 1;
-        run_suite(&label, &mut vm, &inputs, tally);
-        println!(
-            "=== QEMU tests on {machine} took {:.0}s",
-            started.elapsed().as_secs_f64()
-        );
+        for wait in selection.waits_on(machine) {
+            // The soak runs on one machine and in one mode: the transport makes no
+            // difference to it.
+            let soak = (machine == Machine::Q35 && soak_seconds > 0 && wait == Wait::Irq)
+                .then(|| (Duration::from_secs(soak_seconds), soak_seed()));
+            let inputs = TestInputs {
+                kernels: Kernels {
+                    client: client.clone(),
+                },
+                wait,
+                selection: selection.clone(),
+                async_guest: false,
+                rounds,
+                soak,
+            };
+            let label = match wait {
+                Wait::Irq => machine.to_string(),
+                Wait::Poll => format!("{machine}-poll"),
+            };
+            println!("\n=== QEMU tests on {machine} ({accel}, {})", wait.arg());
+            let started = Instant::now();
+            let run = format!("test-{label}");
+            let limit = process_limit(rounds) + Duration::from_secs(soak_seconds);
+            let mut vm = match EchoVm::boot(
+                tools,
+                machine,
+                accel,
+                &echo_kernel,
+                &run,
+                true,
+                &format!("{QEMU_ECHO_ARGS} {}", wait.arg()),
+                limit,
+            ) {
+                Ok(vm) => vm,
+                Err(e) => {
+                    let size = suite_size(true, soak.is_some(), wait, selection);
+                    boot_failed(&label, &e, size, tally);
+                    continue;
+                }
+            };
+            println!(
+                "ok   {label}/boot_echo_guest ({:.1}s to listening)",
+                started.elapsed().as_secs_f64()
+            );
+            tally.passed += 1;
+            run_suite(&label, &mut vm, &inputs, tally);
+            println!(
+                "=== QEMU tests on {label} took {:.0}s",
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
+    if machines.contains(&Machine::Q35) && selection.waits_on(Machine::Q35).contains(&Wait::Irq) {
+        run_async_suite(tools, accel, rounds, selection, &client, tally)?;
+    }
+    Ok(())
+}
+
+/// The async echo guest (`examples/async_echo.rs`, one task per connection) on q35,
+/// halting (`wait=irq`): the echo tests of [`ASYNC_TESTS`].
+fn run_async_suite(
+    tools: &Tools,
+    accel: Accel,
+    rounds: u32,
+    selection: &Selection,
+    client: &Path,
+    tally: &mut Tally,
+) -> Result<()> {
+    let kernel = build_example("async_echo")?;
+    let wait = Wait::Irq;
+    let inputs = TestInputs {
+        kernels: Kernels {
+            client: client.to_path_buf(),
+        },
+        wait,
+        selection: selection.clone(),
+        async_guest: true,
+        rounds,
+        soak: None,
+    };
+    let label = "q35-async";
+    println!(
+        "\n=== QEMU tests of the async echo guest on q35 ({accel}, {})",
+        wait.arg()
+    );
+    let started = Instant::now();
+    let size = 1 + TESTS
+        .iter()
+        .filter(|case| ASYNC_TESTS.contains(&case.name) && selection.runs(case.name))
+        .count();
+    let mut vm = match EchoVm::boot(
+        tools,
+        Machine::Q35,
+        accel,
+        &kernel,
+        "test-q35-async",
+        true,
+        wait.arg(),
+        process_limit(rounds),
+    ) {
+        Ok(vm) => vm,
+        Err(e) => {
+            boot_failed(label, &e, size, tally);
+            return Ok(());
+        }
+    };
+    println!(
+        "ok   {label}/boot_echo_guest ({:.1}s to listening)",
+        started.elapsed().as_secs_f64()
+    );
+    tally.passed += 1;
+    run_suite(label, &mut vm, &inputs, tally);
+    println!(
+        "=== QEMU tests on {label} took {:.0}s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
 /// Runs every test that fits under Cloud Hypervisor, with `rounds` rounds of the
 /// repeated echo and the soak for `soak_seconds` (0: none); a `skip` line (its tests
 /// counted as skipped, not passed) when there is no Cloud Hypervisor to run.
-pub fn run_ch(rounds: u32, soak_seconds: u64, tally: &mut Tally) -> Result<()> {
+pub fn run_ch(
+    rounds: u32,
+    soak_seconds: u64,
+    selection: &Selection,
+    tally: &mut Tally,
+) -> Result<()> {
     println!("\n=== Cloud Hypervisor tests");
     let soak = (soak_seconds > 0).then(|| (Duration::from_secs(soak_seconds), soak_seed()));
+    // Cloud Hypervisor's PCI devices offer MSI-X only, which the examples do not route:
+    // its guests poll (they log why), so the suite is a polling one.
+    let wait = Wait::Poll;
     let binary = match ch::find() {
         Ok(binary) => binary,
         Err(why) => {
-            let tests = suite_size(false, soak.is_some());
+            let tests = suite_size(false, soak.is_some(), wait, selection);
             println!("skip ch/*: the {tests} Cloud Hypervisor tests did not run: {why}");
             tally.skipped += tests;
             return Ok(());
@@ -593,6 +760,9 @@ pub fn run_ch(rounds: u32, soak_seconds: u64, tally: &mut Tally) -> Result<()> {
         kernels: Kernels {
             client: build_example("client")?,
         },
+        wait,
+        selection: selection.clone(),
+        async_guest: false,
         rounds,
         soak,
     };
@@ -602,7 +772,8 @@ pub fn run_ch(rounds: u32, soak_seconds: u64, tally: &mut Tally) -> Result<()> {
     let mut vm = match ChEcho::boot(&binary, &echo_kernel, "test-ch", limit) {
         Ok(vm) => vm,
         Err(e) => {
-            boot_failed(label, &e, false, soak.is_some(), tally);
+            let size = suite_size(false, soak.is_some(), wait, selection);
+            boot_failed(label, &e, size, tally);
             return Ok(());
         }
     };
@@ -877,7 +1048,7 @@ fn client_to_host_listener(vm: &mut dyn EchoGuest, inputs: &TestInputs) -> Resul
         stream.write_all(b"hello from the host\n")?;
         Ok(String::from_utf8_lossy(&line).into_owned())
     });
-    let run = vm.run_client(&inputs.kernels.client, "");
+    let run = vm.run_client(&inputs.kernels.client, inputs.wait.arg());
     let _ = std::fs::remove_file(&path);
     let run = run?;
     let received = host
@@ -924,7 +1095,10 @@ fn client_echoed_by_sibling(
     inputs: &TestInputs,
     extra: &str,
 ) -> Result<String> {
-    let cmdline = format!("cid={GUEST_CID} port={ECHO_PORT} {extra}");
+    let cmdline = format!(
+        "cid={GUEST_CID} port={ECHO_PORT} {} {extra}",
+        inputs.wait.arg()
+    );
     let run = vm.run_client(&inputs.kernels.client, &cmdline)?;
     let log = &run.log;
     if extra.contains("ring=3") && !log.contains("boot: running in ring 3") {
@@ -1109,4 +1283,107 @@ pub fn soak_by_hand(
     vm.stop();
     println!("soak: serial log in {}", vm.dir.display());
     Ok(soaked.is_ok() && log.is_ok())
+}
+
+/// The counts of one `wait:` statistics line of a guest (`examples/boot/wait.rs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct WaitCounts {
+    loops: u64,
+    news: u64,
+    spins: u64,
+    wakeups: u64,
+    halts: u64,
+    interrupts: u64,
+}
+
+impl WaitCounts {
+    /// Reads a `wait: <mode> loops=.. news=.. ...` line.
+    fn parse(line: &str) -> Option<Self> {
+        let rest = &line[line.find("wait: ")?..];
+        let value = |key: &str| -> Option<u64> {
+            rest.split_ascii_whitespace()
+                .find_map(|word| word.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+        };
+        Some(WaitCounts {
+            loops: value("loops")?,
+            news: value("news")?,
+            spins: value("spins")?,
+            wakeups: value("wakeups")?,
+            halts: value("halts")?,
+            interrupts: value("interrupts")?,
+        })
+    }
+
+    fn minus(self, earlier: Self) -> Self {
+        WaitCounts {
+            loops: self.loops - earlier.loops,
+            news: self.news - earlier.news,
+            spins: self.spins - earlier.spins,
+            wakeups: self.wakeups - earlier.wakeups,
+            halts: self.halts - earlier.halts,
+            interrupts: self.interrupts - earlier.interrupts,
+        }
+    }
+}
+
+/// The guest's `wait:` statistics lines so far.
+fn wait_lines(log: &str) -> Vec<WaitCounts> {
+    log.lines().filter_map(WaitCounts::parse).collect()
+}
+
+/// Statistics lines a test waits for at most, to find one quiet stretch between two.
+const WAIT_LINES_TO_QUIET: usize = 12;
+
+/// With 8 idle host connections open, the echo guest halts instead of spinning: between
+/// two of its statistics lines with nothing moving in between (no news, no polling on),
+/// it halted, and its loop ran once per halt. A spinning guest shows millions of loops and
+/// no halts there. No timing thresholds: only counts the guest logs.
+fn guest_halts_when_idle(vm: &mut dyn EchoGuest, _: &TestInputs) -> Result<String> {
+    let mut idle = Vec::new();
+    for _ in 0..8 {
+        idle.push(host::connect_accepted(
+            vm.uds(),
+            ECHO_PORT,
+            CONNECT_TIMEOUT,
+        )?);
+    }
+    let start = wait_lines(&vm.serial_log()).len();
+    // The lines come every 2 s of guest time; the limit is only there so that a guest
+    // that stopped logging cannot hang the test.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let lines = wait_lines(&vm.serial_log());
+        let fresh = lines.get(start..).unwrap_or_default();
+        for pair in fresh.windows(2) {
+            let delta = pair[1].minus(pair[0]);
+            if delta.news == 0 && delta.spins == 0 {
+                if delta.halts == 0 || delta.loops > delta.halts + 1 {
+                    bail!("a quiet stretch without halting: {delta:?}");
+                }
+                drop(idle);
+                return Ok(format!(
+                    "8 idle connections; a quiet stretch: {} loops, {} halts, {} wake-ups, {} interrupts",
+                    delta.loops, delta.halts, delta.wakeups, delta.interrupts
+                ));
+            }
+        }
+        if fresh.len() > WAIT_LINES_TO_QUIET {
+            bail!(
+                "no quiet stretch in {} statistics lines: {:?}",
+                fresh.len(),
+                fresh
+                    .windows(2)
+                    .map(|p| p[1].minus(p[0]))
+                    .collect::<Vec<_>>()
+            );
+        }
+        if Instant::now() > deadline || !vm.is_running() {
+            bail!(
+                "the guest logged {} statistics lines (is it running? {})",
+                fresh.len(),
+                vm.is_running()
+            );
+        }
+        thread::sleep(Duration::from_millis(200));
+    }
 }

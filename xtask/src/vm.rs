@@ -285,6 +285,11 @@ impl VmProcess {
         self.process.try_status().is_none()
     }
 
+    /// The VMM's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Stops the VMM.
     pub fn stop(&mut self) {
         self.process.stop();
@@ -350,6 +355,11 @@ impl Guest {
     /// Whether QEMU is still running.
     pub fn is_running(&mut self) -> bool {
         self.vm.is_running()
+    }
+
+    /// QEMU's process id.
+    pub fn pid(&self) -> u32 {
+        self.vm.pid()
     }
 
     /// Stops QEMU.

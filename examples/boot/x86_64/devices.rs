@@ -16,8 +16,8 @@ use log::{debug, info};
 use virtio_drivers::transport::pci::bus::{Cam, ConfigurationAccess, DeviceFunction, MmioCam};
 use virtio_drivers::transport::SomeTransport;
 
-use super::paging;
 use super::port::{inl, outl};
+use super::{irq_route, paging};
 use crate::boot::virtio::{probe_mmio, scan_pci};
 
 /// Physical address of the first virtio-mmio slot on QEMU's `microvm`.
@@ -111,11 +111,15 @@ fn find_pci() -> Option<SomeTransport<'static>> {
             // only those buses are accessed (`scan_pci` gets the limit) and nothing else
             // in the program accesses the window.
             let cam = unsafe { MmioCam::new(base as *mut u8, Cam::Ecam) };
-            return scan_pci(cam, buses, &mut |_, _| {});
+            return scan_pci(cam, buses, &mut |_, df| {
+                irq_route::found_pci(df.bus, df.device, df.function)
+            });
         }
     }
     info!("boot: PCI through I/O ports 0xcf8/0xcfc");
-    scan_pci(PioCam, 256, &mut |_, _| {})
+    scan_pci(PioCam, 256, &mut |_, df| {
+        irq_route::found_pci(df.bus, df.device, df.function)
+    })
 }
 
 // ---- virtio-mmio --------------------------------------------------------------------
@@ -126,6 +130,10 @@ fn find_mmio() -> Option<SomeTransport<'static>> {
         // SAFETY: the slots lie in the identity-mapped first 4 GiB; on microvm each is a
         // virtio-mmio register block of MMIO_SLOT_SIZE bytes, and this is the only place
         // that creates transports for them (`find_vsock` runs once).
-        unsafe { probe_mmio(base, MMIO_SLOT_SIZE) }
+        let transport = unsafe { probe_mmio(base, MMIO_SLOT_SIZE) };
+        if transport.is_some() {
+            irq_route::found_mmio(base);
+        }
+        transport
     })
 }

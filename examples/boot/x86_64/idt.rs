@@ -4,8 +4,9 @@
 //! The one exception that is not the end: a general protection fault on port I/O from
 //! ring 3, which the #GP entry does in ring 0 (see [`super::ring3`]).
 //!
-//! Interrupts stay disabled for the whole life of the guest (the drivers poll), so no
-//! IRQ vectors are installed.
+//! The table has all 256 vectors; [`set_gate`] installs the handlers of the interrupts
+//! the examples sleep on ([`super::interrupts`]). Interrupts are enabled only while the
+//! CPU halts there.
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
@@ -177,11 +178,16 @@ impl Gate {
     };
 
     fn interrupt_gate(handler: u64) -> Gate {
+        Self::gate_at(handler, 0)
+    }
+
+    /// An interrupt gate that code at privilege level `dpl` may reach with `int`.
+    fn gate_at(handler: u64, dpl: u8) -> Gate {
         Gate {
             offset_low: handler as u16,
             selector: 0x08, // the 64-bit code segment of the boot GDT
             ist: 0,
-            type_attr: 0x8e, // present, DPL 0, 64-bit interrupt gate
+            type_attr: 0x8e | (dpl & 3) << 5, // present, DPL, 64-bit interrupt gate
             offset_mid: (handler >> 16) as u16,
             offset_high: (handler >> 32) as u32,
             reserved: 0,
@@ -190,13 +196,13 @@ impl Gate {
 }
 
 #[repr(C, align(16))]
-struct Idt(UnsafeCell<[Gate; 32]>);
+struct Idt(UnsafeCell<[Gate; 256]>);
 
 // SAFETY: the table is written once, by `init`, before anything could read it
 // concurrently (the guest is single-threaded with interrupts off).
 unsafe impl Sync for Idt {}
 
-static IDT: Idt = Idt(UnsafeCell::new([Gate::EMPTY; 32]));
+static IDT: Idt = Idt(UnsafeCell::new([Gate::EMPTY; 256]));
 
 /// The operand of `lidt` and `lgdt`: a table's last byte offset and its address.
 #[repr(C, packed)]
@@ -227,10 +233,26 @@ pub fn init() {
     let gp_entry = core::ptr::addr_of!(boot_gp_entry) as u64;
     // SAFETY: as above.
     unsafe { (*table)[13] = Gate::interrupt_gate(gp_entry) };
-    let pointer = TablePointer::to::<[Gate; 32]>(table as u64);
+    let pointer = TablePointer::to::<[Gate; 256]>(table as u64);
     // SAFETY: the pointer describes a valid, 'static IDT whose gates point at the stubs
     // above, in the code segment loaded by the boot code.
     unsafe { asm!("lidt [{}]", in(reg) &pointer, options(readonly, nostack, preserves_flags)) };
+}
+
+/// Points `vector` (32 or above) at `handler`, reachable with `int` from privilege level
+/// `dpl` (0: interrupts only; 3: also a software interrupt from ring 3).
+///
+/// # Safety
+///
+/// `handler` must be an interrupt entry that ends with `iretq` and preserves every
+/// register it changes; interrupts must be disabled (the examples keep them disabled
+/// except inside the halt entry, which does not call this).
+pub unsafe fn set_gate(vector: u8, handler: u64, dpl: u8) {
+    assert!(vector >= 32, "vectors below 32 are the CPU's exceptions");
+    let table = IDT.0.get();
+    // SAFETY: interrupts are disabled (the caller's contract) and the guest runs on one
+    // CPU, so nothing reads the gate while it is written.
+    unsafe { (*table)[usize::from(vector)] = Gate::gate_at(handler, dpl) };
 }
 
 const NAMES: [&str; 32] = [

@@ -18,8 +18,9 @@
 //!    and, with `ring=3`, drops to ring 3 ([`ring3`]).
 //!
 //! Memory is identity-mapped (virtual address = physical address) throughout; regions
-//! above 4 GiB are mapped on demand ([`paging`]). Interrupts stay disabled: everything
-//! polls.
+//! above 4 GiB are mapped on demand ([`paging`]). Interrupts stay disabled except while a
+//! guest that sleeps halts ([`interrupts`], [`irq_route`], used by
+//! [`crate::boot::wait`]).
 //!
 //! # Stopping the VM
 //!
@@ -43,6 +44,8 @@
 pub mod acpi;
 pub mod devices;
 mod idt;
+pub mod interrupts;
+pub mod irq_route;
 pub mod paging;
 pub mod port;
 pub mod pvh;
@@ -155,6 +158,34 @@ pub fn counter() -> u64 {
 /// Makes sure `paddr..paddr + size` is mapped as uncached memory ([`paging`]).
 pub fn map_mmio(paddr: u64, size: u64) -> Result<(), paging::MapError> {
     paging::identity_map(paddr, size)
+}
+
+/// Routes the interrupt of the device [`find_vsock`] found to this CPU and sets up the
+/// timer ([`interrupts`], [`irq_route`]): the GSI, or why the guest has to poll.
+pub fn enable_device_interrupt(cmdline: &str) -> Result<u32, &'static str> {
+    let gsi = irq_route::device_gsi(cmdline)?;
+    if !interrupts::init() {
+        return Err("the local APIC cannot be mapped");
+    }
+    if !interrupts::route(gsi) {
+        return Err("the IOAPIC cannot be mapped");
+    }
+    Ok(gsi)
+}
+
+/// Whether the device interrupted since the last call ([`interrupts`]).
+pub fn take_device_interrupt() -> bool {
+    interrupts::take_device_interrupt()
+}
+
+/// Ends the device's interrupt, once the device is acknowledged ([`interrupts`]).
+pub fn end_device_interrupt() {
+    interrupts::end_device_interrupt();
+}
+
+/// Halts until an interrupt or the clock's `deadline` (µs); whether the timer fired.
+pub fn halt(deadline: Option<u64>) -> bool {
+    interrupts::halt(deadline)
 }
 
 /// Finds the virtio socket device ([`devices`]).

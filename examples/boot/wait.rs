@@ -1,0 +1,264 @@
+//! How the example guests wait for work: halted until the device interrupts or the
+//! driver's next deadline (`wait=irq`, the default), or spinning on `poll` (`wait=poll`).
+//!
+//! A main loop calls [`Waiter::poll`] (which takes a pending interrupt: acknowledges the
+//! device, ends the interrupt, then polls the driver), does its work, and then
+//! [`Waiter::idle`], telling it whether the work moved anything and when the loop itself
+//! next needs to run. `idle` returns at once while there is news (anything moved, or the
+//! driver sent or received packets), and for `spin=<µs>` (200 by default) after the last
+//! news, polling (halt-polling: a reply that comes within that time costs no interrupt
+//! and no wake-up). After that it asks the driver to arm the device's interrupts
+//! (`VsockDevice::arm_interrupts`, which looks at the rings once more and says `false`
+//! when something landed meanwhile: then the loop polls again) and halts until the
+//! interrupt or the earliest deadline: the driver's `poll_at`, the loop's own, the
+//! backstop's and the next statistics line's.
+//!
+//! **Backstop.** Under QEMU 7.2's TCG with one vCPU, the device (vhost-user, another
+//! process) can fill the used ring without the interrupt reaching the guest (README,
+//! "Quirks": TCG emits no host barrier for the guest's fences, so the backend may read
+//! the driver's `used_event` from before the re-arm). So each halt ends at the latest
+//! 10 ms after the last news, then 20, 40, ... until 1.28 s of quiet; a poll after such
+//! a halt that finds work counts in `backstop_finds`.
+//!
+//! **Statistics.** Every [`REPORT_MICROS`] the waiter logs one line,
+//! `wait: <mode> loops=.. news=.. spins=.. wakeups=.. halts=.. interrupts=..
+//! timer_wakes=.. backstop_finds=..` (cumulative counts), so that a test reads from the
+//! log that an idle guest halted (in a quiet stretch one loop per halt) instead of
+//! spinning (millions of loops, no halts); [`Waiter::report`] logs it on demand (the client does at its end).
+//!
+//! Interrupts are routed by the architecture: on x86-64 the IOAPIC line of q35's
+//! virtio-pci INTx or of microvm's virtio-mmio slot, and the LAPIC timer
+//! (`x86_64/interrupts.rs`, `x86_64/irq_route.rs`). Elsewhere, and where the line cannot
+//! be routed (Cloud Hypervisor's MSI-X-only PCI devices), the guest logs why and polls.
+
+use log::{info, warn};
+use virtio_drivers::transport::Transport;
+use virtio_drivers::Hal;
+use vsock_guest::{Config, Instant, VsockDevice};
+
+use super::{time, BootInfo};
+
+/// How often the statistics line is logged, in µs of guest time.
+pub const REPORT_MICROS: u64 = 2_000_000;
+/// Halt-polling: how long the loop keeps polling after the last news, by default (µs).
+pub const DEFAULT_SPIN_MICROS: u64 = 200;
+/// The first backstop after news (µs); it doubles with every halt it ends.
+const BACKSTOP_FIRST_MICROS: u64 = 10_000;
+/// After this much quiet (µs), no backstop: the guest sleeps until an interrupt or a
+/// deadline.
+const BACKSTOP_LAST_MICROS: u64 = 1_280_000;
+
+/// How a guest waits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Halts until the device interrupts or a deadline (`wait=irq`).
+    Irq,
+    /// Spins on `poll` (`wait=poll`, or where interrupts cannot be routed).
+    Poll,
+}
+
+/// What the waiter counted (see the [module documentation](self)).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WaitStats {
+    /// Calls of [`Waiter::idle`]: iterations of the main loop.
+    pub loops: u64,
+    /// Of those, the ones with news (something moved).
+    pub news: u64,
+    /// Of those, the ones without news that polled on in the spin window, or because the
+    /// re-arm found work (`arm_interrupts` returned `false`).
+    pub spins: u64,
+    /// Halts that ended (by any interrupt).
+    pub wakeups: u64,
+    /// Halts begun.
+    pub halts: u64,
+    /// Device interrupts taken.
+    pub interrupts: u64,
+    /// Halts the timer ended.
+    pub timer_wakes: u64,
+    /// Polls after a halt the backstop ended that found work.
+    pub backstop_finds: u64,
+}
+
+/// The main loop's way of waiting; see the [module documentation](self).
+pub struct Waiter {
+    mode: Mode,
+    spin_micros: u64,
+    stats: WaitStats,
+    /// When something last moved (µs).
+    last_news: u64,
+    /// The driver's packet counts at the last `idle`.
+    last_packets: u64,
+    /// The last halt ended by the backstop's timer, not by an interrupt.
+    backstop_woke: bool,
+    /// When the statistics line is next due (µs).
+    next_report: u64,
+}
+
+impl Waiter {
+    /// Reads `wait=irq|poll` and `spin=<µs>` from the command line, routes the device's
+    /// interrupt (call it after `boot::virtio::find_vsock`) and sets
+    /// `config.interrupts` when the guest will sleep. Logs the mode.
+    pub fn new(who: &str, info: &BootInfo, config: &mut Config) -> Self {
+        let spin_micros = info
+            .cmdline_value("spin")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_SPIN_MICROS);
+        let mode = match info.cmdline_value("wait") {
+            Some("poll") => {
+                info!("{who}: wait=poll: spinning on poll");
+                Mode::Poll
+            }
+            other => {
+                if other.is_some_and(|w| w != "irq") {
+                    warn!("{who}: unknown wait={other:?}; using irq");
+                }
+                match enable(info.cmdline) {
+                    Ok(gsi) => {
+                        info!("{who}: wait=irq: halting until GSI {gsi} or a deadline, spin {spin_micros} us");
+                        Mode::Irq
+                    }
+                    Err(why) => {
+                        info!("{who}: wait=irq not possible ({why}); polling instead");
+                        Mode::Poll
+                    }
+                }
+            }
+        };
+        config.interrupts = mode == Mode::Irq;
+        let now = time::now_micros();
+        Waiter {
+            mode,
+            spin_micros,
+            stats: WaitStats::default(),
+            last_news: now,
+            last_packets: 0,
+            backstop_woke: false,
+            next_report: now + REPORT_MICROS,
+        }
+    }
+
+    /// How this guest waits.
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    /// The counts so far.
+    pub fn stats(&self) -> WaitStats {
+        self.stats
+    }
+
+    /// Takes a pending device interrupt (acknowledge, end it), then polls the driver.
+    pub fn poll<H: Hal, T: Transport>(&mut self, device: &mut VsockDevice<'_, H, T>) {
+        if self.mode == Mode::Irq && take_device_interrupt() {
+            device.ack_interrupt();
+            end_device_interrupt();
+            self.stats.interrupts += 1;
+        }
+        device.poll(now());
+    }
+
+    /// Called after the loop's work: `moved` says whether it moved anything, `deadline`
+    /// when the loop next needs to run without news. Returns at once while there is
+    /// news; otherwise halts (`wait=irq`) until an interrupt or the earliest deadline.
+    pub fn idle<H: Hal, T: Transport>(
+        &mut self,
+        device: &mut VsockDevice<'_, H, T>,
+        moved: bool,
+        deadline: Option<Instant>,
+    ) {
+        self.stats.loops += 1;
+        let now = time::now_micros();
+        let stats = device.stats();
+        let packets = stats.rx_packets + stats.tx_packets;
+        let news = moved || packets != self.last_packets;
+        self.last_packets = packets;
+        if news {
+            self.stats.news += 1;
+            if self.backstop_woke {
+                self.stats.backstop_finds += 1;
+            }
+            self.last_news = now;
+        }
+        self.backstop_woke = false;
+        if now >= self.next_report {
+            self.report();
+            self.next_report = now + REPORT_MICROS;
+        }
+        if self.mode == Mode::Poll || news {
+            return;
+        }
+        if now < self.last_news + self.spin_micros || !device.arm_interrupts() {
+            self.stats.spins += 1;
+            return;
+        }
+        let quiet = now - self.last_news;
+        let backstop =
+            (quiet < BACKSTOP_LAST_MICROS).then(|| now + quiet.max(BACKSTOP_FIRST_MICROS));
+        let deadlines = [
+            device.poll_at().map(|at| at.as_micros()),
+            deadline.map(|at| at.as_micros()),
+            Some(self.next_report),
+        ];
+        let earliest = deadlines.into_iter().flatten().min();
+        let by_backstop = backstop.is_some_and(|b| earliest.is_none_or(|e| b < e));
+        let until = if by_backstop { backstop } else { earliest };
+        self.stats.halts += 1;
+        let timer = halt(until);
+        self.stats.wakeups += 1;
+        if timer {
+            self.stats.timer_wakes += 1;
+            self.backstop_woke = by_backstop;
+        }
+    }
+
+    /// Logs the statistics line.
+    pub fn report(&self) {
+        let s = self.stats;
+        info!(
+            "wait: {} loops={} news={} spins={} wakeups={} halts={} interrupts={} timer_wakes={} backstop_finds={}",
+            match self.mode {
+                Mode::Irq => "irq",
+                Mode::Poll => "poll",
+            },
+            s.loops,
+            s.news,
+            s.spins,
+            s.wakeups,
+            s.halts,
+            s.interrupts,
+            s.timer_wakes,
+            s.backstop_finds
+        );
+    }
+}
+
+/// The clock as the driver's `Instant`.
+pub fn now() -> Instant {
+    Instant::from_micros(time::now_micros())
+}
+
+#[cfg(target_arch = "x86_64")]
+use super::arch::{end_device_interrupt, halt, take_device_interrupt};
+
+#[cfg(target_arch = "x86_64")]
+fn enable(cmdline: &str) -> Result<u32, &'static str> {
+    super::arch::enable_device_interrupt(cmdline)
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn enable(_cmdline: &str) -> Result<u32, &'static str> {
+    Err("no interrupt routing for this architecture yet")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn take_device_interrupt() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn end_device_interrupt() {}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn halt(_deadline: Option<u64>) -> bool {
+    false
+}
