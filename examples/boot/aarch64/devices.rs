@@ -33,6 +33,19 @@ struct Window {
     size: u64,
 }
 
+/// A window for the log: `0x10000000+0x2eff0000`, or `none`.
+struct WindowText(Option<Window>);
+
+impl core::fmt::Display for WindowText {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(w) if w.pci == w.cpu => write!(f, "{:#x}+{:#x}", w.cpu, w.size),
+            Some(w) => write!(f, "{:#x}+{:#x} (PCI {:#x})", w.cpu, w.size, w.pci),
+            None => f.write_str("none"),
+        }
+    }
+}
+
 /// What the device tree says about the PCIe host bridge.
 #[derive(Clone, Copy, Debug, Default)]
 struct HostBridge {
@@ -150,8 +163,11 @@ fn find_pci(fdt: &Fdt) -> Option<SomeTransport<'static>> {
         return None;
     }
     info!(
-        "boot: PCI ECAM at {:#x} ({} buses), memory windows {:x?} {:x?}",
-        bridge.ecam, bridge.buses, bridge.mem32, bridge.mem64
+        "boot: PCI ECAM at {:#x} ({} buses), 32-bit window {}, 64-bit window {}",
+        bridge.ecam,
+        bridge.buses,
+        WindowText(bridge.mem32),
+        WindowText(bridge.mem64)
     );
     // SAFETY: the device tree names the ECAM window of `buses` buses at `ecam`, in the
     // device-memory part of the identity map; only those buses are accessed (`scan_pci`
