@@ -165,7 +165,7 @@ mod bench {
     }
 
     /// A driver whose every call is timed with the architecture's counter (the TSC on
-    /// x86-64) into [`DRIVER_TICKS`]: the guest's own work inside the driver, both
+    /// x86-64, `CNTVCT_EL0` on aarch64) into [`DRIVER_TICKS`]: the guest's own work inside the driver, both
     /// drivers measured alike. A zero-copy call counts the pattern work it calls back
     /// into too.
     struct Timed<D>(D);
@@ -1252,6 +1252,6 @@ fn main(info: &boot::BootInfo) -> ! {
 #[cfg(not(target_os = "none"))]
 fn main() {
     println!(
-        "bench is a bare-metal guest for x86_64-unknown-none; run it with `cargo xtask bench qemu`"
+        "bench is a bare-metal guest for x86_64-unknown-none or aarch64-unknown-none; run it with `cargo xtask bench qemu`"
     );
 }

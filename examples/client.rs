@@ -322,6 +322,6 @@ fn main(info: &boot::BootInfo) -> ! {
 #[cfg(not(target_os = "none"))]
 fn main() {
     println!(
-        "client is a bare-metal guest for x86_64-unknown-none; run it with `cargo xtask test`"
+        "client is a bare-metal guest for x86_64-unknown-none or aarch64-unknown-none; run it with `cargo xtask test`"
     );
 }

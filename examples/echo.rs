@@ -420,5 +420,5 @@ fn main(info: &boot::BootInfo) -> ! {
 
 #[cfg(not(target_os = "none"))]
 fn main() {
-    println!("echo is a bare-metal guest for x86_64-unknown-none; run it with `cargo xtask demo`");
+    println!("echo is a bare-metal guest for x86_64-unknown-none or aarch64-unknown-none; run it with `cargo xtask demo`");
 }

@@ -26,6 +26,8 @@ fn main(info: &boot::BootInfo) -> ! {
     let kind = match transport {
         SomeTransport::Mmio(_) => "mmio",
         SomeTransport::Pci(_) => "pci",
+        // Other transports exist on some architectures only.
+        #[allow(unreachable_patterns)]
         _ => "other",
     };
     // virtio-vsock config space: le64 guest_cid at offset 0.
@@ -55,5 +57,5 @@ fn main(info: &boot::BootInfo) -> ! {
 
 #[cfg(not(target_os = "none"))]
 fn main() {
-    println!("probe is a bare-metal guest for x86_64-unknown-none; run it with `cargo xtask demo`");
+    println!("probe is a bare-metal guest for x86_64-unknown-none or aarch64-unknown-none; run it with `cargo xtask demo`");
 }

@@ -138,6 +138,16 @@ impl BootInfo {
     }
 }
 
+/// The command line a loader copied: its bytes up to the first invalid UTF-8, trimmed.
+pub fn cmdline_text(bytes: &'static [u8]) -> &'static str {
+    match core::str::from_utf8(bytes) {
+        Ok(text) => text.trim(),
+        Err(e) => core::str::from_utf8(bytes.get(..e.valid_up_to()).unwrap_or_default())
+            .unwrap_or_default()
+            .trim(),
+    }
+}
+
 /// The value of the last `key=value` word of `cmdline`, if any.
 pub fn cmdline_value(cmdline: &'static str, key: &str) -> Option<&'static str> {
     cmdline

@@ -5,7 +5,7 @@ use crate::host;
 use crate::process;
 use crate::qemu_tests::{EchoVm, Wait, ECHO_PORT};
 use crate::setup::{self, cargo, project_root, Tools};
-use crate::vm::{self, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
+use crate::vm::{self, Accel, Arch, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -408,8 +408,15 @@ impl BenchVm {
             machine,
             accel,
             cmdline: format!(
-                "driver={} {} port={CONTROL_PORT} {GUEST_RING} {guest_args}",
-                driver.arg, driver.words
+                "driver={} {} port={CONTROL_PORT} {} {guest_args}",
+                driver.arg,
+                driver.words,
+                // aarch64 has no ring 3 (and TCG runs ring 0 as fast).
+                if machine.arch() == Arch::X86_64 {
+                    GUEST_RING
+                } else {
+                    ""
+                }
             ),
             initrd: None,
             limit: PROCESS_LIMIT,
@@ -1103,10 +1110,18 @@ fn ratio(metric: Metric, ours: &Outcome, theirs: &Outcome, index: usize) -> Opti
 }
 
 /// `cargo xtask bench qemu`: the workloads on every driver and accelerator, a table per
-/// accelerator, and `target/bench/qemu.json`.
+/// accelerator, and `target/bench/qemu.json` (`qemu-aarch64.json` for the aarch64
+/// machines, which run under TCG only).
 pub fn qemu(options: &QemuOptions) -> Result<()> {
     let tools = setup::ensure_all()?;
-    let kernel = build_example("bench")?;
+    let arch = options.machine.arch();
+    if arch == Arch::Aarch64 && tools.qemu_aarch64.is_none() {
+        bail!(
+            "no {}: install Debian's qemu-system-arm",
+            setup::QEMU_AARCH64_BINARY
+        );
+    }
+    let kernel = build_example("bench", arch)?;
     let workloads: Vec<Workload> = qemu_workloads(options.quick, options.full)
         .into_iter()
         .filter(|w| {
@@ -1169,8 +1184,14 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
         accel,
         note,
         nested,
-    } in accelerators(options.accel)
-    {
+    } in match arch {
+        Arch::X86_64 => accelerators(options.accel),
+        Arch::Aarch64 => vec![AccelRun {
+            accel: Accel::Tcg,
+            note: "TCG with thread=multi, aarch64 virt, 2 x cortex-a72".to_string(),
+            nested: false,
+        }],
+    } {
         for &host_window in &options.host_windows {
             let plan = Plan {
                 tools: &tools,
@@ -1273,7 +1294,10 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
     }
     let dir = project_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join("qemu.json");
+    let path = dir.join(match arch {
+        Arch::X86_64 => "qemu.json",
+        Arch::Aarch64 => "qemu-aarch64.json",
+    });
     let json = serde_json::json!({
         "benchmark": "qemu",
         "machine": machine.to_string(),
@@ -1559,7 +1583,7 @@ fn json_run(
 /// [`IDLE_CONNECTIONS`] idle host connections open, as % of one core; the guest waits
 /// as `wait` says.
 fn idle_cpu(tools: &Tools, accel: Accel, machine: Machine, wait: Wait) -> Result<f64> {
-    let kernel = build_example("echo")?;
+    let kernel = build_example("echo", machine.arch())?;
     let mut vm = EchoVm::boot(
         tools,
         machine,

@@ -2,25 +2,27 @@
 
 use crate::process;
 use crate::setup::{cargo, project_root};
+use crate::vm::Arch;
 use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 
-/// The target the example guests are built for.
+/// The x86-64 target of the example guests.
 pub const GUEST_TARGET: &str = "x86_64-unknown-none";
-/// Another bare-metal target the library must build for.
+/// The aarch64 target of the example guests (QEMU `virt`).
 const OTHER_TARGET: &str = "aarch64-unknown-none";
 
-/// Builds example `name` for the guest target (release) and returns the ELF's path.
-pub fn build_example(name: &str) -> Result<PathBuf> {
-    println!("build: example {name} for {GUEST_TARGET}");
+/// Builds example `name` for `arch` (release) and returns the ELF's path.
+pub fn build_example(name: &str, arch: Arch) -> Result<PathBuf> {
+    let target = arch.target();
+    println!("build: example {name} for {target}");
     let mut command = cargo();
     command.args([
         "build",
         "--quiet",
         "--release",
         "--target",
-        GUEST_TARGET,
+        target,
         "--example",
         name,
     ]);
@@ -31,7 +33,7 @@ pub fn build_example(name: &str) -> Result<PathBuf> {
     process::run(&mut command)?;
     let elf = project_root()
         .join("target")
-        .join(GUEST_TARGET)
+        .join(target)
         .join("release")
         .join("examples")
         .join(name);
@@ -67,7 +69,8 @@ impl Step {
     }
 }
 
-/// The host-side steps: formatting, lints, builds for both bare-metal targets, host unit
+/// The host-side steps: formatting, lints (the guest examples for both bare-metal
+/// targets), builds for both bare-metal targets, host unit
 /// and device-model tests (with doctests), docs, and the same tests under Miri when asked.
 pub fn host_steps(miri: bool) -> Vec<Step> {
     let mut steps = vec![
@@ -93,6 +96,22 @@ pub fn host_steps(miri: bool) -> Vec<Step> {
                 "--quiet",
                 "--target",
                 GUEST_TARGET,
+                "--examples",
+                "--features",
+                "async",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ),
+        Step::cargo(
+            "clippy (guest examples, aarch64-unknown-none)",
+            &[
+                "clippy",
+                "--release",
+                "--quiet",
+                "--target",
+                OTHER_TARGET,
                 "--examples",
                 "--features",
                 "async",

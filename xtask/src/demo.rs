@@ -19,7 +19,7 @@ const BLOB_BYTES: usize = 64 * 1024;
 
 /// Runs the demo on `machine`; `Ok` when every message came back intact.
 pub fn run(tools: &Tools, machine: Machine, accel: Accel) -> Result<()> {
-    let kernel = build_example("echo")?;
+    let kernel = build_example("echo", machine.arch())?;
     println!("demo: booting {} on {machine}", kernel.display());
     let started = Instant::now();
     let mut echo = EchoVm::boot(

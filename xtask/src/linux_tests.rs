@@ -124,8 +124,8 @@ pub fn run(tools: &Tools, accel: Accel) -> Result<Tally> {
         }
     };
     let guest = linux::build(cache).context("building the Linux guest")?;
-    let echo_kernel = build_example("echo")?;
-    let client_kernel = build_example("client")?;
+    let echo_kernel = build_example("echo", crate::vm::Arch::X86_64)?;
+    let client_kernel = build_example("client", crate::vm::Arch::X86_64)?;
     let started = Instant::now();
     let mut run = match LinuxRun::boot(tools, accel, &guest, echo_kernel, client_kernel) {
         Ok(run) => run,

@@ -8,7 +8,8 @@
 //! - `linux-guest`: fetch and build the Linux guest, print how to boot it.
 //! - `bench host`: our driver against virtio-drivers' on a host-side device.
 //! - `bench qemu`: the same drivers in a QEMU guest against vhost-device-vsock.
-//! - `run-kernel`: the runner for `cargo run --example <name> --target x86_64-unknown-none`.
+//! - `run-kernel`: the runner for `cargo run --example <name> --target x86_64-unknown-none`
+//!   (or `aarch64-unknown-none`, on `virt-pci`).
 
 mod bench;
 mod cargo_tasks;
@@ -29,7 +30,7 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use vm::{Accel, Machine};
+use vm::{Accel, Arch, Machine};
 
 #[derive(Parser)]
 #[command(about = "Host-side tooling for vsock-guest")]
@@ -70,9 +71,13 @@ enum Command {
     /// Boot the echo guest, connect from the host, send messages, print the echoes and
     /// the guest's serial log.
     Demo {
-        /// QEMU machine (transport).
-        #[arg(long, value_enum, default_value_t = Machine::Q35)]
-        machine: Machine,
+        /// QEMU machine (architecture and transport); default q35, or virt-pci with
+        /// `--arch aarch64`.
+        #[arg(long, value_enum)]
+        machine: Option<Machine>,
+        /// Guest architecture (the first machine of it, unless `--machine` says).
+        #[arg(long, value_enum)]
+        arch: Option<Arch>,
         /// Accelerator; by default KVM only with hardware virtualisation, else TCG.
         #[arg(long, value_enum)]
         accel: Option<Accel>,
@@ -86,11 +91,15 @@ enum Command {
         /// VMMs to run the VM tests under (default: both).
         #[arg(long, value_enum, value_delimiter = ',')]
         vmm: Vec<Vmm>,
-        /// Machines to run the QEMU tests on (default: both).
+        /// Machines to run the QEMU tests on (default: every machine of every `--arch`).
         #[arg(long, value_enum, value_delimiter = ',')]
         machine: Vec<Machine>,
+        /// Guest architectures of the VM tests (default: both; aarch64 only under QEMU,
+        /// skipped without qemu-system-aarch64).
+        #[arg(long, value_enum, value_delimiter = ',')]
+        arch: Vec<Arch>,
         /// Rounds of the 64 concurrent x 256 KiB echo, for every VMM (default: 1 under
-        /// QEMU, 3 under Cloud Hypervisor).
+        /// QEMU, 20 on aarch64 virt-pci, 3 under Cloud Hypervisor).
         #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
         rounds: Option<u32>,
         /// Seconds of the soak (many host clients at once) on q35 and under Cloud
@@ -138,9 +147,13 @@ enum Command {
         /// Only the workloads whose name contains this text.
         #[arg(long)]
         only: Option<String>,
-        /// `qemu` only: the QEMU machine (transport).
-        #[arg(long, value_enum, default_value_t = Machine::Q35)]
-        machine: Machine,
+        /// `qemu` only: the QEMU machine (architecture and transport); default q35, or
+        /// virt-pci with `--arch aarch64`.
+        #[arg(long, value_enum)]
+        machine: Option<Machine>,
+        /// `qemu` only: the guest architecture.
+        #[arg(long, value_enum)]
+        arch: Option<Arch>,
         /// `qemu` only: one accelerator; by default TCG, and KVM too when /dev/kvm opens.
         #[arg(long, value_enum)]
         accel: Option<Accel>,
@@ -169,9 +182,13 @@ enum Command {
     /// echoing, resetting mid-transfer, vanishing after CONNECT or reading the source
     /// service slowly, at random; then check the guest still serves.
     Soak {
-        /// QEMU machine (transport).
-        #[arg(long, value_enum, default_value_t = Machine::Q35)]
-        machine: Machine,
+        /// QEMU machine (architecture and transport); default q35, or virt-pci with
+        /// `--arch aarch64`.
+        #[arg(long, value_enum)]
+        machine: Option<Machine>,
+        /// Guest architecture.
+        #[arg(long, value_enum)]
+        arch: Option<Arch>,
         /// Accelerator; by default KVM only with hardware virtualisation, else TCG.
         #[arg(long, value_enum)]
         accel: Option<Accel>,
@@ -241,7 +258,12 @@ fn run(command: Command) -> Result<ExitCode> {
             linux::print_guest(&linux::prepare()?);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Demo { machine, accel } => {
+        Command::Demo {
+            machine,
+            arch,
+            accel,
+        } => {
+            let machine = Machine::pick(machine, arch)?;
             let tools = setup::ensure_all()?;
             let accel = vm::choose_accel(accel);
             demo::run(&tools, machine, accel)?;
@@ -251,6 +273,7 @@ fn run(command: Command) -> Result<ExitCode> {
             accel,
             vmm,
             machine,
+            arch,
             rounds,
             soak_seconds,
             no_miri,
@@ -267,17 +290,28 @@ fn run(command: Command) -> Result<ExitCode> {
                 vmm
             };
             let qemu = vmms.contains(&Vmm::Qemu);
+            let archs = if arch.is_empty() {
+                vec![Arch::X86_64, Arch::Aarch64]
+            } else {
+                arch
+            };
+            let machines: Vec<Machine> = if machine.is_empty() {
+                archs.iter().flat_map(|a| a.machines()).collect()
+            } else {
+                machine
+            };
+            let x86 = archs.contains(&Arch::X86_64);
             test(&TestPlan {
                 accel,
-                machines: machine,
+                machines,
                 rounds,
                 soak_seconds,
                 miri: !no_miri,
                 fuzz_seconds,
                 host: !vm_only && !linux_only,
                 qemu: qemu && !host_only && !linux_only,
-                linux: qemu && !host_only,
-                ch: vmms.contains(&Vmm::Ch) && !host_only && !linux_only,
+                linux: qemu && !host_only && x86,
+                ch: vmms.contains(&Vmm::Ch) && !host_only && !linux_only && x86,
                 selection: qemu_tests::Selection { waits: wait, only },
             })
         }
@@ -305,6 +339,7 @@ fn run(command: Command) -> Result<ExitCode> {
             full,
             only,
             machine,
+            arch,
             accel,
             drivers,
             repetitions,
@@ -313,7 +348,7 @@ fn run(command: Command) -> Result<ExitCode> {
             wait,
         } => {
             bench::qemu(&bench::QemuOptions {
-                machine,
+                machine: Machine::pick(machine, arch)?,
                 accel,
                 quick,
                 full,
@@ -335,6 +370,7 @@ fn run(command: Command) -> Result<ExitCode> {
         } => run_kernel(kernel, cmdline.join(" "), machine, accel, timeout),
         Command::Soak {
             machine,
+            arch,
             accel,
             seconds,
             clients,
@@ -342,6 +378,7 @@ fn run(command: Command) -> Result<ExitCode> {
             guest_args,
             only,
         } => {
+            let machine = Machine::pick(machine, arch)?;
             let tools = setup::ensure_all()?;
             let accel = vm::choose_accel(accel);
             let seed = seed.unwrap_or_else(|| {
@@ -377,6 +414,7 @@ fn run(command: Command) -> Result<ExitCode> {
 /// What `cargo xtask test` runs.
 struct TestPlan {
     accel: Option<Accel>,
+    /// The QEMU machines (and so architectures) of the VM tests.
     machines: Vec<Machine>,
     /// Rounds of the repeated echo (`None`: each VMM's default).
     rounds: Option<u32>,
@@ -432,24 +470,18 @@ fn test(plan: &TestPlan) -> Result<ExitCode> {
     let mut vm_tally = qemu_tests::Tally::default();
     if plan.qemu {
         let accel = vm::choose_accel(plan.accel);
-        let machines = if plan.machines.is_empty() {
-            vec![Machine::Q35, Machine::Microvm]
-        } else {
-            plan.machines.clone()
-        };
-        let rounds = plan.rounds.unwrap_or(qemu_tests::QEMU_ROUNDS);
         qemu_tests::run_qemu(
             &tools,
             accel,
-            &machines,
-            rounds,
+            &plan.machines,
+            plan.rounds,
             plan.soak_seconds,
             &plan.selection,
             &mut vm_tally,
         )?;
     }
     // The Linux guest runs on q35 only.
-    let linux = plan.linux && (plan.machines.is_empty() || plan.machines.contains(&Machine::Q35));
+    let linux = plan.linux && plan.machines.contains(&Machine::Q35);
     if linux {
         let tally = linux_tests::run(&tools, vm::choose_accel(plan.accel))?;
         vm_tally.passed += tally.passed;
@@ -489,6 +521,10 @@ fn run_kernel(
 ) -> Result<ExitCode> {
     let tools = setup::Tools {
         qemu: setup::ensure_qemu()?,
+        qemu_aarch64: match machine.arch() {
+            Arch::Aarch64 => Some(setup::ensure_qemu_aarch64()?),
+            Arch::X86_64 => None,
+        },
         backend: setup::ensure_backend()?,
     };
     let accel = vm::choose_accel(accel);

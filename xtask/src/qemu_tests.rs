@@ -16,7 +16,7 @@ use crate::ch::{self, ChVm};
 use crate::host::{self, Connect};
 use crate::setup::Tools;
 use crate::soak::{self, SoakConfig};
-use crate::vm::{run_dir, Accel, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
+use crate::vm::{run_dir, Accel, Arch, Backend, Guest, GuestConfig, Machine, GUEST_EXIT_SUCCESS};
 use anyhow::{bail, Context, Result};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::net::UnixListener;
@@ -56,6 +56,9 @@ pub const PROCESS_LIMIT: Duration = Duration::from_secs(900);
 const QEMU_ECHO_WINDOW: u64 = 64 * 1024;
 /// Rounds of 64 concurrent echoes of 256 KiB under QEMU unless `--rounds` says otherwise.
 pub const QEMU_ROUNDS: u32 = 1;
+/// The same on aarch64 `virt-pci`: the barriers of the queues only show their worth on
+/// a weakly ordered CPU, so this is where the echo is repeated (issue 14).
+pub const AARCH64_ROUNDS: u32 = 20;
 /// The same under Cloud Hypervisor, whose credit arithmetic caught a bug only every few
 /// rounds (issue 12).
 pub const CH_ROUNDS: u32 = 3;
@@ -106,6 +109,8 @@ pub trait EchoGuest {
     fn run_client(&mut self, kernel: &Path, cmdline: &str) -> Result<ClientRun>;
     /// Whether a client guest can reach the echo guest by CID.
     fn has_siblings(&self) -> bool;
+    /// Whether the guests can run in ring 3 (`ring=3`, x86-64 only).
+    fn has_ring3(&self) -> bool;
     /// The most bytes an echo may have in flight (sent, not yet echoed) on one
     /// connection: what the host side copes with.
     fn echo_window(&self) -> u64;
@@ -239,6 +244,10 @@ impl EchoGuest for EchoVm {
         true
     }
 
+    fn has_ring3(&self) -> bool {
+        self.machine.arch() == Arch::X86_64
+    }
+
     fn echo_window(&self) -> u64 {
         QEMU_ECHO_WINDOW
     }
@@ -333,6 +342,10 @@ impl EchoGuest for ChEcho {
         false
     }
 
+    fn has_ring3(&self) -> bool {
+        true
+    }
+
     /// No limit: the host writes as fast as the device takes it, and credit alone paces
     /// the echo (which is how issue 12's credit bug showed).
     fn echo_window(&self) -> u64 {
@@ -380,7 +393,8 @@ impl Wait {
 /// Which suites `cargo xtask test` runs and which of their tests.
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
-    /// Wait modes of the QEMU suites; empty: `irq` on every machine and `poll` on q35.
+    /// Wait modes of the x86-64 QEMU suites; empty: `irq` on every machine and `poll`
+    /// on q35. The aarch64 suites poll whatever this says.
     pub waits: Vec<Wait>,
     /// Only the tests whose name contains this text (the boot always runs).
     pub only: Option<String>,
@@ -393,7 +407,10 @@ impl Selection {
 
     /// The wait modes of the suites on `machine`.
     fn waits_on(&self, machine: Machine) -> Vec<Wait> {
-        if !self.waits.is_empty() {
+        if machine.arch() == Arch::Aarch64 {
+            // The aarch64 boot support routes no interrupts: its guests poll.
+            vec![Wait::Poll]
+        } else if !self.waits.is_empty() {
             self.waits.clone()
         } else if machine == Machine::Q35 {
             vec![Wait::Irq, Wait::Poll]
@@ -440,6 +457,8 @@ enum Needs {
     Soak,
     /// Guests that halt (`wait=irq`).
     Irq,
+    /// A sibling guest that runs in ring 3 (x86-64 only).
+    SiblingsInRing3,
 }
 
 const fn test(name: &'static str, run: VmTest) -> TestCase {
@@ -477,10 +496,11 @@ const TESTS: &[TestCase] = &[
     ),
     test("client_to_host_listener_exits_0", client_to_host_listener),
     sibling_test("client_to_sibling_echo_guest", client_to_sibling_echo),
-    sibling_test(
-        "client_in_ring3_to_sibling_echo_guest",
-        client_in_ring3_to_sibling_echo,
-    ),
+    TestCase {
+        name: "client_in_ring3_to_sibling_echo_guest",
+        run: client_in_ring3_to_sibling_echo,
+        needs: Needs::SiblingsInRing3,
+    },
     TestCase {
         name: "soak_mixed_host_clients",
         run: soak_mixed_host_clients,
@@ -524,12 +544,14 @@ pub struct Tally {
 fn run_suite(label: &str, guest: &mut dyn EchoGuest, inputs: &TestInputs, tally: &mut Tally) {
     let failed_before = tally.failed;
     for case in TESTS {
-        if !case_runs(
-            case,
-            guest.has_siblings(),
-            inputs.soak.is_some(),
-            inputs.wait,
-        ) || !inputs.selection.runs(case.name)
+        let suite = Suite {
+            siblings: guest.has_siblings(),
+            ring3: guest.has_ring3(),
+            soak: inputs.soak.is_some(),
+            wait: inputs.wait,
+        };
+        if !case_runs(case, suite)
+            || !inputs.selection.runs(case.name)
             || (inputs.async_guest && !ASYNC_TESTS.contains(&case.name))
         {
             continue;
@@ -560,21 +582,35 @@ fn run_suite(label: &str, guest: &mut dyn EchoGuest, inputs: &TestInputs, tally:
     }
 }
 
-/// Whether `case` belongs in a suite with `siblings`, a `soak` and guests that `wait`.
-fn case_runs(case: &TestCase, siblings: bool, soak: bool, wait: Wait) -> bool {
+/// What a suite offers its tests.
+#[derive(Clone, Copy)]
+struct Suite {
+    /// A client guest can reach the echo guest by CID.
+    siblings: bool,
+    /// The guests can run in ring 3.
+    ring3: bool,
+    /// The suite has a soak.
+    soak: bool,
+    /// How the suite's guests wait.
+    wait: Wait,
+}
+
+/// Whether `case` belongs in `suite`.
+fn case_runs(case: &TestCase, suite: Suite) -> bool {
     match case.needs {
         Needs::Nothing => true,
-        Needs::Siblings => siblings,
-        Needs::Soak => soak,
-        Needs::Irq => wait == Wait::Irq,
+        Needs::Siblings => suite.siblings,
+        Needs::Soak => suite.soak,
+        Needs::Irq => suite.wait == Wait::Irq,
+        Needs::SiblingsInRing3 => suite.siblings && suite.ring3,
     }
 }
 
 /// The tests of a suite, the boot included.
-fn suite_size(siblings: bool, soak: bool, wait: Wait, selection: &Selection) -> usize {
+fn suite_size(suite: Suite, selection: &Selection) -> usize {
     1 + TESTS
         .iter()
-        .filter(|case| case_runs(case, siblings, soak, wait) && selection.runs(case.name))
+        .filter(|case| case_runs(case, suite) && selection.runs(case.name))
         .count()
 }
 
@@ -597,26 +633,79 @@ fn soak_seed() -> u64 {
 }
 
 /// Runs every test under QEMU on every machine in `machines`, in the wait modes of
-/// `selection`, with `rounds` rounds of the repeated echo, and on q35 (`irq`) the soak
-/// for `soak_seconds` (0: none).
-#[allow(clippy::too_many_arguments)]
+/// `selection`, with `rounds` rounds of the repeated echo (`None`: [`QEMU_ROUNDS`],
+/// [`AARCH64_ROUNDS`] on `virt-pci`), and on q35 and virt-pci (`irq`, else the first
+/// mode) the soak for `soak_seconds` (0: none). The aarch64 machines run under TCG
+/// whatever `accel` says, and print a `skip` line (their tests counted as skipped) when
+/// there is no `qemu-system-aarch64`.
 pub fn run_qemu(
     tools: &Tools,
     accel: Accel,
     machines: &[Machine],
-    rounds: u32,
+    rounds: Option<u32>,
     soak_seconds: u64,
     selection: &Selection,
     tally: &mut Tally,
 ) -> Result<()> {
-    let echo_kernel = build_example("echo")?;
-    let client = build_example("client")?;
+    let mut kernels: Vec<(Arch, PathBuf, PathBuf)> = Vec::new();
     for &machine in machines {
-        for wait in selection.waits_on(machine) {
-            // The soak runs on one machine and in one mode: the transport makes no
-            // difference to it.
-            let soak = (machine == Machine::Q35 && soak_seconds > 0 && wait == Wait::Irq)
-                .then(|| (Duration::from_secs(soak_seconds), soak_seed()));
+        let arch = machine.arch();
+        if arch == Arch::Aarch64 && tools.qemu_aarch64.is_none() {
+            let tests: usize = selection
+                .waits_on(machine)
+                .into_iter()
+                .map(|wait| {
+                    suite_size(
+                        Suite {
+                            siblings: true,
+                            ring3: false,
+                            soak: machine == Machine::VirtPci && soak_seconds > 0,
+                            wait,
+                        },
+                        selection,
+                    )
+                })
+                .sum();
+            println!(
+                "\nskip {machine}/*: the {tests} tests on {machine} did not run: no {}",
+                crate::setup::QEMU_AARCH64_BINARY
+            );
+            tally.skipped += tests;
+            continue;
+        }
+        let (echo_kernel, client) = match kernels.iter().find(|(a, _, _)| *a == arch) {
+            Some((_, echo, client)) => (echo.clone(), client.clone()),
+            None => {
+                let echo = build_example("echo", arch)?;
+                let client = build_example("client", arch)?;
+                kernels.push((arch, echo.clone(), client.clone()));
+                (echo, client)
+            }
+        };
+        let rounds = rounds.unwrap_or(if machine == Machine::VirtPci {
+            AARCH64_ROUNDS
+        } else {
+            QEMU_ROUNDS
+        });
+        let accel = if arch == Arch::Aarch64 {
+            Accel::Tcg
+        } else {
+            accel
+        };
+        let waits = selection.waits_on(machine);
+        for &wait in &waits {
+            // The soak runs on one machine per architecture and in one mode: the
+            // transport makes no difference to it.
+            let soak = (matches!(machine, Machine::Q35 | Machine::VirtPci)
+                && soak_seconds > 0
+                && (wait == Wait::Irq || !waits.contains(&Wait::Irq)))
+            .then(|| (Duration::from_secs(soak_seconds), soak_seed()));
+            let suite = Suite {
+                siblings: true,
+                ring3: arch == Arch::X86_64,
+                soak: soak.is_some(),
+                wait,
+            };
             let inputs = TestInputs {
                 kernels: Kernels {
                     client: client.clone(),
@@ -631,7 +720,11 @@ pub fn run_qemu(
                 Wait::Irq => machine.to_string(),
                 Wait::Poll => format!("{machine}-poll"),
             };
-            println!("\n=== QEMU tests on {machine} ({accel}, {})", wait.arg());
+            let how = match arch {
+                Arch::X86_64 => accel.to_string(),
+                Arch::Aarch64 => "aarch64, tcg thread=multi, 2 vCPUs".to_string(),
+            };
+            println!("\n=== QEMU tests on {machine} ({how}, {})", wait.arg());
             let started = Instant::now();
             let run = format!("test-{label}");
             let limit = process_limit(rounds) + Duration::from_secs(soak_seconds);
@@ -647,8 +740,7 @@ pub fn run_qemu(
             ) {
                 Ok(vm) => vm,
                 Err(e) => {
-                    let size = suite_size(true, soak.is_some(), wait, selection);
-                    boot_failed(&label, &e, size, tally);
+                    boot_failed(&label, &e, suite_size(suite, selection), tally);
                     continue;
                 }
             };
@@ -665,6 +757,11 @@ pub fn run_qemu(
         }
     }
     if machines.contains(&Machine::Q35) && selection.waits_on(Machine::Q35).contains(&Wait::Irq) {
+        let client = match kernels.iter().find(|(arch, _, _)| *arch == Arch::X86_64) {
+            Some((_, _, client)) => client.clone(),
+            None => build_example("client", Arch::X86_64)?,
+        };
+        let rounds = rounds.unwrap_or(QEMU_ROUNDS);
         run_async_suite(tools, accel, rounds, selection, &client, tally)?;
     }
     Ok(())
@@ -680,7 +777,7 @@ fn run_async_suite(
     client: &Path,
     tally: &mut Tally,
 ) -> Result<()> {
-    let kernel = build_example("async_echo")?;
+    let kernel = build_example("async_echo", Arch::X86_64)?;
     let wait = Wait::Irq;
     let inputs = TestInputs {
         kernels: Kernels {
@@ -745,20 +842,26 @@ pub fn run_ch(
     // Cloud Hypervisor's PCI devices offer MSI-X only, which the examples do not route:
     // its guests poll (they log why), so the suite is a polling one.
     let wait = Wait::Poll;
+    let suite = Suite {
+        siblings: false,
+        ring3: true,
+        soak: soak.is_some(),
+        wait,
+    };
     let binary = match ch::find() {
         Ok(binary) => binary,
         Err(why) => {
-            let tests = suite_size(false, soak.is_some(), wait, selection);
+            let tests = suite_size(suite, selection);
             println!("skip ch/*: the {tests} Cloud Hypervisor tests did not run: {why}");
             tally.skipped += tests;
             return Ok(());
         }
     };
     println!("ch: {} ({})", ch::version(&binary), binary.display());
-    let echo_kernel = build_example("echo")?;
+    let echo_kernel = build_example("echo", Arch::X86_64)?;
     let inputs = TestInputs {
         kernels: Kernels {
-            client: build_example("client")?,
+            client: build_example("client", Arch::X86_64)?,
         },
         wait,
         selection: selection.clone(),
@@ -772,8 +875,7 @@ pub fn run_ch(
     let mut vm = match ChEcho::boot(&binary, &echo_kernel, "test-ch", limit) {
         Ok(vm) => vm,
         Err(e) => {
-            let size = suite_size(false, soak.is_some(), wait, selection);
-            boot_failed(label, &e, size, tally);
+            boot_failed(label, &e, suite_size(suite, selection), tally);
             return Ok(());
         }
     };
@@ -1255,7 +1357,7 @@ pub fn soak_by_hand(
     guest_args: &str,
     load: soak::Load,
 ) -> Result<bool> {
-    let kernel = build_example("echo")?;
+    let kernel = build_example("echo", machine.arch())?;
     let mut vm = EchoVm::boot(
         tools,
         machine,

@@ -2,6 +2,7 @@
 //! from Debian, and the vhost-user backend from crates.io in a folder of the project's.
 
 use crate::process;
+use crate::vm::Arch;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -14,14 +15,34 @@ pub const BACKEND_VERSION: &str = "0.3.0";
 const QEMU_PACKAGE: &str = "qemu-system-x86";
 /// The QEMU binary.
 const QEMU_BINARY: &str = "qemu-system-x86_64";
+/// The Debian package that provides `qemu-system-aarch64`.
+const QEMU_AARCH64_PACKAGE: &str = "qemu-system-arm";
+/// The QEMU binary for the aarch64 guests.
+pub const QEMU_AARCH64_BINARY: &str = "qemu-system-aarch64";
 
 /// Host programs the VM runs need.
 #[derive(Clone, Debug)]
 pub struct Tools {
     /// `qemu-system-x86_64`.
     pub qemu: PathBuf,
+    /// `qemu-system-aarch64`, when it is installed (or could be installed).
+    pub qemu_aarch64: Option<PathBuf>,
     /// `vhost-device-vsock`.
     pub backend: PathBuf,
+}
+
+impl Tools {
+    /// The QEMU binary for `arch` (for aarch64 without one, its bare name, which fails
+    /// to start with a clear message).
+    pub fn qemu_for(&self, arch: Arch) -> PathBuf {
+        match arch {
+            Arch::X86_64 => self.qemu.clone(),
+            Arch::Aarch64 => self
+                .qemu_aarch64
+                .clone()
+                .unwrap_or_else(|| QEMU_AARCH64_BINARY.into()),
+        }
+    }
 }
 
 /// The repository root (the parent of `xtask/`).
@@ -96,21 +117,34 @@ pub fn ensure_toolchain() -> Result<()> {
     Ok(())
 }
 
-/// Finds QEMU, installing it with apt-get when it is missing and we run as root.
+/// Finds `qemu-system-x86_64`, installing it with apt-get when it is missing and we run
+/// as root.
 pub fn ensure_qemu() -> Result<PathBuf> {
-    if let Some(path) = find_in_path(QEMU_BINARY) {
+    ensure_apt_binary(QEMU_BINARY, QEMU_PACKAGE)
+}
+
+/// Finds `qemu-system-aarch64`, installing Debian's `qemu-system-arm` when it is missing
+/// and we run as root.
+pub fn ensure_qemu_aarch64() -> Result<PathBuf> {
+    ensure_apt_binary(QEMU_AARCH64_BINARY, QEMU_AARCH64_PACKAGE)
+}
+
+/// Finds `binary` on `PATH`, installing Debian's `package` with apt-get when it is
+/// missing and we run as root; otherwise fails with the apt-get line to run.
+fn ensure_apt_binary(binary: &str, package: &str) -> Result<PathBuf> {
+    if let Some(path) = find_in_path(binary) {
         return Ok(path);
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if !root {
         bail!(
-            "{QEMU_BINARY} is not installed. Install it with:\n    \
-             sudo apt-get install -y --no-install-recommends {QEMU_PACKAGE}\n\
+            "{binary} is not installed. Install it with:\n    \
+             sudo apt-get install -y --no-install-recommends {package}\n\
              and run this command again."
         );
     }
-    println!("setup: {QEMU_BINARY} is missing; installing Debian's {QEMU_PACKAGE}");
+    println!("setup: {binary} is missing; installing Debian's {package}");
     let apt = |args: &[&str]| {
         process::run(
             Command::new("apt-get")
@@ -119,14 +153,8 @@ pub fn ensure_qemu() -> Result<PathBuf> {
         )
     };
     apt(&["update", "-q"])?;
-    apt(&[
-        "install",
-        "-y",
-        "-q",
-        "--no-install-recommends",
-        QEMU_PACKAGE,
-    ])?;
-    find_in_path(QEMU_BINARY).with_context(|| format!("{QEMU_BINARY} still missing after apt-get"))
+    apt(&["install", "-y", "-q", "--no-install-recommends", package])?;
+    find_in_path(binary).with_context(|| format!("{binary} still missing after apt-get"))
 }
 
 /// Finds the pinned backend in `target/tools`, installing it with `cargo install` first.
@@ -199,6 +227,22 @@ pub fn ensure_all() -> Result<Tools> {
         qemu_version.lines().next().unwrap_or("unknown version"),
         qemu.display()
     );
+    // The aarch64 guests are optional: without their QEMU their suites print skip lines.
+    let qemu_aarch64 = match ensure_qemu_aarch64() {
+        Ok(path) => {
+            let version = process::output(Command::new(&path).arg("--version"))?;
+            println!(
+                "setup: {} ({})",
+                version.lines().next().unwrap_or("unknown version"),
+                path.display()
+            );
+            Some(path)
+        }
+        Err(e) => {
+            println!("setup: no {QEMU_AARCH64_BINARY}, so the aarch64 tests will skip: {e:#}");
+            None
+        }
+    };
     println!(
         "setup: {BACKEND_CRATE} {BACKEND_VERSION} ({})",
         backend.display()
@@ -212,5 +256,9 @@ pub fn ensure_all() -> Result<Tools> {
         ),
         Err(why) => println!("setup: {why}; the Cloud Hypervisor tests will be skipped"),
     }
-    Ok(Tools { qemu, backend })
+    Ok(Tools {
+        qemu,
+        qemu_aarch64,
+        backend,
+    })
 }

@@ -1,5 +1,6 @@
 //! Guests under QEMU with the vhost-user vsock backend: choosing the accelerator, starting
-//! `vhost-device-vsock` and `qemu-system-x86_64`, and watching the serial log.
+//! `vhost-device-vsock` and `qemu-system-x86_64` or `qemu-system-aarch64`, and watching
+//! the serial log.
 
 use crate::process::Guarded;
 use crate::setup::{project_root, Tools};
@@ -11,20 +12,87 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-/// QEMU's exit status when the guest calls `boot::exit_success` (isa-debug-exit 0x10).
+/// QEMU's exit status when the guest calls `boot::exit_success` (isa-debug-exit 0x10 on
+/// x86-64, semihosting `SYS_EXIT` with 33 on aarch64).
 pub const GUEST_EXIT_SUCCESS: i32 = 33;
 /// Guest RAM. It must be a shared memfd for the vhost-user backend.
 const GUEST_RAM: &str = "256M";
 /// How long the backend may take to create its vhost-user socket.
 const BACKEND_START_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The QEMU machine, which decides the virtio transport.
+/// The guests' CPU architecture: which examples are built and which QEMU runs them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Arch {
+    /// `x86_64-unknown-none` under `qemu-system-x86_64` (q35, microvm).
+    #[value(name = "x86_64")]
+    X86_64,
+    /// `aarch64-unknown-none` under `qemu-system-aarch64 -M virt` (TCG).
+    Aarch64,
+}
+
+impl Arch {
+    /// The Rust target the examples are built for.
+    pub fn target(self) -> &'static str {
+        match self {
+            Arch::X86_64 => "x86_64-unknown-none",
+            Arch::Aarch64 => "aarch64-unknown-none",
+        }
+    }
+
+    /// The machines the tests run on by default, the PCI one first.
+    pub fn machines(self) -> [Machine; 2] {
+        match self {
+            Arch::X86_64 => [Machine::Q35, Machine::Microvm],
+            Arch::Aarch64 => [Machine::VirtPci, Machine::VirtMmio],
+        }
+    }
+}
+
+impl fmt::Display for Arch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Arch::X86_64 => "x86_64",
+            Arch::Aarch64 => "aarch64",
+        })
+    }
+}
+
+/// The QEMU machine, which decides the architecture and the virtio transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Machine {
     /// `-machine q35`: virtio-pci (`vhost-user-vsock-pci`).
     Q35,
     /// `-machine microvm`: virtio-mmio (`vhost-user-vsock-device`).
     Microvm,
+    /// aarch64 `-machine virt`: virtio-pci on its PCIe ECAM (`vhost-user-vsock-pci`).
+    VirtPci,
+    /// aarch64 `-machine virt`: virtio-mmio (`vhost-user-vsock-device`).
+    VirtMmio,
+}
+
+impl Machine {
+    /// The architecture the machine runs.
+    pub fn arch(self) -> Arch {
+        match self {
+            Machine::Q35 | Machine::Microvm => Arch::X86_64,
+            Machine::VirtPci | Machine::VirtMmio => Arch::Aarch64,
+        }
+    }
+
+    /// `machine` if given (it names its architecture), else the first machine of
+    /// `arch` (x86-64 when neither is given).
+    pub fn pick(machine: Option<Machine>, arch: Option<Arch>) -> Result<Machine> {
+        match (machine, arch) {
+            (Some(machine), Some(arch)) if machine.arch() != arch => {
+                bail!(
+                    "--machine {machine} is an {} machine, not {arch}",
+                    machine.arch()
+                )
+            }
+            (Some(machine), _) => Ok(machine),
+            (None, arch) => Ok(arch.unwrap_or(Arch::X86_64).machines()[0]),
+        }
+    }
 }
 
 impl fmt::Display for Machine {
@@ -32,6 +100,8 @@ impl fmt::Display for Machine {
         f.write_str(match self {
             Machine::Q35 => "q35",
             Machine::Microvm => "microvm",
+            Machine::VirtPci => "virt-pci",
+            Machine::VirtMmio => "virt-mmio",
         })
     }
 }
@@ -369,11 +439,28 @@ impl Guest {
 }
 
 /// The QEMU command line for `config`, without `-serial`.
+///
+/// On aarch64 (`virt`): TCG with a thread per vCPU (`-accel tcg,thread=multi`, whatever
+/// `config.accel` says: there is no KVM for aarch64 on an x86 host), two Cortex-A72s
+/// (the guest runs on the first; the second stays powered off until a PSCI `CPU_ON`,
+/// which the guest never makes) and semihosting for the exit status.
 pub fn qemu_command(tools: &Tools, config: &GuestConfig, vhost_socket: &Path) -> Command {
-    let mut command = Command::new(&tools.qemu);
+    let mut command = Command::new(tools.qemu_for(config.machine.arch()));
+    match config.machine.arch() {
+        Arch::X86_64 => {
+            command
+                .args(["-machine", &config.machine.to_string()])
+                .args(["-accel", &config.accel.to_string()]);
+        }
+        Arch::Aarch64 => {
+            command
+                .args(["-machine", "virt"])
+                .args(["-accel", "tcg,thread=multi"])
+                .args(["-cpu", "cortex-a72", "-smp", "2"])
+                .args(["-semihosting-config", "enable=on,target=native"]);
+        }
+    }
     command
-        .args(["-machine", &config.machine.to_string()])
-        .args(["-accel", &config.accel.to_string()])
         .args(["-m", GUEST_RAM])
         .args([
             "-object",
@@ -385,17 +472,19 @@ pub fn qemu_command(tools: &Tools, config: &GuestConfig, vhost_socket: &Path) ->
             &format!("socket,id=vsock,path={}", vhost_socket.display()),
         ]);
     match config.machine {
-        Machine::Q35 => {
+        Machine::Q35 | Machine::VirtPci => {
             command.args(["-device", "vhost-user-vsock-pci,chardev=vsock"]);
         }
-        Machine::Microvm => {
+        Machine::Microvm | Machine::VirtMmio => {
             command
                 .args(["-global", "virtio-mmio.force-legacy=false"])
                 .args(["-device", "vhost-user-vsock-device,chardev=vsock"]);
         }
     }
+    if config.machine.arch() == Arch::X86_64 {
+        command.args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]);
+    }
     command
-        .args(["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"])
         .args(["-display", "none", "-no-reboot"])
         .arg("-kernel")
         .arg(&config.kernel);

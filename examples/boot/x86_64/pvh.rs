@@ -128,10 +128,5 @@ pub fn copy_cmdline(paddr: u64) -> &'static str {
     // SAFETY: the first `len` bytes were initialised above and are never written again,
     // so a shared 'static view of them is sound.
     let bytes = unsafe { core::slice::from_raw_parts(buffer, len) };
-    match core::str::from_utf8(bytes) {
-        Ok(text) => text.trim(),
-        Err(e) => core::str::from_utf8(&bytes[..e.valid_up_to()])
-            .unwrap_or("")
-            .trim(),
-    }
+    crate::boot::cmdline_text(bytes)
 }
