@@ -46,8 +46,12 @@
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
 //! the same way), ours the CREDIT_UPDATEs it received and CREDIT_REQUESTs it sent in that
-//! time (`credit_updates_rx=<u> credit_requests_tx=<r>`), and the driver's own counters
-//! (ours: `VsockDevice::stats()`; theirs: the packets its `poll` rejected). A failed
+//! time (`credit_updates_rx=<u> credit_requests_tx=<r>`), ours how it waited in that
+//! time (`interrupts=<i> halts=<h> timer_wakes=<w> backstop_finds=<f> halted_us=<t>`:
+//! device interrupts taken, halts, halts the timer ended, polls after a backstop's halt
+//! that found work, time spent halted; all 0 with `wait=poll`), and the driver's own
+//! counters (ours: `VsockDevice::stats()`, cumulative; theirs: the packets its `poll`
+//! rejected). A failed
 //! workload logs `ok=0 error=<why>`.
 //!
 //! Before the driver starts, the guest times plain memory work (the pattern fill and a
@@ -144,6 +148,7 @@ mod bench {
         kicks: [u64; 3],
         driver_ticks: u64,
         credit: Option<CreditCounts>,
+        wait: Option<WaitCounts>,
     }
 
     impl Counters {
@@ -152,8 +157,20 @@ mod bench {
                 kicks: kicks(),
                 driver_ticks: DRIVER_TICKS.load(Ordering::Relaxed),
                 credit: driver.credit_counts(),
+                wait: driver.wait_counts(),
             }
         }
+    }
+
+    /// How a driver that sleeps waited (ours, `boot::wait`): device interrupts taken,
+    /// halts, halts the timer ended, and of those the backstop's that found work.
+    #[derive(Clone, Copy)]
+    struct WaitCounts {
+        interrupts: u64,
+        halts: u64,
+        timer_wakes: u64,
+        backstop_finds: u64,
+        halted_us: u64,
     }
 
     /// CREDIT_UPDATEs received and CREDIT_REQUESTs sent: how the peer's window paced a
@@ -226,6 +243,9 @@ mod bench {
         }
         fn credit_counts(&self) -> Option<CreditCounts> {
             self.0.credit_counts()
+        }
+        fn wait_counts(&self) -> Option<WaitCounts> {
+            self.0.wait_counts()
         }
     }
 
@@ -447,6 +467,10 @@ mod bench {
         fn credit_counts(&self) -> Option<CreditCounts> {
             None
         }
+        /// How the driver waited so far, where it sleeps.
+        fn wait_counts(&self) -> Option<WaitCounts> {
+            None
+        }
     }
 
     type OurDevice = VsockDevice<'static, boot::hal::BootHal, CountingTransport>;
@@ -604,15 +628,24 @@ mod bench {
             let stats = self.device.stats();
             write!(
                 out,
-                "stats_rx_kicks={} stats_tx_kicks={} rx_packets={} tx_packets={} rx_dropped={} interrupts={} halts={}",
+                "stats_rx_kicks={} stats_tx_kicks={} rx_packets={} tx_packets={} rx_dropped={}",
                 stats.rx_kicks,
                 stats.tx_kicks,
                 stats.rx_packets,
                 stats.tx_packets,
                 stats.rx_dropped,
-                stats.interrupts,
-                self.waiter.stats().halts
             )
+        }
+
+        fn wait_counts(&self) -> Option<WaitCounts> {
+            let wait = self.waiter.stats();
+            Some(WaitCounts {
+                interrupts: self.device.stats().interrupts,
+                halts: wait.halts,
+                timer_wakes: wait.timer_wakes,
+                backstop_finds: wait.backstop_finds,
+                halted_us: wait.halted_micros,
+            })
         }
 
         fn credit_counts(&self) -> Option<CreditCounts> {
@@ -1051,6 +1084,17 @@ mod bench {
                 "credit_updates_rx={} credit_requests_tx={} ",
                 after.updates_received - before.updates_received,
                 after.requests_sent - before.requests_sent,
+            );
+        }
+        if let (Some(after), Some(before)) = (after.wait, before.wait) {
+            let _ = write!(
+                line,
+                "interrupts={} halts={} timer_wakes={} backstop_finds={} halted_us={} ",
+                after.interrupts - before.interrupts,
+                after.halts - before.halts,
+                after.timer_wakes - before.timer_wakes,
+                after.backstop_finds - before.backstop_finds,
+                after.halted_us - before.halted_us,
             );
         }
         let _ = driver.counters(&mut line);

@@ -77,6 +77,8 @@ pub struct WaitStats {
     pub timer_wakes: u64,
     /// Polls after a halt the backstop ended that found work.
     pub backstop_finds: u64,
+    /// Time spent halted (µs).
+    pub halted_micros: u64,
 }
 
 /// The main loop's way of waiting; see the [module documentation](self).
@@ -204,6 +206,7 @@ impl Waiter {
         let until = if by_backstop { backstop } else { earliest };
         self.stats.halts += 1;
         let timer = halt(until);
+        self.stats.halted_micros += time::now_micros().saturating_sub(now);
         self.stats.wakeups += 1;
         if timer {
             self.stats.timer_wakes += 1;

@@ -900,7 +900,11 @@ fn run_driver_round(
             continue;
         }
         if vm.is_none() {
-            let run = format!("bench-{accel}-{machine}-{}-r{round}-w{index}", driver.arg);
+            // By label: `ours` and `ours poll` share their `driver=`.
+            let run = format!(
+                "bench-{accel}-{machine}-{}-r{round}-w{index}",
+                driver.label.replace(' ', "-")
+            );
             let started = Instant::now();
             match BenchVm::boot(plan, accel, driver, &run) {
                 Ok(booted) => {
@@ -1637,8 +1641,8 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
 }
 
 /// Our driver halting (`ours`, `wait=irq`) against spinning (`ours poll`): each metric,
-/// the ratio (how many times better halting is), the device interrupts and halts per
-/// unit, then the idle rows.
+/// the ratio (how many times better halting is), the device interrupts, halts and timer
+/// wake-ups per unit, then the idle rows.
 fn render_wait_table(
     plan: &Plan<'_>,
     irq: &[Outcome],
@@ -1652,8 +1656,8 @@ fn render_wait_table(
     );
     let _ = writeln!(
         out,
-        "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10}",
-        "workload", "ours irq", "ours poll", "irq/poll", "interrupts", "halts"
+        "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10} {:>12}",
+        "workload", "ours irq", "ours poll", "irq/poll", "interrupts", "halts", "timer wakes"
     );
     let value = |outcome: Option<&Outcome>, index: usize| match outcome {
         Some(Ok(run)) => number(run.values[index]),
@@ -1673,7 +1677,7 @@ fn render_wait_table(
             };
             let _ = writeln!(
                 out,
-                "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10}",
+                "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10} {:>12}",
                 format!("{} ({})", workload.name(), metric.unit),
                 value(Some(ours), index),
                 value(spinning, index),
@@ -1687,6 +1691,11 @@ fn render_wait_table(
                 },
                 if index == 0 {
                     per_unit("halts")
+                } else {
+                    String::new()
+                },
+                if index == 0 {
+                    per_unit("timer_wakes")
                 } else {
                     String::new()
                 },
@@ -1709,7 +1718,7 @@ fn render_wait_table(
     }
     let _ = writeln!(
         out,
-        "irq/poll = how many times better halting is (rates: irq/poll; times: poll/irq); interrupts and halts per unit of the workload (MiB, round trip, cycle), counted in the guest"
+        "irq/poll = how many times better halting is (rates: irq/poll; times: poll/irq); interrupts, halts and halts the timer ended (a deadline or the backstop) per unit of the workload (MiB, round trip, cycle), counted in the guest from the workload's start to its end"
     );
     out
 }
