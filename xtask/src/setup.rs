@@ -129,6 +129,12 @@ pub fn ensure_qemu_aarch64() -> Result<PathBuf> {
     ensure_apt_binary(QEMU_AARCH64_BINARY, QEMU_AARCH64_PACKAGE)
 }
 
+/// Finds `valgrind` (for `cargo xtask bench work`), installing Debian's `valgrind` when
+/// it is missing and we run as root.
+pub fn ensure_valgrind() -> Result<PathBuf> {
+    ensure_apt_binary("valgrind", "valgrind")
+}
+
 /// Finds `binary` on `PATH`, installing Debian's `package` with apt-get when it is
 /// missing and we run as root; otherwise fails with the apt-get line to run.
 fn ensure_apt_binary(binary: &str, package: &str) -> Result<PathBuf> {

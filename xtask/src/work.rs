@@ -6,7 +6,7 @@
 
 use crate::process;
 use crate::setup::{cargo, project_root};
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -22,16 +22,14 @@ const WORKLOADS: [(&str, &str); 3] = [
 /// Builds `benches/driver_work.rs`, runs each workload under callgrind counting only the
 /// driver's calls and prints instructions per operation.
 pub fn run() -> Result<()> {
-    if Command::new("valgrind").arg("--version").output().is_err() {
-        bail!("valgrind is missing: apt-get install valgrind");
-    }
+    let valgrind = crate::setup::ensure_valgrind()?;
     let program = build()?;
     let dir = project_root().join("target").join("bench");
     std::fs::create_dir_all(&dir)?;
     for (workload, unit) in WORKLOADS {
         let out = dir.join(format!("callgrind.{workload}.out"));
         let log = process::output(
-            Command::new("valgrind")
+            Command::new(&valgrind)
                 .arg("--tool=callgrind")
                 .arg("--toggle-collect=driver_work::in_driver*")
                 .arg(format!("--callgrind-out-file={}", out.display()))
