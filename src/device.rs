@@ -193,12 +193,14 @@ pub struct VirtioVsock<H: Hal, T: Transport> {
 }
 
 /// Chunks of transmit memory kept for control packets (a chunk each): a sixteenth of
-/// `chunks` (none below 16). Data waiting for credit can fill the rest, and control
-/// packets still go out meanwhile, among them the CREDIT_UPDATEs that let the peer send
-/// us more: without them a peer that writes before it reads would wait for our credit
-/// while we wait for its.
+/// `chunks`, and at least one while there are two or more. Data waiting for credit can
+/// fill the rest, and control packets still go out meanwhile: the CREDIT_UPDATEs that let
+/// the peer send us more, and the CREDIT_REQUESTs of the credit probe. Without them a peer
+/// that writes before it reads would wait for our credit while we wait for its, and a
+/// peer that does not volunteer its credit would never be asked (a small arena once
+/// kept no reserve: `tests/credit_order.rs`, `b43_regression_…`).
 fn control_reserve(chunks: usize) -> usize {
-    chunks / 16
+    (chunks / 16).max(1).min(chunks.saturating_sub(1))
 }
 
 fn largest_power_of_two_at_most(n: u32) -> u16 {

@@ -263,3 +263,28 @@ proptest! {
         run(&setup, &actions)?;
     }
 }
+
+/// A case the property found (2026-12-05): the guest fills the host's whole window,
+/// the device takes it, the guest sends a second window's worth that waits for credit,
+/// and the host reads part of the first. Every byte must still arrive.
+#[test]
+fn b43_regression_second_window_waiting_for_credit_arrives() {
+    let setup = Setup {
+        queue_size: 4,
+        rx_per_socket: 64,
+        host_buf_alloc: 1449,
+        send_buffer: 8192,
+        tx_memory: 2048,
+    };
+    let actions = [
+        Action::GuestSends(1449),
+        Action::Device { tx: 3, rx: 0 },
+        Action::Poll { ms: 0 },
+        Action::GuestSends(1449),
+        Action::HostReads(632),
+        Action::HostReads(92),
+    ];
+    if let Err(e) = run(&setup, &actions) {
+        panic!("{e}");
+    }
+}
