@@ -174,11 +174,17 @@ pub fn init() -> bool {
     TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
     info!(
         "boot: LAPIC id {}, timer {}.{:03} MHz",
-        lapic_read(LAPIC_ID) >> 24,
+        lapic_id(),
         per_ms / 1000,
         per_ms % 1000
     );
     true
+}
+
+/// This CPU's local APIC ID (xAPIC: 8 bits), the destination of its interrupts. Call it
+/// after [`init`].
+pub fn lapic_id() -> u32 {
+    lapic_read(LAPIC_ID) >> 24
 }
 
 /// Routes `gsi` (level-triggered, active high) to [`DEVICE_VECTOR`] on this CPU through
@@ -193,8 +199,7 @@ pub fn route(gsi: u32) -> bool {
     if super::paging::identity_map(base, 0x1000).is_err() {
         return false;
     }
-    let apic_id = lapic_read(LAPIC_ID) >> 24;
-    ioapic_write(base, 0x11 + 2 * pin, apic_id << 24);
+    ioapic_write(base, 0x11 + 2 * pin, lapic_id() << 24);
     // Fixed delivery, physical destination, active high, level-triggered, unmasked.
     ioapic_write(base, 0x10 + 2 * pin, u32::from(DEVICE_VECTOR) | 1 << 15);
     true
