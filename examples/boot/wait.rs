@@ -1,8 +1,8 @@
 //! How the example guests wait for work: halted until the device interrupts or the
 //! driver's next deadline (`wait=irq`, the default), or spinning on `poll` (`wait=poll`).
 //!
-//! A main loop calls [`Waiter::poll`] (which takes a pending interrupt: acknowledges the
-//! device, ends the interrupt, then polls the driver), does its work, and then
+//! A main loop calls [`Waiter::poll`] (which takes a pending interrupt: acknowledges it
+//! at the device when it came on a line, ends it, then polls the driver), does its work, and then
 //! [`Waiter::idle`], telling it whether the work moved anything and when the loop itself
 //! next needs to run. `idle` returns at once while there is news (anything moved, or the
 //! driver sent or received packets), and for `spin=<µs>` (200 by default) after the last

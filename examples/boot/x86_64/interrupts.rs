@@ -1,5 +1,6 @@
 //! Interrupts for the guests that sleep ([`crate::boot::wait`]): the local APIC (xAPIC,
-//! MMIO at 0xFEE0_0000) and its timer, the IOAPIC that carries the device's line, and the
+//! MMIO at 0xFEE0_0000) and its timer, the IOAPIC that carries the device's line (or
+//! nothing between the device and the LAPIC, under MSI-X: [`super::msix`]), and the
 //! halt.
 //!
 //! - **Vectors.** The device's line is vector [`DEVICE_VECTOR`] (0x40), the LAPIC timer
@@ -13,13 +14,17 @@
 //!   the vector stays in service, which holds back every further interrupt of its
 //!   priority class, until the main loop has acknowledged the device and calls
 //!   [`end_device_interrupt`]; by then the line is low and the IOAPIC does not send it
-//!   again. No masking, no storm.
+//!   again. No masking, no storm. An MSI-X message (edge-triggered) takes the same entry
+//!   and the same EOI, without the acknowledgement: one that comes while the vector is in
+//!   service waits in the LAPIC's IRR and is delivered after the EOI.
 //! - **Halting.** Interrupts are disabled everywhere but in the halt entry, software
 //!   interrupt [`HALT_VECTOR`] (0x81, reachable from ring 3, where `hlt` is not allowed):
 //!   with interrupts still off it looks at the two flags, and only when both are clear
 //!   does it `sti; hlt` (`sti` takes effect after the next instruction, so an interrupt
 //!   that is already pending wakes the `hlt` rather than slipping in before it). So an
-//!   interrupt that came after the main loop last looked is never slept through.
+//!   interrupt that came after the main loop last looked is never slept through. Where
+//!   the hypervisor answers `int` from ring 3 with #UD (`kvm_pvm`), the #UD entry of
+//!   [`super::idt`] runs the halt entry instead.
 //! - **Timer.** One-shot LAPIC timer, divide by 1, its frequency measured against the
 //!   TSC at [`init`]; armed at the deadline the main loop gives [`halt`]. (TSC-deadline
 //!   mode would save the calibration; QEMU's TCG CPU models do not offer it.)
