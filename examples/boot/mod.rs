@@ -47,7 +47,7 @@
 //!
 //! Each `arch` module's documentation says what happens before `main` there. Memory is
 //! identity-mapped (virtual address = physical address) throughout and interrupts stay
-//! disabled: everything polls.
+//! disabled but while a guest that sleeps halts ([`wait`]; on x86-64 only).
 //!
 //! # Exit status
 //!

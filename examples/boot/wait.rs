@@ -1,8 +1,8 @@
 //! How the example guests wait for work: halted until the device interrupts or the
 //! driver's next deadline (`wait=irq`, the default), or spinning on `poll` (`wait=poll`).
 //!
-//! A main loop calls [`Waiter::poll`] (which takes a pending interrupt: acknowledges the
-//! device, ends the interrupt, then polls the driver), does its work, and then
+//! A main loop calls [`Waiter::poll`] (which takes a pending interrupt: acknowledges it
+//! at the device when it came on a line, ends it, then polls the driver), does its work, and then
 //! [`Waiter::idle`], telling it whether the work moved anything and when the loop itself
 //! next needs to run. `idle` returns at once while there is news (anything moved, or the
 //! driver sent or received packets), and for `spin=<µs>` (200 by default) after the last
@@ -27,9 +27,15 @@
 //! spinning (millions of loops, no halts); [`Waiter::report`] logs it on demand (the client does at its end).
 //!
 //! Interrupts are routed by the architecture: on x86-64 the IOAPIC line of q35's
-//! virtio-pci INTx or of microvm's virtio-mmio slot, and the LAPIC timer
-//! (`x86_64/interrupts.rs`, `x86_64/irq_route.rs`). Elsewhere, and where the line cannot
-//! be routed (Cloud Hypervisor's MSI-X-only PCI devices), the guest logs why and polls.
+//! virtio-pci INTx or of microvm's virtio-mmio slot, MSI-X for Cloud Hypervisor's
+//! virtio-pci devices (which offer nothing else), and the LAPIC timer
+//! (`x86_64/interrupts.rs`, `x86_64/irq_route.rs`, `x86_64/msix.rs`). Under MSI-X the
+//! device's queues can only be mapped to the interrupt once the driver has set them up,
+//! so the first [`Waiter::idle`] that would sleep does that
+//! (`arch::finish_device_interrupt`), before it arms the interrupts; and an MSI-X
+//! interrupt is the device's alone and leaves its interrupt status alone, so
+//! [`Waiter::poll`] does not acknowledge it at the device, only ends it. Elsewhere, and
+//! where the interrupt cannot be routed, the guest logs why and polls.
 
 use log::{info, warn};
 use virtio_drivers::transport::Transport;
@@ -92,6 +98,12 @@ pub struct Waiter {
     last_packets: u64,
     /// The last halt ended by the backstop's timer, not by an interrupt.
     backstop_woke: bool,
+    /// A device interrupt is acknowledged at the device before its EOI (a line, not a
+    /// message).
+    acknowledge_at_device: bool,
+    /// The routing of the device's interrupt still has its part after the driver's
+    /// bring-up to do (`arch::finish_device_interrupt`).
+    routing_unfinished: bool,
     /// When the statistics line is next due (µs).
     next_report: u64,
 }
@@ -105,6 +117,7 @@ impl Waiter {
             .cmdline_value("spin")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_SPIN_MICROS);
+        let mut acknowledge_at_device = false;
         let mode = match info.cmdline_value("wait") {
             Some("poll") => {
                 info!("{who}: wait=poll: spinning on poll");
@@ -115,8 +128,9 @@ impl Waiter {
                     warn!("{who}: unknown wait={other:?}; using irq");
                 }
                 match enable(info.cmdline) {
-                    Ok(gsi) => {
-                        info!("{who}: wait=irq: halting until GSI {gsi} or a deadline, spin {spin_micros} us");
+                    Ok(route) => {
+                        info!("{who}: wait=irq: halting until {route} or a deadline, spin {spin_micros} us");
+                        acknowledge_at_device = is_acknowledged_at_device(&route);
                         Mode::Irq
                     }
                     Err(why) => {
@@ -135,6 +149,8 @@ impl Waiter {
             last_news: now,
             last_packets: 0,
             backstop_woke: false,
+            acknowledge_at_device,
+            routing_unfinished: mode == Mode::Irq,
             next_report: now + REPORT_MICROS,
         }
     }
@@ -149,10 +165,13 @@ impl Waiter {
         self.stats
     }
 
-    /// Takes a pending device interrupt (acknowledge, end it), then polls the driver.
+    /// Takes a pending device interrupt (acknowledge it at the device where that is how
+    /// it is done, end it), then polls the driver.
     pub fn poll<H: Hal, T: Transport>(&mut self, device: &mut VsockDevice<'_, H, T>) {
         if self.mode == Mode::Irq && take_device_interrupt() {
-            device.ack_interrupt();
+            if self.acknowledge_at_device {
+                device.ack_interrupt();
+            }
             end_device_interrupt();
             self.stats.interrupts += 1;
         }
@@ -188,6 +207,14 @@ impl Waiter {
         }
         if self.mode == Mode::Poll || news {
             return;
+        }
+        if now >= self.last_news + self.spin_micros && self.routing_unfinished {
+            self.routing_unfinished = false;
+            if let Err(why) = finish_device_interrupt() {
+                warn!("wait: the device's interrupt cannot be routed ({why}); polling instead");
+                self.mode = Mode::Poll;
+                return;
+            }
         }
         if now < self.last_news + self.spin_micros || !device.arm_interrupts() {
             self.stats.spins += 1;
@@ -241,16 +268,37 @@ pub fn now() -> Instant {
 }
 
 #[cfg(target_arch = "x86_64")]
-use super::arch::{end_device_interrupt, halt, take_device_interrupt};
+use super::arch::{
+    end_device_interrupt, finish_device_interrupt, halt, take_device_interrupt, RoutedInterrupt,
+};
 
 #[cfg(target_arch = "x86_64")]
-fn enable(cmdline: &str) -> Result<u32, &'static str> {
+fn enable(cmdline: &str) -> Result<RoutedInterrupt, &'static str> {
     super::arch::enable_device_interrupt(cmdline)
 }
 
+#[cfg(target_arch = "x86_64")]
+fn is_acknowledged_at_device(route: &RoutedInterrupt) -> bool {
+    route.is_acknowledged_at_device()
+}
+
+/// No architecture but x86-64 routes an interrupt yet: nothing to describe one with.
 #[cfg(not(target_arch = "x86_64"))]
-fn enable(_cmdline: &str) -> Result<u32, &'static str> {
+type RoutedInterrupt = core::convert::Infallible;
+
+#[cfg(not(target_arch = "x86_64"))]
+fn enable(_cmdline: &str) -> Result<RoutedInterrupt, &'static str> {
     Err("no interrupt routing for this architecture yet")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn is_acknowledged_at_device(route: &RoutedInterrupt) -> bool {
+    match *route {}
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn finish_device_interrupt() -> Result<(), &'static str> {
+    Ok(())
 }
 
 #[cfg(not(target_arch = "x86_64"))]

@@ -122,9 +122,9 @@ enum Command {
         /// Only the Linux sibling tests (a stock Linux guest beside ours, q35).
         #[arg(long, conflicts_with_all = ["host_only", "vm_only"])]
         linux_only: bool,
-        /// How the QEMU suites' guests wait for work (`irq`: halted until an interrupt or
-        /// a deadline; `poll`: spinning). Default: `irq` on every machine, and `poll` on
-        /// q35 as well.
+        /// How the x86-64 suites' guests wait for work (`irq`: halted until an interrupt
+        /// or a deadline; `poll`: spinning). Default: `irq` on every machine, and `poll`
+        /// on q35 as well; `irq` under Cloud Hypervisor.
         #[arg(long, value_enum, value_delimiter = ',')]
         wait: Vec<qemu_tests::Wait>,
         /// Only the VM tests whose name contains this text (each suite's boot runs

@@ -276,9 +276,16 @@ pub struct ChEcho {
 
 impl ChEcho {
     /// Boots the echo example under Cloud Hypervisor `binary` and waits until it listens.
-    pub fn boot(binary: &Path, kernel: &Path, run: &str, limit: Duration) -> Result<Self> {
+    /// `args` is its command line.
+    pub fn boot(
+        binary: &Path,
+        kernel: &Path,
+        run: &str,
+        args: &str,
+        limit: Duration,
+    ) -> Result<Self> {
         let dir = run_dir(run)?;
-        let mut echo = ChVm::start(binary, &dir, "echo", GUEST_CID, kernel, CH_ECHO_ARGS, limit)?;
+        let mut echo = ChVm::start(binary, &dir, "echo", GUEST_CID, kernel, args, limit)?;
         echo.vm.wait_for_serial(ECHO_READY, BOOT_TIMEOUT)?;
         Ok(ChEcho {
             echo,
@@ -393,8 +400,9 @@ impl Wait {
 /// Which suites `cargo xtask test` runs and which of their tests.
 #[derive(Clone, Debug, Default)]
 pub struct Selection {
-    /// Wait modes of the x86-64 QEMU suites; empty: `irq` on every machine and `poll`
-    /// on q35. The aarch64 suites poll whatever this says.
+    /// Wait modes of the x86-64 QEMU and Cloud Hypervisor suites; empty: `irq` on every
+    /// machine and `poll` on q35, `irq` under Cloud Hypervisor. The aarch64 suites poll
+    /// whatever this says.
     pub waits: Vec<Wait>,
     /// Only the tests whose name contains this text (the boot always runs).
     pub only: Option<String>,
@@ -403,6 +411,15 @@ pub struct Selection {
 impl Selection {
     fn runs(&self, name: &str) -> bool {
         self.only.as_deref().is_none_or(|text| name.contains(text))
+    }
+
+    /// The wait modes of the Cloud Hypervisor suites: those asked for, else `irq`.
+    fn waits_under_ch(&self) -> Vec<Wait> {
+        if self.waits.is_empty() {
+            vec![Wait::Irq]
+        } else {
+            self.waits.clone()
+        }
     }
 
     /// The wait modes of the suites on `machine`.
@@ -829,8 +846,10 @@ fn run_async_suite(
 }
 
 /// Runs every test that fits under Cloud Hypervisor, with `rounds` rounds of the
-/// repeated echo and the soak for `soak_seconds` (0: none); a `skip` line (its tests
-/// counted as skipped, not passed) when there is no Cloud Hypervisor to run.
+/// repeated echo and the soak for `soak_seconds` (0: none), once for each wait mode of
+/// `selection` (by default `irq`: the guests route the device's MSI-X and halt); a `skip`
+/// line (its tests counted as skipped, not passed) when there is no Cloud Hypervisor to
+/// run.
 pub fn run_ch(
     rounds: u32,
     soak_seconds: u64,
@@ -838,20 +857,21 @@ pub fn run_ch(
     tally: &mut Tally,
 ) -> Result<()> {
     println!("\n=== Cloud Hypervisor tests");
+    let waits = selection.waits_under_ch();
     let soak = (soak_seconds > 0).then(|| (Duration::from_secs(soak_seconds), soak_seed()));
-    // Cloud Hypervisor's PCI devices offer MSI-X only, which the examples do not route:
-    // its guests poll (they log why), so the suite is a polling one.
-    let wait = Wait::Poll;
-    let suite = Suite {
+    let suite_with = |wait: Wait| Suite {
         siblings: false,
         ring3: true,
-        soak: soak.is_some(),
+        soak: soak.is_some() && wait == waits[0],
         wait,
     };
     let binary = match ch::find() {
         Ok(binary) => binary,
         Err(why) => {
-            let tests = suite_size(suite, selection);
+            let tests: usize = waits
+                .iter()
+                .map(|&wait| suite_size(suite_with(wait), selection))
+                .sum();
             println!("skip ch/*: the {tests} Cloud Hypervisor tests did not run: {why}");
             tally.skipped += tests;
             return Ok(());
@@ -859,42 +879,59 @@ pub fn run_ch(
     };
     println!("ch: {} ({})", ch::version(&binary), binary.display());
     let echo_kernel = build_example("echo", Arch::X86_64)?;
-    let inputs = TestInputs {
-        kernels: Kernels {
-            client: build_example("client", Arch::X86_64)?,
-        },
-        wait,
-        selection: selection.clone(),
-        async_guest: false,
-        rounds,
-        soak,
-    };
-    let label = "ch";
-    let started = Instant::now();
-    let limit = process_limit(rounds) + Duration::from_secs(soak_seconds);
-    let mut vm = match ChEcho::boot(&binary, &echo_kernel, "test-ch", limit) {
-        Ok(vm) => vm,
-        Err(e) => {
-            boot_failed(label, &e, suite_size(suite, selection), tally);
-            return Ok(());
+    let client = build_example("client", Arch::X86_64)?;
+    for &wait in &waits {
+        let suite = suite_with(wait);
+        let inputs = TestInputs {
+            kernels: Kernels {
+                client: client.clone(),
+            },
+            wait,
+            selection: selection.clone(),
+            async_guest: false,
+            rounds,
+            soak: soak.filter(|_| suite.soak),
+        };
+        let label = match wait {
+            Wait::Irq => "ch",
+            Wait::Poll => "ch-poll",
+        };
+        if waits.len() > 1 {
+            println!("\n=== Cloud Hypervisor tests ({})", wait.arg());
         }
-    };
-    let log = vm.serial_log();
-    let tsc = log
-        .lines()
-        .find(|line| line.contains("boot:") && line.contains(" TSC "))
-        .unwrap_or("no TSC line");
-    println!(
-        "ok   {label}/boot_echo_guest ({:.1}s to listening; {})",
-        started.elapsed().as_secs_f64(),
-        tsc.trim()
-    );
-    tally.passed += 1;
-    run_suite(label, &mut vm, &inputs, tally);
-    println!(
-        "=== Cloud Hypervisor tests took {:.0}s",
-        started.elapsed().as_secs_f64()
-    );
+        let started = Instant::now();
+        let limit = process_limit(rounds) + Duration::from_secs(soak_seconds);
+        let echo_args = format!("{CH_ECHO_ARGS} {}", wait.arg());
+        let run = format!("test-{label}");
+        let mut vm = match ChEcho::boot(&binary, &echo_kernel, &run, &echo_args, limit) {
+            Ok(vm) => vm,
+            Err(e) => {
+                boot_failed(label, &e, suite_size(suite, selection), tally);
+                continue;
+            }
+        };
+        let log = vm.serial_log();
+        let line_with = |words: &[&str]| {
+            log.lines()
+                .find(|line| words.iter().all(|word| line.contains(word)))
+                .map_or_else(
+                    || format!("no `{}` line", words.join(" ")),
+                    |line| line.trim().to_string(),
+                )
+        };
+        println!(
+            "ok   {label}/boot_echo_guest ({:.1}s to listening; {}; {})",
+            started.elapsed().as_secs_f64(),
+            line_with(&["boot:", " TSC "]),
+            line_with(&["echo: wait="]),
+        );
+        tally.passed += 1;
+        run_suite(label, &mut vm, &inputs, tally);
+        println!(
+            "=== Cloud Hypervisor tests on {label} took {:.0}s",
+            started.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 

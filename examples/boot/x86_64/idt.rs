@@ -1,8 +1,10 @@
 //! A minimal IDT for the 32 CPU exceptions: each one prints what happened on COM1 and
 //! exits QEMU with the failure status (see [`crate::boot::exit_failure`]) instead of letting
 //! the CPU triple-fault (which, with `-no-reboot`, would make QEMU exit with status 0).
-//! The one exception that is not the end: a general protection fault on port I/O from
-//! ring 3, which the #GP entry does in ring 0 (see [`super::ring3`]).
+//! Two exceptions that are not the end: a general protection fault on port I/O from
+//! ring 3, which the #GP entry does in ring 0 (see [`super::ring3`]), and an invalid
+//! opcode on the halt's `int $0x81` from ring 3, which the #UD entry turns into the halt
+//! (some hypervisors refuse software interrupts from ring 3; see [`super::interrupts`]).
 //!
 //! The table has all 256 vectors; [`set_gate`] installs the handlers of the interrupts
 //! the examples sleep on ([`super::interrupts`]). Interrupts are enabled only while the
@@ -132,6 +134,26 @@ boot_gp_entry:
     add $8, %rsp
     iretq
 
+    /* #UD from ring 3 on `int $0x81` (bytes CD 81), the halt's software interrupt
+     * (boot::interrupts): kvm_pvm does not deliver a software interrupt from ring 3
+     * through its gate but raises #UD. The frame is the one the gate would have pushed
+     * (no error code), so the halt entry runs on it, returning after the instruction.
+     * Anything else goes to the report above. On entry: RIP at 0(%rsp), then CS. */
+    .balign 16
+    .global boot_ud_entry
+boot_ud_entry:
+    testb $3, 8(%rsp)
+    jz 12f
+    push %rcx
+    mov 8(%rsp), %rcx
+    cmpw $0x81cd, (%rcx)
+    pop %rcx
+    jne 12f
+    addq $2, (%rsp)
+    jmp boot_halt_entry
+12:
+    jmp boot_exception_stubs + 16 * 6
+
 boot_exception_common:
     mov %rsp, %rdi
     and $-16, %rsp
@@ -151,6 +173,8 @@ unsafe extern "C" {
     static boot_exception_stubs: u8;
     /// The #GP entry that does ring 3's port I/O.
     static boot_gp_entry: u8;
+    /// The #UD entry that halts for ring 3's `int $0x81`.
+    static boot_ud_entry: u8;
 }
 
 /// A 64-bit interrupt gate descriptor.
@@ -233,6 +257,9 @@ pub fn init() {
     let gp_entry = core::ptr::addr_of!(boot_gp_entry) as u64;
     // SAFETY: as above.
     unsafe { (*table)[13] = Gate::interrupt_gate(gp_entry) };
+    let ud_entry = core::ptr::addr_of!(boot_ud_entry) as u64;
+    // SAFETY: as above.
+    unsafe { (*table)[6] = Gate::interrupt_gate(ud_entry) };
     let pointer = TablePointer::to::<[Gate; 256]>(table as u64);
     // SAFETY: the pointer describes a valid, 'static IDT whose gates point at the stubs
     // above, in the code segment loaded by the boot code.

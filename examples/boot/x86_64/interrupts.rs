@@ -1,5 +1,6 @@
 //! Interrupts for the guests that sleep ([`crate::boot::wait`]): the local APIC (xAPIC,
-//! MMIO at 0xFEE0_0000) and its timer, the IOAPIC that carries the device's line, and the
+//! MMIO at 0xFEE0_0000) and its timer, the IOAPIC that carries the device's line (or
+//! nothing between the device and the LAPIC, under MSI-X: [`super::msix`]), and the
 //! halt.
 //!
 //! - **Vectors.** The device's line is vector [`DEVICE_VECTOR`] (0x40), the LAPIC timer
@@ -13,13 +14,17 @@
 //!   the vector stays in service, which holds back every further interrupt of its
 //!   priority class, until the main loop has acknowledged the device and calls
 //!   [`end_device_interrupt`]; by then the line is low and the IOAPIC does not send it
-//!   again. No masking, no storm.
+//!   again. No masking, no storm. An MSI-X message (edge-triggered) takes the same entry
+//!   and the same EOI, without the acknowledgement: one that comes while the vector is in
+//!   service waits in the LAPIC's IRR and is delivered after the EOI.
 //! - **Halting.** Interrupts are disabled everywhere but in the halt entry, software
 //!   interrupt [`HALT_VECTOR`] (0x81, reachable from ring 3, where `hlt` is not allowed):
 //!   with interrupts still off it looks at the two flags, and only when both are clear
 //!   does it `sti; hlt` (`sti` takes effect after the next instruction, so an interrupt
 //!   that is already pending wakes the `hlt` rather than slipping in before it). So an
-//!   interrupt that came after the main loop last looked is never slept through.
+//!   interrupt that came after the main loop last looked is never slept through. Where
+//!   the hypervisor answers `int` from ring 3 with #UD (`kvm_pvm`), the #UD entry of
+//!   [`super::idt`] runs the halt entry instead.
 //! - **Timer.** One-shot LAPIC timer, divide by 1, its frequency measured against the
 //!   TSC at [`init`]; armed at the deadline the main loop gives [`halt`]. (TSC-deadline
 //!   mode would save the calibration; QEMU's TCG CPU models do not offer it.)
@@ -174,11 +179,17 @@ pub fn init() -> bool {
     TICKS_PER_MS.store(per_ms, Ordering::Relaxed);
     info!(
         "boot: LAPIC id {}, timer {}.{:03} MHz",
-        lapic_read(LAPIC_ID) >> 24,
+        lapic_id(),
         per_ms / 1000,
         per_ms % 1000
     );
     true
+}
+
+/// This CPU's local APIC ID (xAPIC: 8 bits), the destination of its interrupts. Call it
+/// after [`init`].
+pub fn lapic_id() -> u32 {
+    lapic_read(LAPIC_ID) >> 24
 }
 
 /// Routes `gsi` (level-triggered, active high) to [`DEVICE_VECTOR`] on this CPU through
@@ -193,8 +204,7 @@ pub fn route(gsi: u32) -> bool {
     if super::paging::identity_map(base, 0x1000).is_err() {
         return false;
     }
-    let apic_id = lapic_read(LAPIC_ID) >> 24;
-    ioapic_write(base, 0x11 + 2 * pin, apic_id << 24);
+    ioapic_write(base, 0x11 + 2 * pin, lapic_id() << 24);
     // Fixed delivery, physical destination, active high, level-triggered, unmasked.
     ioapic_write(base, 0x10 + 2 * pin, u32::from(DEVICE_VECTOR) | 1 << 15);
     true

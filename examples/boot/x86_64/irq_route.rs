@@ -1,5 +1,5 @@
-//! Which interrupt line (GSI) the vsock device raises, from where [`super::devices`]
-//! found it:
+//! How the vsock device's interrupt reaches this CPU, from where [`super::devices`] found
+//! it:
 //!
 //! - **q35, virtio-pci on bus 0.** INTx: the function's interrupt pin (config offset
 //!   0x3D; INTA = 1) goes through the ICH9's PIRQ routing. QEMU's default routing (the
@@ -7,13 +7,14 @@
 //!   `s` to PIRQ E-H, `(s + p - 1) mod 4` after PIRQE, and in APIC mode PIRQ A-H are GSI
 //!   16-23: GSI `20 + (s + p - 1) mod 4`. (The config space's interrupt line is the
 //!   legacy PIC's IRQ, which SeaBIOS wrote; of no use with the IOAPIC.) A device behind a
-//!   bridge, or on a machine that is not q35, is not routed: the guest polls.
+//!   bridge is not routed: the guest polls.
+//! - **Any other PCI host (Cloud Hypervisor).** MSI-X ([`super::msix`]): Cloud
+//!   Hypervisor offers its virtio-pci devices nothing else. (q35 keeps INTx, which its
+//!   suites test; the MSI-X code is tested under Cloud Hypervisor only.)
 //! - **microvm, virtio-mmio.** QEMU appends `virtio_mmio.device=512@0x<base>:<gsi>` for
 //!   each transport with a device to the kernel command line; the word for the device's
 //!   base gives its GSI. Without it, slot `n` (from 0xFEB0_0000, 512 bytes apart) is GSI
 //!   `24 + n` on the second IOAPIC (QEMU 7.2 with ACPI, the default) .
-//! - **Cloud Hypervisor** offers its virtio-pci devices MSI-X only, which this boot code
-//!   does not set up: the guest polls, and logs that it does.
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -38,7 +39,8 @@ pub fn found_mmio(base: u64) {
     FOUND.store(MMIO | base, Ordering::Relaxed);
 }
 
-fn pci_read(address: u32) -> u32 {
+/// Reads the config-space dword at `address` (`0x8000_0000 | bdf | offset`).
+pub(super) fn pci_read(address: u32) -> u32 {
     // SAFETY: PCI configuration mechanism #1 (ports 0xCF8/0xCFC); single CPU, interrupts
     // off, so nothing else uses the ports meanwhile.
     unsafe {
@@ -47,15 +49,22 @@ fn pci_read(address: u32) -> u32 {
     }
 }
 
-/// The device's GSI, or why it has none this code can route.
-pub fn device_gsi(cmdline: &str) -> Result<u32, &'static str> {
+/// How the device interrupts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceLine {
+    /// A level-triggered line through the IOAPIC: this GSI.
+    Gsi(u32),
+    /// MSI-X, for the PCI function `bus << 16 | device << 11 | function << 8`.
+    Msix(u32),
+}
+
+/// How the device interrupts, or why it has no interrupt this code can route.
+pub fn device_line(cmdline: &str) -> Result<DeviceLine, &'static str> {
     let found = FOUND.load(Ordering::Relaxed);
     if found & PCI != 0 {
         let bdf = (found & 0xff_ff00) as u32;
         if pci_read(0x8000_0000) != Q35_MCH {
-            return Err(
-                "a PCI device on a machine that is not q35 (MSI-X only under Cloud Hypervisor)",
-            );
+            return Ok(DeviceLine::Msix(bdf));
         }
         if bdf >> 16 != 0 {
             return Err("a PCI device behind a bridge");
@@ -68,7 +77,7 @@ pub fn device_gsi(cmdline: &str) -> Result<u32, &'static str> {
         if slot >= 25 {
             return Err("a PCI slot the ICH9 routes through its own registers");
         }
-        Ok(20 + (slot + pin - 1) % 4)
+        Ok(DeviceLine::Gsi(20 + (slot + pin - 1) % 4))
     } else if found & MMIO != 0 {
         let base = found & !MMIO;
         let from_cmdline = cmdline
@@ -80,7 +89,9 @@ pub fn device_gsi(cmdline: &str) -> Result<u32, &'static str> {
                 u64::from_str_radix(addr.trim_start_matches("0x"), 16).ok() == Some(base)
             })
             .and_then(|(_, gsi)| gsi.parse().ok());
-        Ok(from_cmdline.unwrap_or(24 + ((base - MMIO_BASE) / MMIO_SLOT_SIZE as u64) as u32))
+        Ok(DeviceLine::Gsi(from_cmdline.unwrap_or(
+            24 + ((base - MMIO_BASE) / MMIO_SLOT_SIZE as u64) as u32,
+        )))
     } else {
         Err("no device found")
     }

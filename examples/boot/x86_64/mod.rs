@@ -46,6 +46,7 @@ pub mod devices;
 mod idt;
 pub mod interrupts;
 pub mod irq_route;
+pub mod msix;
 pub mod paging;
 pub mod port;
 pub mod pvh;
@@ -160,17 +161,59 @@ pub fn map_mmio(paddr: u64, size: u64) -> Result<(), paging::MapError> {
     paging::identity_map(paddr, size)
 }
 
+/// The device's interrupt as [`enable_device_interrupt`] routed it.
+#[derive(Clone, Copy, Debug)]
+pub enum RoutedInterrupt {
+    /// A level-triggered line through the IOAPIC, maybe shared: the device's interrupt
+    /// status says whether it was the device's, and acknowledging it lowers the line.
+    Gsi(u32),
+    /// An edge-triggered message, the device's alone; it does not use its interrupt
+    /// status.
+    Msix(msix::MsixRoute),
+}
+
+impl RoutedInterrupt {
+    /// Whether the main loop acknowledges an interrupt at the device (reads its interrupt
+    /// status) before the EOI.
+    pub fn is_acknowledged_at_device(&self) -> bool {
+        matches!(self, RoutedInterrupt::Gsi(_))
+    }
+}
+
+impl core::fmt::Display for RoutedInterrupt {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            RoutedInterrupt::Gsi(gsi) => write!(f, "GSI {gsi}"),
+            RoutedInterrupt::Msix(route) => route.fmt(f),
+        }
+    }
+}
+
 /// Routes the interrupt of the device [`find_vsock`] found to this CPU and sets up the
-/// timer ([`interrupts`], [`irq_route`]): the GSI, or why the guest has to poll.
-pub fn enable_device_interrupt(cmdline: &str) -> Result<u32, &'static str> {
-    let gsi = irq_route::device_gsi(cmdline)?;
+/// timer ([`interrupts`], [`irq_route`], [`msix`]): how, or why the guest has to poll.
+/// Under MSI-X the device's queues are mapped to the entry later, by
+/// [`finish_device_interrupt`].
+pub fn enable_device_interrupt(cmdline: &str) -> Result<RoutedInterrupt, &'static str> {
+    let line = irq_route::device_line(cmdline)?;
     if !interrupts::init() {
         return Err("the local APIC cannot be mapped");
     }
-    if !interrupts::route(gsi) {
-        return Err("the IOAPIC cannot be mapped");
+    match line {
+        irq_route::DeviceLine::Gsi(gsi) => {
+            if !interrupts::route(gsi) {
+                return Err("the IOAPIC cannot be mapped");
+            }
+            Ok(RoutedInterrupt::Gsi(gsi))
+        }
+        irq_route::DeviceLine::Msix(bdf) => msix::enable(bdf).map(RoutedInterrupt::Msix),
     }
-    Ok(gsi)
+}
+
+/// What routing the device's interrupt leaves until the driver has set the device up:
+/// under MSI-X, mapping its queues to the table entry ([`msix::map_queues`]). Call it
+/// after the driver's bring-up and before the first sleep; later calls do nothing.
+pub fn finish_device_interrupt() -> Result<(), &'static str> {
+    msix::map_queues()
 }
 
 /// Whether the device interrupted since the last call ([`interrupts`]).
