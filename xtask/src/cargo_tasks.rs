@@ -88,51 +88,35 @@ pub fn host_steps(miri: bool) -> Vec<Step> {
                 "warnings",
             ],
         ),
-        Step::cargo(
-            "clippy (guest examples, x86_64-unknown-none)",
-            &[
-                "clippy",
-                "--release",
-                "--quiet",
-                "--target",
-                GUEST_TARGET,
-                "--examples",
-                "--features",
-                "async",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        ),
-        Step::cargo(
-            "clippy (guest examples, aarch64-unknown-none)",
-            &[
-                "clippy",
-                "--release",
-                "--quiet",
-                "--target",
-                OTHER_TARGET,
-                "--examples",
-                "--features",
-                "async",
-                "--",
-                "-D",
-                "warnings",
-            ],
-        ),
-        Step::cargo(
-            "library build for x86_64-unknown-none",
-            &["build", "--quiet", "--lib", "--target", GUEST_TARGET],
-        ),
-        Step::cargo(
-            "library build for aarch64-unknown-none",
-            &["build", "--quiet", "--lib", "--target", OTHER_TARGET],
-        ),
-        Step::cargo(
-            "host tests (unit, device model, doctests)",
-            &["test", "--workspace", "--all-features"],
-        ),
     ];
+    // Both bare-metal targets: the examples linted (with the async guest), the library
+    // built.
+    for target in [GUEST_TARGET, OTHER_TARGET] {
+        steps.push(Step::cargo(
+            &format!("clippy (guest examples, {target})"),
+            &[
+                "clippy",
+                "--release",
+                "--quiet",
+                "--target",
+                target,
+                "--examples",
+                "--features",
+                "async",
+                "--",
+                "-D",
+                "warnings",
+            ],
+        ));
+        steps.push(Step::cargo(
+            &format!("library build for {target}"),
+            &["build", "--quiet", "--lib", "--target", target],
+        ));
+    }
+    steps.push(Step::cargo(
+        "host tests (unit, device model, doctests)",
+        &["test", "--workspace", "--all-features"],
+    ));
     let mut doc = Step::cargo(
         "documentation (no warnings)",
         &["doc", "--quiet", "--no-deps", "--all-features", "--lib"],

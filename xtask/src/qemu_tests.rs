@@ -453,6 +453,29 @@ pub struct TestInputs {
     soak: Option<(Duration, u64)>,
 }
 
+impl TestInputs {
+    /// The inputs of a suite of the echo example (`async_guest` false) whose client guest
+    /// is `client`.
+    fn echo(
+        client: &Path,
+        wait: Wait,
+        selection: &Selection,
+        rounds: u32,
+        soak: Option<(Duration, u64)>,
+    ) -> Self {
+        TestInputs {
+            kernels: Kernels {
+                client: client.to_path_buf(),
+            },
+            wait,
+            selection: selection.clone(),
+            async_guest: false,
+            rounds,
+            soak,
+        }
+    }
+}
+
 /// A VM test; returns a line of detail on success.
 type VmTest = fn(&mut dyn EchoGuest, &TestInputs) -> Result<String>;
 
@@ -723,16 +746,7 @@ pub fn run_qemu(
                 soak: soak.is_some(),
                 wait,
             };
-            let inputs = TestInputs {
-                kernels: Kernels {
-                    client: client.clone(),
-                },
-                wait,
-                selection: selection.clone(),
-                async_guest: false,
-                rounds,
-                soak,
-            };
+            let inputs = TestInputs::echo(&client, wait, selection, rounds, soak);
             let label = match wait {
                 Wait::Irq => machine.to_string(),
                 Wait::Poll => format!("{machine}-poll"),
@@ -797,14 +811,8 @@ fn run_async_suite(
     let kernel = build_example("async_echo", Arch::X86_64)?;
     let wait = Wait::Irq;
     let inputs = TestInputs {
-        kernels: Kernels {
-            client: client.to_path_buf(),
-        },
-        wait,
-        selection: selection.clone(),
         async_guest: true,
-        rounds,
-        soak: None,
+        ..TestInputs::echo(client, wait, selection, rounds, None)
     };
     let label = "q35-async";
     println!(
@@ -882,16 +890,13 @@ pub fn run_ch(
     let client = build_example("client", Arch::X86_64)?;
     for &wait in &waits {
         let suite = suite_with(wait);
-        let inputs = TestInputs {
-            kernels: Kernels {
-                client: client.clone(),
-            },
+        let inputs = TestInputs::echo(
+            &client,
             wait,
-            selection: selection.clone(),
-            async_guest: false,
+            selection,
             rounds,
-            soak: soak.filter(|_| suite.soak),
-        };
+            soak.filter(|_| suite.soak),
+        );
         let label = match wait {
             Wait::Irq => "ch",
             Wait::Poll => "ch-poll",
