@@ -53,11 +53,31 @@ fn pio_address(bus: u8, device: u8, function: u8, offset: u8) -> u32 {
 }
 
 fn pio_read(bus: u8, device: u8, function: u8, offset: u8) -> u32 {
+    pio_read_at(pio_address(bus, device, function, offset))
+}
+
+/// Reads the configuration dword at `address` (`0x8000_0000 | bus << 16 | device << 11 |
+/// function << 8 | offset`) through configuration mechanism #1.
+pub(super) fn pio_read_at(address: u32) -> u32 {
     // SAFETY: PCI configuration mechanism #1: select the register, then read it. Nothing
     // else uses these ports concurrently (single CPU, no interrupts).
     unsafe {
-        outl(0xcf8, pio_address(bus, device, function, offset));
+        outl(0xcf8, address);
         inl(0xcfc)
+    }
+}
+
+/// Writes `data` to the configuration dword at `address` (as in [`pio_read_at`]).
+///
+/// # Safety
+///
+/// The write must leave the function in a state its driver expects: the caller chooses
+/// the register and the value.
+pub(super) unsafe fn pio_write_at(address: u32, data: u32) {
+    // SAFETY: as in `pio_read_at`; what is written is the caller's responsibility.
+    unsafe {
+        outl(0xcf8, address);
+        outl(0xcfc, data);
     }
 }
 
@@ -70,11 +90,8 @@ impl ConfigurationAccess for PioCam {
     }
 
     fn write_word(&mut self, df: DeviceFunction, offset: u8, data: u32) {
-        // SAFETY: as in `pio_read`; the caller (virtio_drivers) chooses what to write.
-        unsafe {
-            outl(0xcf8, pio_address(df.bus, df.device, df.function, offset));
-            outl(0xcfc, data);
-        }
+        // SAFETY: the caller (virtio_drivers) chooses what to write, as its driver expects.
+        unsafe { pio_write_at(pio_address(df.bus, df.device, df.function, offset), data) }
     }
 
     unsafe fn unsafe_clone(&self) -> Self {

@@ -18,8 +18,7 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::devices::{MMIO_BASE, MMIO_SLOT_SIZE};
-use super::port::{inl, outl};
+use super::devices::{pio_read_at, MMIO_BASE, MMIO_SLOT_SIZE};
 
 /// What was found: 0 none; `1 << 63 | bus << 16 | device << 11 | function << 8` for PCI;
 /// `1 << 62 | base` for virtio-mmio.
@@ -39,16 +38,6 @@ pub fn found_mmio(base: u64) {
     FOUND.store(MMIO | base, Ordering::Relaxed);
 }
 
-/// Reads the config-space dword at `address` (`0x8000_0000 | bdf | offset`).
-pub(super) fn pci_read(address: u32) -> u32 {
-    // SAFETY: PCI configuration mechanism #1 (ports 0xCF8/0xCFC); single CPU, interrupts
-    // off, so nothing else uses the ports meanwhile.
-    unsafe {
-        outl(0xcf8, address);
-        inl(0xcfc)
-    }
-}
-
 /// How the device interrupts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeviceLine {
@@ -63,14 +52,14 @@ pub fn device_line(cmdline: &str) -> Result<DeviceLine, &'static str> {
     let found = FOUND.load(Ordering::Relaxed);
     if found & PCI != 0 {
         let bdf = (found & 0xff_ff00) as u32;
-        if pci_read(0x8000_0000) != Q35_MCH {
+        if pio_read_at(0x8000_0000) != Q35_MCH {
             return Ok(DeviceLine::Msix(bdf));
         }
         if bdf >> 16 != 0 {
             return Err("a PCI device behind a bridge");
         }
         let slot = (bdf >> 11) & 0x1f;
-        let pin = (pci_read(0x8000_0000 | bdf | 0x3c) >> 8) & 0xff;
+        let pin = (pio_read_at(0x8000_0000 | bdf | 0x3c) >> 8) & 0xff;
         if !(1..=4).contains(&pin) {
             return Err("a PCI function without an interrupt pin");
         }

@@ -33,10 +33,9 @@
 use core::fmt;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::devices::{pio_read_at, pio_write_at};
 use super::interrupts::{lapic_id, DEVICE_VECTOR, LAPIC_BASE};
-use super::irq_route::pci_read;
 use super::paging;
-use super::port::outl;
 
 /// The MSI-X table entry the device's queues are mapped to.
 pub const TABLE_ENTRY: u16 = 0;
@@ -95,18 +94,13 @@ fn config_address(bdf: u32, offset: u8) -> u32 {
 }
 
 fn config_read(bdf: u32, offset: u8) -> u32 {
-    pci_read(config_address(bdf, offset))
+    pio_read_at(config_address(bdf, offset))
 }
 
 fn config_write(bdf: u32, offset: u8, value: u32) {
-    // SAFETY: PCI configuration mechanism #1 (ports 0xCF8/0xCFC); single CPU, interrupts
-    // off, so nothing else uses the ports between the two accesses. The only register
-    // written is the MSI-X capability's first dword (its ID and next pointer are
-    // read-only), to enable MSI-X.
-    unsafe {
-        outl(0xcf8, config_address(bdf, offset));
-        outl(0xcfc, value);
-    }
+    // SAFETY: the only register written is the MSI-X capability's first dword (its ID
+    // and next pointer are read-only), to enable MSI-X before the driver starts.
+    unsafe { pio_write_at(config_address(bdf, offset), value) }
 }
 
 /// The config-space offsets of the function's capabilities, in list order.
