@@ -40,9 +40,12 @@
 //!   status 33.
 //!
 //! After each command the guest logs one line, `bench: result "<command>" ok=1
-//! guest_us=<t> bytes=<n> driver_us=<d> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
+//! guest_us=<t> bytes=<n> driver_us=<d> busy_us=<u> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
 //! the time spent inside the driver's calls (timed with the architecture's counter
-//! around each call, both drivers alike), the notifications
+//! around each call, both drivers alike), the guest's busy time (the stretches of its
+//! loop, between two waits for the peer, in which a call accepted a connection or took
+//! or gave bytes; the rest of the time it waited for the device or the peer, which
+//! no work of the guest's would shorten), the notifications
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
 //! the same way), ours the CREDIT_UPDATEs it received and CREDIT_REQUESTs it sent in that
@@ -78,7 +81,7 @@ boot::entry!(main);
 mod bench {
     use crate::boot;
     use core::fmt::{self, Write as _};
-    use core::sync::atomic::{AtomicU64, Ordering};
+    use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use log::{error, info, warn};
     use spin::Mutex;
     use virtio_drivers::device::socket::{
@@ -141,12 +144,42 @@ mod bench {
     /// Counter ticks spent inside the driver's calls, summed by [`Timed`].
     static DRIVER_TICKS: AtomicU64 = AtomicU64::new(0);
 
+    // ------------------------------------------------- the guest's busy time
+
+    /// Counter ticks of the guest's loop that moved something: the stretches between two
+    /// waits ([`Driver::idle`]) in which a call accepted a connection or took or gave
+    /// bytes. The rest of a workload's time the guest waited for the device or the peer
+    /// (spinning or halted), which no work of the guest's would shorten.
+    static BUSY_TICKS: AtomicU64 = AtomicU64::new(0);
+    /// A call moved something since the last wait.
+    static MOVED: AtomicBool = AtomicBool::new(false);
+    /// When the last wait ended (counter ticks).
+    static LAST_WAIT_END: AtomicU64 = AtomicU64::new(0);
+
+    /// Notes that a call moved something (see [`BUSY_TICKS`]).
+    fn progressed() {
+        MOVED.store(true, Ordering::Relaxed);
+    }
+
+    /// Runs `wait` (a halt, or nothing when the driver spins), first counting the loop's
+    /// time since the previous wait as busy if it moved something.
+    fn counted_wait(wait: impl FnOnce()) {
+        let now = boot::arch::counter();
+        if MOVED.swap(false, Ordering::Relaxed) {
+            let since = now.saturating_sub(LAST_WAIT_END.load(Ordering::Relaxed));
+            BUSY_TICKS.fetch_add(since, Ordering::Relaxed);
+        }
+        wait();
+        LAST_WAIT_END.store(boot::arch::counter(), Ordering::Relaxed);
+    }
+
     /// What the result line reports as differences: kicks per queue, the ticks spent
     /// inside the driver, and the credit packets where the driver counts them.
     #[derive(Clone, Copy)]
     struct Counters {
         kicks: [u64; 3],
         driver_ticks: u64,
+        busy_ticks: u64,
         credit: Option<CreditCounts>,
         wait: Option<WaitCounts>,
     }
@@ -156,6 +189,7 @@ mod bench {
             Counters {
                 kicks: kicks(),
                 driver_ticks: DRIVER_TICKS.load(Ordering::Relaxed),
+                busy_ticks: BUSY_TICKS.load(Ordering::Relaxed),
                 credit: driver.credit_counts(),
                 wait: driver.wait_counts(),
             }
@@ -207,16 +241,28 @@ mod bench {
             self.0.idle();
         }
         fn accept(&mut self) -> Option<Self::Conn> {
-            self.time(|driver| driver.accept())
+            let conn = self.time(|driver| driver.accept());
+            if conn.is_some() {
+                progressed();
+            }
+            conn
         }
         fn send(&mut self, conn: Self::Conn, data: &[u8]) -> Result<usize> {
-            self.time(|driver| driver.send(conn, data))
+            let taken = self.time(|driver| driver.send(conn, data));
+            if taken.as_ref().is_ok_and(|&n| n > 0) {
+                progressed();
+            }
+            taken
         }
         fn log_send_stall(&self, conn: Self::Conn) {
             self.0.log_send_stall(conn);
         }
         fn recv(&mut self, conn: Self::Conn, buf: &mut [u8]) -> Result<Recv> {
-            self.time(|driver| driver.recv(conn, buf))
+            let read = self.time(|driver| driver.recv(conn, buf));
+            if !matches!(read, Ok(Recv::Empty)) {
+                progressed();
+            }
+            read
         }
         fn send_pattern_in_place(
             &mut self,
@@ -233,10 +279,15 @@ mod bench {
             want: usize,
             buffer: &mut [u8],
         ) -> Result<Checked> {
-            self.time(|driver| driver.check_in_place(conn, offset, want, buffer))
+            let checked = self.time(|driver| driver.check_in_place(conn, offset, want, buffer));
+            if !matches!(checked, Ok(Checked::Empty)) {
+                progressed();
+            }
+            checked
         }
         fn close(&mut self, conn: Self::Conn) {
             self.time(|driver| driver.close(conn));
+            progressed();
         }
         fn counters(&self, out: &mut dyn fmt::Write) -> fmt::Result {
             self.0.counters(out)
@@ -426,7 +477,10 @@ mod bench {
         type Conn: Copy;
         /// Called where the guest waits for the peer, before the next `poll`: ours
         /// halts there (`wait=irq`, `boot::wait`) when nothing moved; theirs spins.
-        fn idle(&mut self) {}
+        /// Either way through [`counted_wait`].
+        fn idle(&mut self) {
+            counted_wait(|| {});
+        }
         fn poll(&mut self) -> Result<()>;
         /// A new connection on the control port, if one is waiting.
         fn accept(&mut self) -> Option<Self::Conn>;
@@ -525,7 +579,7 @@ mod bench {
         }
 
         fn idle(&mut self) {
-            self.waiter.idle(&mut self.device, false, None);
+            counted_wait(|| self.waiter.idle(&mut self.device, false, None));
         }
 
         fn accept(&mut self) -> Option<SocketHandle> {
@@ -577,6 +631,7 @@ mod bench {
                     Ok(k) => {
                         done += k;
                         watch.progressed();
+                        progressed();
                     }
                     Err(vsock_guest::Error::WouldBlock) => {
                         self.idle();
@@ -889,6 +944,7 @@ mod bench {
                 n => {
                     offset += n;
                     watch.progressed();
+                    progressed();
                 }
             }
         }
@@ -1058,9 +1114,9 @@ mod bench {
     ) {
         let after = Counters::now(driver);
         let hz = boot::time::counter_hz().max(1);
-        let driver_us = u128::from(after.driver_ticks.saturating_sub(before.driver_ticks))
-            * 1_000_000
-            / u128::from(hz);
+        let micros = |ticks: u64| u128::from(ticks) * 1_000_000 / u128::from(hz);
+        let driver_us = micros(after.driver_ticks.saturating_sub(before.driver_ticks));
+        let busy_us = micros(after.busy_ticks.saturating_sub(before.busy_ticks));
         let mut line: heapless::String<512> = heapless::String::new();
         let _ = write!(line, "bench: result \"{command}\" ");
         match result {
@@ -1073,7 +1129,7 @@ mod bench {
         }
         let _ = write!(
             line,
-            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} kicks_rx={} kicks_tx={} kicks_event={} ",
+            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} busy_us={busy_us} kicks_rx={} kicks_tx={} kicks_event={} ",
             after.kicks[0] - before.kicks[0],
             after.kicks[1] - before.kicks[1],
             after.kicks[2] - before.kicks[2],

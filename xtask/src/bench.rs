@@ -948,7 +948,7 @@ fn run_driver_round(
                     .map(|(metric, value)| format!("{value:.1} {}", metric.unit))
                     .collect();
                 println!(
-                    "  {accel}/{}: {}: {} in {:.2}s; per {}: kicks rx {:.2}, tx {:.2}, {:.1} us in the driver{}",
+                    "  {accel}/{}: {}: {} in {:.2}s; per {}: kicks rx {:.2}, tx {:.2}, {:.1} us in the driver, {:.1} us busy{}",
                     driver.arg,
                     workload.name(),
                     values.join(", "),
@@ -957,6 +957,7 @@ fn run_driver_round(
                     run.per_unit("kicks_rx").unwrap_or(f64::NAN),
                     run.per_unit("kicks_tx").unwrap_or(f64::NAN),
                     run.per_unit("driver_us").unwrap_or(f64::NAN),
+                    run.per_unit("busy_us").unwrap_or(f64::NAN),
                     run.partial
                         .as_ref()
                         .map_or(String::new(), |note| format!(" (PARTIAL: {note})")),
@@ -1467,6 +1468,18 @@ fn render_table(
     });
     let _ = writeln!(
         out,
+        "\nguest busy/waiting, us per unit: busy = the guest's loop in stretches that moved something (accepted, sent or read), waiting = the rest of the workload's time, spent waiting for the device or the peer (theirs waits inside its blocking send, which counts as busy)"
+    );
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        match (run.per_unit("busy_us"), run.per_unit("guest_us")) {
+            (Some(busy), Some(total)) => {
+                format!("{}/{}", number(busy), number((total - busy).max(0.0)))
+            }
+            _ => "?".to_string(),
+        }
+    });
+    let _ = writeln!(
+        out,
         "\ncredit packets, updates received/requests sent per unit (counted by our driver; '-' where the driver does not count them)"
     );
     per_unit_rows(&mut out, workloads, outcomes, |run| {
@@ -1540,6 +1553,7 @@ fn json_run(
                             "kicks_rx_per_unit": run.per_unit("kicks_rx"),
                             "kicks_tx_per_unit": run.per_unit("kicks_tx"),
                             "driver_us_per_unit": run.per_unit("driver_us"),
+                            "busy_us_per_unit": run.per_unit("busy_us"),
                             "credit_updates_rx_per_unit": run.per_unit("credit_updates_rx"),
                             "credit_requests_tx_per_unit": run.per_unit("credit_requests_tx"),
                             "guest": run.guest.fields,
