@@ -70,6 +70,16 @@ impl Credit {
         self.tx_cnt.wrapping_sub(self.peer_fwd_cnt)
     }
 
+    /// Whether the peer, once it has read what we have in flight, has less than
+    /// `min(peer_buf_alloc / 4, 64 KiB)` free: the point where Linux and
+    /// vhost-device-vsock send a CREDIT_UPDATE without being asked. Below it, a sender
+    /// blocked on credit must ask for it (B29).
+    pub const fn peer_updates_unasked(&self) -> bool {
+        let low = self.peer_buf_alloc / 4;
+        let low = if low < 64 * 1024 { low } else { 64 * 1024 };
+        self.in_flight() > self.peer_buf_alloc - low
+    }
+
     /// Records `n` bytes sent. The caller has checked `n <= peer_free()` (B25).
     pub fn on_sent(&mut self, n: u32) {
         self.tx_cnt = self.tx_cnt.wrapping_add(n);
@@ -314,6 +324,22 @@ mod tests {
             c.take_repeat_credit_request(150),
             "credit, but less than the waiting packet needs: ask"
         );
+    }
+
+    #[test]
+    fn peer_updates_unasked_once_what_is_in_flight_leaves_it_under_a_quarter() {
+        let mut c = Credit::new(0);
+        c.update_peer(64 * 1024, 0);
+        c.on_sent(48 * 1024);
+        assert!(!c.peer_updates_unasked(), "16 KiB left is not under a quarter");
+        c.on_sent(1);
+        assert!(c.peer_updates_unasked());
+        // Large buffers: Linux updates under 64 KiB free, whatever the buffer.
+        c.update_peer(1024 * 1024, 48 * 1024 + 1);
+        c.on_sent(900 * 1024);
+        assert!(!c.peer_updates_unasked(), "124 KiB left");
+        c.on_sent(60 * 1024 + 1);
+        assert!(c.peer_updates_unasked());
     }
 
     #[test]

@@ -34,13 +34,38 @@ struct Transfer {
     steps: usize,
 }
 
-/// Sends TOTAL bytes from a guest with `config` to a host whose connection advertises `window`
-/// bytes, the host device taking one packet per step; checks that the host received the
-/// bytes in order and that it saw no violation of the rules.
-fn send_total(config: Config, window: u32) -> Transfer {
+/// How the scripted host and the application behave.
+#[derive(Clone, Copy)]
+struct Setup {
+    /// The receive buffer the host's connection advertises.
+    window: u32,
+    /// The host volunteers a CREDIT_UPDATE once the guest's view of its free space falls
+    /// under `1 / low_space_divisor` of the window ([`HostPeer::set_low_space_divisor`]).
+    low_space_divisor: u32,
+    /// The most bytes the application passes to one `send`.
+    write: usize,
+}
+
+impl Setup {
+    /// A host with `window` that returns credit at half of it; one `send` call offers
+    /// everything left.
+    fn window(window: u32) -> Self {
+        Setup {
+            window,
+            low_space_divisor: 2,
+            write: TOTAL,
+        }
+    }
+}
+
+/// Sends TOTAL bytes from a guest with `config` to a host set up as `setup` says, the host
+/// device taking one packet per step; checks that the host received the bytes in order
+/// and that it saw no violation of the rules.
+fn send_total(config: Config, setup: Setup) -> Transfer {
     let transport = FakeTransport::new(GUEST_CID, DEVICE_FEATURES);
     let mut host = HostPeer::new(&transport);
-    host.set_default_buf_alloc(window);
+    host.set_default_buf_alloc(setup.window);
+    host.set_low_space_divisor(setup.low_space_divisor);
     host.listen(HOST_PORT);
     let mut slots = [const { SocketSlot::EMPTY }; 2];
     let mut rx_memory = vec![0u8; 2 * config.rx_buffer_size];
@@ -69,7 +94,8 @@ fn send_total(config: Config, window: u32) -> Transfer {
         let now = Instant::from_micros(now);
         vsock.poll(now);
         while sent < TOTAL {
-            match vsock.send(socket, &data[sent..]) {
+            let end = TOTAL.min(sent + setup.write);
+            match vsock.send(socket, &data[sent..end]) {
                 Ok(n) => sent += n,
                 Err(Error::WouldBlock) => break,
                 Err(e) => panic!("send: {e:?}"),
@@ -100,31 +126,38 @@ fn send_total(config: Config, window: u32) -> Transfer {
 
 #[test]
 fn b25_b29_a_64_kib_window_keeps_data_in_flight() {
-    // The window vhost-device-vsock advertises by default.
-    let transfer = send_total(Config::default(), 64 * 1024);
-    println!("64 KiB window: {transfer:?}");
-    // Every packet fits a quarter of the window, so credit comes back while data flows,
-    // and the driver asks for credit only when nothing of its own is on the way: the
-    // device never idles and never spends a step on a request.
-    assert_eq!(transfer.credit_requests, 0, "{transfer:?}");
-    assert_eq!(transfer.bubbles, 0, "{transfer:?}");
-    assert_eq!(
-        transfer.data_packets,
-        TOTAL.div_ceil(16 * 1024),
-        "{transfer:?}"
-    );
-    // The host returns credit once three quarters of its window were read: about one
-    // update per 48 KiB.
-    assert!(
-        transfer.credit_updates as usize >= TOTAL / (64 * 1024),
-        "{transfer:?}"
-    );
+    // The window vhost-device-vsock advertises by default, with a host that returns
+    // credit at half its window and with one that waits until under a quarter is left
+    // (vhost-device-vsock itself).
+    for low_space_divisor in [2, 4] {
+        let setup = Setup {
+            low_space_divisor,
+            ..Setup::window(64 * 1024)
+        };
+        let transfer = send_total(Config::default(), setup);
+        println!("64 KiB window, host updates under 1/{low_space_divisor}: {transfer:?}");
+        // Every packet fits half the window, so one is on the way while the host reads
+        // the other, and the driver asks for credit only when nothing of its own is on
+        // the way: the device never idles and never spends a step on a request.
+        assert_eq!(transfer.credit_requests, 0, "{transfer:?}");
+        assert_eq!(transfer.bubbles, 0, "{transfer:?}");
+        assert_eq!(
+            transfer.data_packets,
+            TOTAL.div_ceil(32 * 1024),
+            "{transfer:?}"
+        );
+        // About one update per window (or per half window from the eager host).
+        assert!(
+            transfer.credit_updates as usize >= TOTAL / (64 * 1024) - 1,
+            "{transfer:?}"
+        );
+    }
 }
 
 #[test]
 fn b25_a_large_window_still_gets_the_largest_packets() {
     // No smaller packets where the window has room for four of the largest.
-    let transfer = send_total(Config::default(), 256 * 1024);
+    let transfer = send_total(Config::default(), Setup::window(256 * 1024));
     println!("256 KiB window: {transfer:?}");
     assert_eq!(
         transfer.data_packets,
@@ -138,9 +171,27 @@ fn b25_a_large_window_still_gets_the_largest_packets() {
 fn b25_a_tiny_window_is_not_cut_below_4_kib_packets() {
     // A 6 KiB window: a quarter would be 1.5 KiB, but packets stay at 4 KiB (one packet
     // may be cut short where a `send` ran out of room), and the pipe still never idles.
-    let transfer = send_total(Config::default(), 6 * 1024);
+    let transfer = send_total(Config::default(), Setup::window(6 * 1024));
     println!("6 KiB window: {transfer:?}");
     assert!(transfer.data_packets <= TOTAL / 4096 + 1, "{transfer:?}");
+    assert_eq!(transfer.credit_requests, 0, "{transfer:?}");
+    assert_eq!(transfer.bubbles, 0, "{transfer:?}");
+}
+
+#[test]
+fn b25_b29_odd_writes_to_a_host_that_returns_credit_late_do_not_wait_for_a_probe() {
+    // vhost-device-vsock's rule: no CREDIT_UPDATE until three quarters of its window were
+    // forwarded. Writes of odd sizes leave packets of odd sizes, so a packet can need
+    // more credit than is left while less than three quarters are in flight.
+    let setup = Setup {
+        window: 64 * 1024,
+        low_space_divisor: 4,
+        write: 5000,
+    };
+    let transfer = send_total(Config::default(), setup);
+    println!("64 KiB window, host updates under a quarter, 5000-byte writes: {transfer:?}");
+    // Packets that do not fit what is left are cut to fit it (not under 4 KiB): the
+    // window fills, the host's space runs low and its update comes unasked.
     assert_eq!(transfer.credit_requests, 0, "{transfer:?}");
     assert_eq!(transfer.bubbles, 0, "{transfer:?}");
 }
