@@ -331,7 +331,10 @@ mod tests {
         let mut c = Credit::new(0);
         c.update_peer(64 * 1024, 0);
         c.on_sent(48 * 1024);
-        assert!(!c.peer_updates_unasked(), "16 KiB left is not under a quarter");
+        assert!(
+            !c.peer_updates_unasked(),
+            "16 KiB left is not under a quarter"
+        );
         c.on_sent(1);
         assert!(c.peer_updates_unasked());
         // Large buffers: Linux updates under 64 KiB free, whatever the buffer.
