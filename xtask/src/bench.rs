@@ -304,6 +304,10 @@ struct Run {
     partial: Option<String>,
     /// How many runs this one is the median of.
     repetitions: usize,
+    /// Microseconds QEMU's vCPU threads spent runnable but not running during the
+    /// workload (waiting on a host run queue; [`vcpu_queued_micros`]), measured on the
+    /// host; `None` where the kernel does not say.
+    vcpu_queued_us: Option<f64>,
 }
 
 impl Run {
@@ -312,6 +316,44 @@ impl Run {
         let count = self.guest.number(key)? as f64;
         (self.units > 0.0).then(|| count / self.units)
     }
+
+    /// [`Run::vcpu_queued_us`] per unit of the workload.
+    fn vcpu_queued_per_unit(&self) -> Option<f64> {
+        let queued = self.vcpu_queued_us?;
+        (self.units > 0.0).then(|| queued / self.units)
+    }
+}
+
+/// Microseconds the vCPU threads of QEMU process `pid` have spent runnable but not
+/// running so far: the second field of `/proc/PID/task/TID/schedstat` (nanoseconds
+/// waiting on a run queue), summed over the threads QEMU names `CPU n/...`
+/// (`-name ...,debug-threads=on`). Time a guest lost to the host's other threads (the
+/// backend, the host program, QEMU's main loop) on this machine's cores; `None` when
+/// there is no such thread or the kernel keeps no schedstat.
+fn vcpu_queued_micros(pid: u32) -> Option<f64> {
+    let mut queued_ns = 0u64;
+    let mut found = false;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .ok()?
+        .flatten()
+    {
+        let path = task.path();
+        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
+            continue;
+        };
+        if !name.starts_with("CPU ") {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else {
+            continue;
+        };
+        let Some(waited) = stat.split_ascii_whitespace().nth(1) else {
+            continue;
+        };
+        queued_ns += waited.parse::<u64>().ok()?;
+        found = true;
+    }
+    found.then(|| queued_ns as f64 / 1000.0)
 }
 
 /// Word `index` of the data pattern the guest sends and expects (`examples/bench.rs`):
@@ -606,6 +648,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                vcpu_queued_us: None,
             })
         }
         Workload::HostToGuest {
@@ -661,6 +704,7 @@ fn run_workload(
                     guest,
                     partial: Some(note),
                     repetitions: 1,
+                    vcpu_queued_us: None,
                 });
             }
             let answer = read_line(&mut stream)?;
@@ -677,6 +721,7 @@ fn run_workload(
                 guest,
                 partial: None,
                 repetitions: 1,
+                vcpu_queued_us: None,
             })
         }
         Workload::PingPong { round_trips } => {
@@ -724,6 +769,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                vcpu_queued_us: None,
             })
         }
         Workload::ConnectClose { cycles } => {
@@ -764,6 +810,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                vcpu_queued_us: None,
             })
         }
     }
@@ -938,7 +985,14 @@ fn run_driver_round(
             break;
         };
         let seq = (index * 100 + round) as u32;
-        let outcome = run_workload(running, workload, seq, pattern, limit);
+        let queued_before = vcpu_queued_micros(running.guest.pid());
+        let mut outcome = run_workload(running, workload, seq, pattern, limit);
+        if let Ok(run) = outcome.as_mut() {
+            let queued_after = vcpu_queued_micros(running.guest.pid());
+            run.vcpu_queued_us = queued_before
+                .zip(queued_after)
+                .map(|(before, after)| (after - before).max(0.0));
+        }
         match &outcome {
             Ok(run) => {
                 let values: Vec<String> = workload
@@ -948,7 +1002,7 @@ fn run_driver_round(
                     .map(|(metric, value)| format!("{value:.1} {}", metric.unit))
                     .collect();
                 println!(
-                    "  {accel}/{}: {}: {} in {:.2}s; per {}: kicks rx {:.2}, tx {:.2}, {:.1} us in the driver, {:.1} us busy{}",
+                    "  {accel}/{}: {}: {} in {:.2}s; per {}: kicks rx {:.2}, tx {:.2}, {:.1} us in the driver, {:.1} us busy, vCPU queued {:.1} us{}",
                     driver.arg,
                     workload.name(),
                     values.join(", "),
@@ -958,6 +1012,7 @@ fn run_driver_round(
                     run.per_unit("kicks_tx").unwrap_or(f64::NAN),
                     run.per_unit("driver_us").unwrap_or(f64::NAN),
                     run.per_unit("busy_us").unwrap_or(f64::NAN),
+                    run.vcpu_queued_per_unit().unwrap_or(f64::NAN),
                     run.partial
                         .as_ref()
                         .map_or(String::new(), |note| format!(" (PARTIAL: {note})")),
@@ -1480,6 +1535,13 @@ fn render_table(
     });
     let _ = writeln!(
         out,
+        "\nhost: QEMU's vCPU thread runnable but not running (waiting for one of the host's cores, from /proc/PID/task/TID/schedstat), us per unit"
+    );
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        run.vcpu_queued_per_unit().map_or("?".to_string(), number)
+    });
+    let _ = writeln!(
+        out,
         "\ncredit packets, updates received/requests sent per unit (counted by our driver; '-' where the driver does not count them)"
     );
     per_unit_rows(&mut out, workloads, outcomes, |run| {
@@ -1554,6 +1616,7 @@ fn json_run(
                             "kicks_tx_per_unit": run.per_unit("kicks_tx"),
                             "driver_us_per_unit": run.per_unit("driver_us"),
                             "busy_us_per_unit": run.per_unit("busy_us"),
+                            "vcpu_queued_us_per_unit": run.vcpu_queued_per_unit(),
                             "credit_updates_rx_per_unit": run.per_unit("credit_updates_rx"),
                             "credit_requests_tx_per_unit": run.per_unit("credit_requests_tx"),
                             "guest": run.guest.fields,
@@ -1670,8 +1733,15 @@ fn render_wait_table(
     );
     let _ = writeln!(
         out,
-        "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10} {:>12}",
-        "workload", "ours irq", "ours poll", "irq/poll", "interrupts", "halts", "timer wakes"
+        "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10} {:>12} {:>16}",
+        "workload",
+        "ours irq",
+        "ours poll",
+        "irq/poll",
+        "interrupts",
+        "halts",
+        "timer wakes",
+        "vCPU queued"
     );
     let value = |outcome: Option<&Outcome>, index: usize| match outcome {
         Some(Ok(run)) => number(run.values[index]),
@@ -1689,9 +1759,15 @@ fn render_wait_table(
                     .and_then(|run| run.per_unit(key))
                     .map_or("-".to_string(), |v| format!("{v:.2}"))
             };
+            let queued = |outcome: Option<&Outcome>| {
+                outcome
+                    .and_then(|outcome| outcome.as_ref().ok())
+                    .and_then(Run::vcpu_queued_per_unit)
+                    .map_or("-".to_string(), number)
+            };
             let _ = writeln!(
                 out,
-                "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10} {:>12}",
+                "{:<56} {:>12} {:>12} {:>9} {:>12} {:>10} {:>12} {:>16}",
                 format!("{} ({})", workload.name(), metric.unit),
                 value(Some(ours), index),
                 value(spinning, index),
@@ -1710,6 +1786,11 @@ fn render_wait_table(
                 },
                 if index == 0 {
                     per_unit("timer_wakes")
+                } else {
+                    String::new()
+                },
+                if index == 0 {
+                    format!("{}/{}", queued(Some(ours)), queued(spinning))
                 } else {
                     String::new()
                 },
@@ -1732,7 +1813,7 @@ fn render_wait_table(
     }
     let _ = writeln!(
         out,
-        "irq/poll = how many times better halting is (rates: irq/poll; times: poll/irq); interrupts, halts and halts the timer ended (a deadline or the backstop) per unit of the workload (MiB, round trip, cycle), counted in the guest from the workload's start to its end"
+        "irq/poll = how many times better halting is (rates: irq/poll; times: poll/irq); interrupts, halts and halts the timer ended (a deadline or the backstop) per unit of the workload (MiB, round trip, cycle), counted in the guest from the workload's start to its end; vCPU queued = us per unit QEMU's vCPU thread was runnable but waited for a host core, halting/spinning (host schedstat)"
     );
     out
 }

@@ -461,6 +461,9 @@ pub fn qemu_command(tools: &Tools, config: &GuestConfig, vhost_socket: &Path) ->
         }
     }
     command
+        // Threads named after their role: the benchmark finds the vCPU threads
+        // ("CPU 0/TCG") by name to read their scheduling statistics.
+        .args(["-name", "vsock-guest,debug-threads=on"])
         .args(["-m", GUEST_RAM])
         .args([
             "-object",
