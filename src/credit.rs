@@ -72,8 +72,8 @@ impl Credit {
 
     /// Whether the peer, once it has read what we have in flight, has less than
     /// `min(peer_buf_alloc / 4, 64 KiB)` free: the point where Linux and
-    /// vhost-device-vsock send a CREDIT_UPDATE without being asked. Below it, a sender
-    /// blocked on credit must ask for it (B29).
+    /// vhost-device-vsock send a CREDIT_UPDATE without being asked. Short of it, a packet
+    /// that needs more credit than is left is cut to fit (`SendQueue::dispatch`).
     pub const fn peer_updates_unasked(&self) -> bool {
         let low = self.peer_buf_alloc / 4;
         let low = if low < 64 * 1024 { low } else { 64 * 1024 };

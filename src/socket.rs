@@ -1319,10 +1319,9 @@ impl Sockets<'_> {
     /// While data of ours is still unacknowledged, it only arms the probe: the peer
     /// returns that data's credit once it reads it (Linux, vhost-device-vsock and Cloud
     /// Hypervisor send a CREDIT_UPDATE when their free space runs low, and `dispatch`
-    /// cuts a packet that does not fit what is left so that the window fills and it
-    /// does run low), and an immediate request
-    /// would only take the device's time before the data behind it. A peer that stays
-    /// silent is asked when the probe fires.
+    /// cuts a packet that does not fit what is left, so the window fills and it does run
+    /// low), and an immediate request would only take the device's time before the data
+    /// behind it. A peer that stays silent is asked when the probe fires.
     fn ask_credit_if_blocked(&mut self, index: usize, refused: bool, now: Instant) -> bool {
         if !self.blocked_on_credit(index, refused) {
             return false;
