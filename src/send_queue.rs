@@ -218,10 +218,12 @@ impl SendQueue {
                 // credit probe, one that needs more than is left while too little is in
                 // flight for the peer's space to run low (peers return credit unasked
                 // only then; writes of odd sizes leave packets of odd sizes): send what
-                // fits, not under 4 KiB, and the window is full.
-                let never_fits = len > conn.credit.peer_buf_alloc() as usize;
+                // fits, not under 4 KiB or half the buffer, and the window is full.
+                let peer_buf_alloc = conn.credit.peer_buf_alloc() as usize;
+                let never_fits = len > peer_buf_alloc;
+                let smallest_cut = MIN_WINDOW_SHARE.min(peer_buf_alloc / 2).max(1);
                 let peer_stays_silent =
-                    !conn.credit.peer_updates_unasked() && credit >= MIN_WINDOW_SHARE;
+                    !conn.credit.peer_updates_unasked() && credit >= smallest_cut;
                 if (peer_stays_silent || never_fits && credit > 0)
                     && self.send_front_part(device, conn, guest_cid, credit)
                 {

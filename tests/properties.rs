@@ -1238,6 +1238,45 @@ mod regressions {
     /// back in parts, and no CREDIT_REQUEST went out after the first answer, so the last
     /// bytes never left (B29: data that waits keeps a probe armed, and the probe asks
     /// whenever no request is outstanding).
+    /// A 32-byte host window, 57 bytes sent, then the guest stops reading and the host
+    /// reads 16: every byte sent must arrive.
+    #[test]
+    #[cfg_attr(
+        miri,
+        ignore = "minutes under Miri; protocol logic, no unsafe path of its own"
+    )]
+    fn small_window_send_then_shutdown_read_loses_nothing() {
+        let setup = Setup {
+            queue_size: 4,
+            rx_buffer_size: 45,
+            tx_packet_size: 100,
+            rx_per_socket: 1,
+            host_buf_alloc: 32,
+            tx_memory: 9216,
+            send_buffer: 100,
+        };
+        let step = |advance_ms| Action::Step {
+            tx: None,
+            rx: None,
+            advance_ms,
+        };
+        let actions = [
+            Action::GuestConnect,
+            step(0),
+            Action::GuestSend { pair: 0, len: 57 },
+            Action::GuestShutdown {
+                pair: 0,
+                read: true,
+            },
+            step(10),
+            step(1),
+            Action::Settle { advance_ms: 19 },
+            step(40),
+            Action::HostRecv { pair: 0, len: 16 },
+        ];
+        run(&setup, &actions, false).unwrap();
+    }
+
     #[test]
     #[cfg_attr(
         miri,
