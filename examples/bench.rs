@@ -40,12 +40,14 @@
 //!   status 33.
 //!
 //! After each command the guest logs one line, `bench: result "<command>" ok=1
-//! guest_us=<t> bytes=<n> driver_us=<d> busy_us=<u> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
+//! guest_us=<t> bytes=<n> driver_us=<d> busy_us=<u> kick_us=<k> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
 //! the time spent inside the driver's calls (timed with the architecture's counter
 //! around each call, both drivers alike), the guest's busy time (the stretches of its
 //! loop, between two waits for the peer, in which a call accepted a connection or took
 //! or gave bytes; the rest of the time it waited for the device or the peer, which
-//! no work of the guest's would shorten), the notifications
+//! no work of the guest's would shorten), the time spent in the notifications
+//! themselves (the register write that traps to the VMM; part of the driver's time), the
+//! notifications
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
 //! the same way), ours the CREDIT_UPDATEs it received and CREDIT_REQUESTs it sent in that
@@ -134,6 +136,10 @@ mod bench {
 
     /// Notifications sent per virtqueue: 0 RX, 1 TX, 2 event.
     static KICKS: [AtomicU64; 3] = [AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0)];
+    /// Counter ticks spent in the notifications themselves: the write to the device's
+    /// notify register, which traps to the VMM (under TCG, QEMU's I/O dispatch and its
+    /// eventfd write to the backend).
+    static KICK_TICKS: AtomicU64 = AtomicU64::new(0);
 
     fn kicks() -> [u64; 3] {
         [0, 1, 2].map(|queue| KICKS[queue].load(Ordering::Relaxed))
@@ -178,6 +184,7 @@ mod bench {
     #[derive(Clone, Copy)]
     struct Counters {
         kicks: [u64; 3],
+        kick_ticks: u64,
         driver_ticks: u64,
         busy_ticks: u64,
         credit: Option<CreditCounts>,
@@ -188,6 +195,7 @@ mod bench {
         fn now<D: Driver>(driver: &D) -> Self {
             Counters {
                 kicks: kicks(),
+                kick_ticks: KICK_TICKS.load(Ordering::Relaxed),
                 driver_ticks: DRIVER_TICKS.load(Ordering::Relaxed),
                 busy_ticks: BUSY_TICKS.load(Ordering::Relaxed),
                 credit: driver.credit_counts(),
@@ -320,7 +328,10 @@ mod bench {
             if let Some(count) = KICKS.get(usize::from(queue)) {
                 count.fetch_add(1, Ordering::Relaxed);
             }
-            self.0.notify(queue)
+            let start = boot::arch::counter();
+            self.0.notify(queue);
+            let spent = boot::arch::counter().saturating_sub(start);
+            KICK_TICKS.fetch_add(spent, Ordering::Relaxed);
         }
         fn get_status(&self) -> DeviceStatus {
             self.0.get_status()
@@ -1117,6 +1128,7 @@ mod bench {
         let micros = |ticks: u64| u128::from(ticks) * 1_000_000 / u128::from(hz);
         let driver_us = micros(after.driver_ticks.saturating_sub(before.driver_ticks));
         let busy_us = micros(after.busy_ticks.saturating_sub(before.busy_ticks));
+        let kick_us = micros(after.kick_ticks.saturating_sub(before.kick_ticks));
         let mut line: heapless::String<512> = heapless::String::new();
         let _ = write!(line, "bench: result \"{command}\" ");
         match result {
@@ -1129,7 +1141,7 @@ mod bench {
         }
         let _ = write!(
             line,
-            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} busy_us={busy_us} kicks_rx={} kicks_tx={} kicks_event={} ",
+            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} busy_us={busy_us} kick_us={kick_us} kicks_rx={} kicks_tx={} kicks_event={} ",
             after.kicks[0] - before.kicks[0],
             after.kicks[1] - before.kicks[1],
             after.kicks[2] - before.kicks[2],

@@ -1523,6 +1523,13 @@ fn render_table(
     });
     let _ = writeln!(
         out,
+        "\nof that, in the notifications themselves (the write to the device's notify register, which traps to QEMU), us per unit"
+    );
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        run.per_unit("kick_us").map_or("?".to_string(), number)
+    });
+    let _ = writeln!(
+        out,
         "\nguest busy/waiting, us per unit: busy = the guest's loop in stretches that moved something (accepted, sent or read), waiting = the rest of the workload's time, spent waiting for the device or the peer (theirs waits inside its blocking send, which counts as busy)"
     );
     per_unit_rows(&mut out, workloads, outcomes, |run| {
@@ -1616,6 +1623,7 @@ fn json_run(
                             "kicks_tx_per_unit": run.per_unit("kicks_tx"),
                             "driver_us_per_unit": run.per_unit("driver_us"),
                             "busy_us_per_unit": run.per_unit("busy_us"),
+                            "kick_us_per_unit": run.per_unit("kick_us"),
                             "vcpu_queued_us_per_unit": run.vcpu_queued_per_unit(),
                             "credit_updates_rx_per_unit": run.per_unit("credit_updates_rx"),
                             "credit_requests_tx_per_unit": run.per_unit("credit_requests_tx"),
