@@ -179,8 +179,9 @@ mod bench {
         LAST_WAIT_END.store(boot::arch::counter(), Ordering::Relaxed);
     }
 
-    /// What the result line reports as differences: kicks per queue, the ticks spent
-    /// inside the driver, and the credit packets where the driver counts them.
+    /// What the result line reports as differences: kicks per queue and the ticks spent
+    /// in them, the ticks spent inside the driver, the guest's busy ticks, and the credit
+    /// packets and waits where the driver counts them.
     #[derive(Clone, Copy)]
     struct Counters {
         kicks: [u64; 3],

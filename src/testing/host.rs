@@ -266,14 +266,15 @@ impl HostConn {
     }
 
     /// Whether the guest's view of the host's free space ran low (under the buffer's
-    /// `1 / low_space_divisor`, at most 64 KiB) and an update would show more.
+    /// `1 / low_space_divisor`, at most 64 KiB; the divisor is at least 1) and an update
+    /// would show more.
     fn wants_credit_update(&self, low_space_divisor: u32) -> bool {
         if self.frozen.is_some() || !self.state.is_open() {
             return false;
         }
         let view = self.advertised_limit.saturating_sub(self.rx_cnt);
         let real = u64::from(self.buf_alloc).saturating_sub(self.received.len() as u64);
-        let threshold = u64::from((self.buf_alloc / low_space_divisor.max(1)).clamp(1, 64 * 1024));
+        let threshold = u64::from((self.buf_alloc / low_space_divisor).clamp(1, 64 * 1024));
         view < threshold && real > view
     }
 }
