@@ -1593,6 +1593,7 @@ fn render_table(
             _ => "?".to_string(),
         }
     });
+    device_floor_rows(&mut out, workloads, outcomes);
     let _ = writeln!(
         out,
         "\nhost: QEMU's vCPU thread runnable but not running (waiting for one of the host's cores, from /proc/PID/task/TID/schedstat), us per unit"
@@ -1620,6 +1621,71 @@ fn render_table(
         }
     }
     out
+}
+
+/// The device side's floor for our two configurations: per unit, the time the guest
+/// waited for the device or the peer plus the time its notifications took (the trap to
+/// QEMU and the backend's wake-up), which no work of the driver's shortens; and the most
+/// times better than the better of virtio-drivers' settings that a driver whose own work
+/// cost nothing, sending the same packets with the same kicks, could then be. Where that
+/// bound is under 2x the backend, not the driver, is the limit. Means, so for the
+/// ping-pong only an approximation of the median's bound.
+fn device_floor_rows(out: &mut String, workloads: &[Workload], outcomes: &[Vec<Outcome>]) {
+    let _ = writeln!(
+        out,
+        "\nthe device side's floor, us per unit = waiting + notifications; and in brackets the most x a driver whose own work cost nothing could reach against the better of theirs and theirs best (from means)"
+    );
+    let _ = writeln!(
+        out,
+        "{:<56} {:>16} {:>16}",
+        "workload (per unit)", DRIVERS[0].label, DRIVERS[1].label
+    );
+    for (w, &workload) in workloads.iter().enumerate() {
+        let Some(&metric) = workload.metrics().first() else {
+            continue;
+        };
+        let theirs_best = outcomes[2..]
+            .iter()
+            .filter_map(|outcomes| Some(outcomes[w].as_ref().ok()?.values[0]))
+            .reduce(|a, b| {
+                if metric.higher_is_better == (a > b) {
+                    a
+                } else {
+                    b
+                }
+            });
+        let cell = |outcome: &Outcome| {
+            let Ok(run) = outcome else {
+                return "-".to_string();
+            };
+            let (Some(total), Some(busy), Some(kicks)) = (
+                run.per_unit("guest_us"),
+                run.per_unit("busy_us"),
+                run.per_unit("kick_us"),
+            ) else {
+                return "?".to_string();
+            };
+            let floor = (total - busy).max(0.0) + kicks;
+            let bound = theirs_best.filter(|_| floor > 0.0).map(|theirs| {
+                if metric.higher_is_better {
+                    1e6 / floor / theirs
+                } else {
+                    theirs / floor
+                }
+            });
+            match bound {
+                Some(bound) => format!("{} ({bound:.2}x)", number(floor)),
+                None => number(floor),
+            }
+        };
+        let _ = writeln!(
+            out,
+            "{:<56} {:>16} {:>16}",
+            format!("{} (per {})", workload.name(), workload.kick_unit()),
+            cell(&outcomes[0][w]),
+            cell(&outcomes[1][w]),
+        );
+    }
 }
 
 /// One row per workload, one column per driver, each cell `cell` of the driver's run.
