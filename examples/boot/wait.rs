@@ -7,7 +7,13 @@
 //! next needs to run. `idle` returns at once while there is news (anything moved, or the
 //! driver sent or received packets), and for `spin=<µs>` (200 by default) after the last
 //! news, polling (halt-polling: a reply that comes within that time costs no interrupt
-//! and no wake-up). After that it asks the driver to arm the device's interrupts
+//! and no wake-up). While the driver holds transmit data
+//! (`VsockDevice::tx_memory_in_use`: data waiting for the peer's credit, or packets the
+//! device has not returned), a transfer is under way and the device owes news: then the
+//! window is `spin_sending=<µs>` (2,000 by default), so that a sender blocked on the
+//! peer's window does not halt in every pause of the backend (on a busy host a halted
+//! vCPU thread can wait for a core when it wakes; README, "The first workload after a
+//! boot"). After that it asks the driver to arm the device's interrupts
 //! (`VsockDevice::arm_interrupts`, which looks at the rings once more and says `false`
 //! when something landed meanwhile: then the loop polls again) and halts until the
 //! interrupt or the earliest deadline: the driver's `poll_at`, the loop's own, the
@@ -48,6 +54,9 @@ use super::{time, BootInfo};
 pub const REPORT_MICROS: u64 = 2_000_000;
 /// Halt-polling: how long the loop keeps polling after the last news, by default (µs).
 pub const DEFAULT_SPIN_MICROS: u64 = 200;
+/// Halt-polling while the driver holds transmit data: how long the loop keeps polling
+/// after the last news, by default (µs).
+pub const DEFAULT_SPIN_SENDING_MICROS: u64 = 2_000;
 /// The first backstop after news (µs); it doubles with every halt it ends.
 const BACKSTOP_FIRST_MICROS: u64 = 10_000;
 /// After this much quiet (µs), no backstop: the guest sleeps until an interrupt or a
@@ -90,7 +99,10 @@ pub struct WaitStats {
 /// The main loop's way of waiting; see the [module documentation](self).
 pub struct Waiter {
     mode: Mode,
+    /// Halt-polling's window (µs), `spin=`.
     spin_micros: u64,
+    /// Halt-polling's window while the driver holds transmit data (µs), `spin_sending=`.
+    spin_sending_micros: u64,
     stats: WaitStats,
     /// When something last moved (µs).
     last_news: u64,
@@ -109,14 +121,18 @@ pub struct Waiter {
 }
 
 impl Waiter {
-    /// Reads `wait=irq|poll` and `spin=<µs>` from the command line, routes the device's
-    /// interrupt (call it after `boot::virtio::find_vsock`) and sets
+    /// Reads `wait=irq|poll`, `spin=<µs>` and `spin_sending=<µs>` from the command line,
+    /// routes the device's interrupt (call it after `boot::virtio::find_vsock`) and sets
     /// `config.interrupts` when the guest will sleep. Logs the mode.
     pub fn new(who: &str, info: &BootInfo, config: &mut Config) -> Self {
         let spin_micros = info
             .cmdline_value("spin")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_SPIN_MICROS);
+        let spin_sending_micros = info
+            .cmdline_value("spin_sending")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_SPIN_SENDING_MICROS);
         let mut acknowledge_at_device = false;
         let mode = match info.cmdline_value("wait") {
             Some("poll") => {
@@ -129,7 +145,7 @@ impl Waiter {
                 }
                 match enable(info.cmdline) {
                     Ok(route) => {
-                        info!("{who}: wait=irq: halting until {route} or a deadline, spin {spin_micros} us");
+                        info!("{who}: wait=irq: halting until {route} or a deadline, spin {spin_micros} us ({spin_sending_micros} us while sending)");
                         acknowledge_at_device = is_acknowledged_at_device(&route);
                         Mode::Irq
                     }
@@ -145,6 +161,7 @@ impl Waiter {
         Waiter {
             mode,
             spin_micros,
+            spin_sending_micros,
             stats: WaitStats::default(),
             last_news: now,
             last_packets: 0,
@@ -208,7 +225,12 @@ impl Waiter {
         if self.mode == Mode::Poll || news {
             return;
         }
-        if now >= self.last_news + self.spin_micros && self.routing_unfinished {
+        let spin_micros = if device.tx_memory_in_use() > 0 {
+            self.spin_sending_micros
+        } else {
+            self.spin_micros
+        };
+        if now >= self.last_news + spin_micros && self.routing_unfinished {
             self.routing_unfinished = false;
             if let Err(why) = finish_device_interrupt() {
                 warn!("wait: the device's interrupt cannot be routed ({why}); polling instead");
@@ -216,7 +238,7 @@ impl Waiter {
                 return;
             }
         }
-        if now < self.last_news + self.spin_micros || !device.arm_interrupts() {
+        if now < self.last_news + spin_micros || !device.arm_interrupts() {
             self.stats.spins += 1;
             return;
         }
