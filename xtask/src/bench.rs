@@ -613,15 +613,12 @@ fn run_measured(
 /// booted finds its vCPU thread sharing a core with the backend or the host program,
 /// and on this 2-core machine it waited for that core about a quarter of the time (240 to
 /// 300 us per MiB) in whichever workload came first, and 0 to 4 in those after it
-/// (2026-12-05). virtio-drivers' guest never halts and kept its core. Every driver gets the same warm-up; its figures
-/// are printed and not counted. Skipped when the workloads move no bulk data (no pattern).
+/// (2026-12-05). virtio-drivers' guest never halts and kept its core. Every driver gets
+/// the same warm-up, whatever the workloads (the pattern always holds its bytes); its
+/// figures are printed and not counted.
 fn warm_up(vm: &mut BenchVm, accel: Accel, driver: Driver, seq: u32, plan: &Plan<'_>) {
-    let total = WARM_UP_BYTES.min(plan.pattern.len() as u64);
-    if total == 0 {
-        return;
-    }
     let workload = Workload::GuestToHost {
-        total,
+        total: WARM_UP_BYTES,
         write: 64 * 1024,
         in_place: false,
     };
@@ -1254,7 +1251,8 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
         })
         .max()
         .unwrap_or(0);
-    let pattern = pattern_stream(longest);
+    // The warm-up after each boot moves bulk data even when the workloads do not.
+    let pattern = pattern_stream(longest.max(WARM_UP_BYTES));
     // Every workload is bounded: the slowest (virtio-drivers' defaults from host to guest)
     // need about a minute on TCG for 64 MiB, and far longer on nested KVM, where each of
     // their thousands of exits per MiB costs about 80 us.
