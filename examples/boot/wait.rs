@@ -225,12 +225,13 @@ impl Waiter {
         if self.mode == Mode::Poll || news {
             return;
         }
-        let spin_micros = if device.tx_memory_in_use() > 0 {
+        // Halt-polling's window: longer while a transfer is under way.
+        let window_micros = if device.tx_memory_in_use() > 0 {
             self.spin_sending_micros
         } else {
             self.spin_micros
         };
-        if now >= self.last_news + spin_micros && self.routing_unfinished {
+        if now >= self.last_news + window_micros && self.routing_unfinished {
             self.routing_unfinished = false;
             if let Err(why) = finish_device_interrupt() {
                 warn!("wait: the device's interrupt cannot be routed ({why}); polling instead");
@@ -238,7 +239,7 @@ impl Waiter {
                 return;
             }
         }
-        if now < self.last_news + spin_micros || !device.arm_interrupts() {
+        if now < self.last_news + window_micros || !device.arm_interrupts() {
             self.stats.spins += 1;
             return;
         }
