@@ -54,7 +54,11 @@
 //! time (`credit_updates_rx=<u> credit_requests_tx=<r>`), ours how it waited in that
 //! time (`interrupts=<i> halts=<h> timer_wakes=<w> backstop_finds=<f> halted_us=<t>`:
 //! device interrupts taken, halts, halts the timer ended, polls after a backstop's halt
-//! that found work, time spent halted; all 0 with `wait=poll`), and the driver's own
+//! that found work, time spent halted; all 0 with `wait=poll`), the quantiles of the
+//! guest's own work per busy stretch (`work_stretches=<n> work_p50_ns=.. work_p90_ns=..
+//! work_p99_ns=.. work_p999_ns=.. work_max_ns=..`: from the start of the last poll
+//! before the stretch's wait to the next wait, less the notifications; in a ping-pong one
+//! stretch per round trip), and the driver's own
 //! counters (ours: `VsockDevice::stats()`, cumulative; theirs: the packets its `poll`
 //! rejected). A failed
 //! workload logs `ok=0 error=<why>`.
@@ -168,15 +172,115 @@ mod bench {
     }
 
     /// Runs `wait` (a halt, or nothing when the driver spins), first counting the loop's
-    /// time since the previous wait as busy if it moved something.
+    /// time since the previous wait as busy if it moved something, and that stretch's
+    /// work in [`WORK_HISTOGRAM`].
     fn counted_wait(wait: impl FnOnce()) {
         let now = boot::arch::counter();
         if MOVED.swap(false, Ordering::Relaxed) {
             let since = now.saturating_sub(LAST_WAIT_END.load(Ordering::Relaxed));
             BUSY_TICKS.fetch_add(since, Ordering::Relaxed);
+            let kicks = KICK_TICKS
+                .load(Ordering::Relaxed)
+                .saturating_sub(STRETCH_ORIGIN_KICK_TICKS.load(Ordering::Relaxed));
+            let work = now
+                .saturating_sub(STRETCH_ORIGIN.load(Ordering::Relaxed))
+                .saturating_sub(kicks);
+            WORK_HISTOGRAM.record(work);
         }
+        STRETCH_ORIGIN.store(LAST_POLL_START.load(Ordering::Relaxed), Ordering::Relaxed);
+        STRETCH_ORIGIN_KICK_TICKS.store(
+            LAST_POLL_KICK_TICKS.load(Ordering::Relaxed),
+            Ordering::Relaxed,
+        );
         wait();
         LAST_WAIT_END.store(boot::arch::counter(), Ordering::Relaxed);
+    }
+
+    // ------------------------------------------ the work of each busy stretch
+
+    /// When the latest `poll` began, and [`KICK_TICKS`] then.
+    static LAST_POLL_START: AtomicU64 = AtomicU64::new(0);
+    static LAST_POLL_KICK_TICKS: AtomicU64 = AtomicU64::new(0);
+    /// Where the next busy stretch's work is counted from: the start of the last `poll`
+    /// before the wait that precedes it (that poll found the rings without the news the
+    /// stretch handles, so the news came after it began), and [`KICK_TICKS`] then.
+    static STRETCH_ORIGIN: AtomicU64 = AtomicU64::new(0);
+    static STRETCH_ORIGIN_KICK_TICKS: AtomicU64 = AtomicU64::new(0);
+
+    /// The guest's own work per busy stretch: from [`STRETCH_ORIGIN`] to the next wait,
+    /// less the time in notifications. In a ping-pong each round trip's echo is one
+    /// stretch, and the counting starts before the byte can have arrived, so a driver
+    /// whose work (notifications aside) cost nothing would have made that round trip
+    /// at least this much faster; the host turns the quantiles into a lower bound of such
+    /// a driver's median and p99 (`xtask/src/bench.rs`, `quantile_floor`).
+    static WORK_HISTOGRAM: WorkHistogram = WorkHistogram::new();
+
+    /// Counts of durations in bins of [`WorkHistogram::BIN_NS`], the last bin holding
+    /// everything longer, and the longest exactly.
+    struct WorkHistogram {
+        bins: [AtomicU64; WorkHistogram::BINS],
+        longest_ticks: AtomicU64,
+    }
+
+    impl WorkHistogram {
+        const BINS: usize = 1024;
+        const BIN_NS: u64 = 100;
+        /// The quantiles the result line reports, as `work_p<name>_ns=`.
+        const QUANTILES: [(&'static str, u64); 4] =
+            [("50", 500), ("90", 900), ("99", 990), ("999", 999)];
+
+        const fn new() -> Self {
+            WorkHistogram {
+                bins: [const { AtomicU64::new(0) }; WorkHistogram::BINS],
+                longest_ticks: AtomicU64::new(0),
+            }
+        }
+
+        fn nanos(ticks: u64) -> u64 {
+            let hz = u128::from(boot::time::counter_hz().max(1));
+            u64::try_from(u128::from(ticks) * 1_000_000_000 / hz).unwrap_or(u64::MAX)
+        }
+
+        fn record(&self, ticks: u64) {
+            let bin = usize::try_from(Self::nanos(ticks) / Self::BIN_NS)
+                .unwrap_or(usize::MAX)
+                .min(Self::BINS - 1);
+            self.bins[bin].fetch_add(1, Ordering::Relaxed);
+            self.longest_ticks.fetch_max(ticks, Ordering::Relaxed);
+        }
+
+        fn clear(&self) {
+            for bin in &self.bins {
+                bin.store(0, Ordering::Relaxed);
+            }
+            self.longest_ticks.store(0, Ordering::Relaxed);
+        }
+
+        /// Writes `work_stretches=<n> work_p50_ns=.. work_p90_ns=.. work_p99_ns=..
+        /// work_p999_ns=.. work_max_ns=..`. Each quantile `q` (in thousandths) is an
+        /// upper edge: at most `(1 - q) n` stretches took longer.
+        fn write(&self, out: &mut dyn fmt::Write) -> fmt::Result {
+            let counts: [u64; Self::BINS] =
+                core::array::from_fn(|bin| self.bins[bin].load(Ordering::Relaxed));
+            let stretches: u64 = counts.iter().sum();
+            let longest = Self::nanos(self.longest_ticks.load(Ordering::Relaxed));
+            write!(out, "work_stretches={stretches} ")?;
+            for (name, thousandths) in Self::QUANTILES {
+                // Longer stretches allowed above the edge.
+                let allowed = stretches * (1000 - thousandths) / 1000;
+                let mut above = 0;
+                let mut edge = longest;
+                for bin in (0..Self::BINS - 1).rev() {
+                    if above + counts[bin + 1] > allowed {
+                        break;
+                    }
+                    above += counts[bin + 1];
+                    edge = (bin as u64 + 1) * Self::BIN_NS;
+                }
+                write!(out, "work_p{name}_ns={} ", edge.min(longest))?;
+            }
+            write!(out, "work_max_ns={longest} ")
+        }
     }
 
     /// What the result line reports as differences: kicks per queue and the ticks spent
@@ -243,6 +347,8 @@ mod bench {
     impl<D: Driver> Driver for Timed<D> {
         type Conn = D::Conn;
         fn poll(&mut self) -> Result<()> {
+            LAST_POLL_START.store(boot::arch::counter(), Ordering::Relaxed);
+            LAST_POLL_KICK_TICKS.store(KICK_TICKS.load(Ordering::Relaxed), Ordering::Relaxed);
             self.time(|driver| driver.poll())
         }
         fn idle(&mut self) {
@@ -1130,7 +1236,7 @@ mod bench {
         let driver_us = micros(after.driver_ticks.saturating_sub(before.driver_ticks));
         let busy_us = micros(after.busy_ticks.saturating_sub(before.busy_ticks));
         let kick_us = micros(after.kick_ticks.saturating_sub(before.kick_ticks));
-        let mut line: heapless::String<512> = heapless::String::new();
+        let mut line: heapless::String<1024> = heapless::String::new();
         let _ = write!(line, "bench: result \"{command}\" ");
         match result {
             Ok(bad) => {
@@ -1166,6 +1272,7 @@ mod bench {
                 after.halted_us - before.halted_us,
             );
         }
+        let _ = WORK_HISTOGRAM.write(&mut line);
         let _ = driver.counters(&mut line);
         info!("{line}");
     }
@@ -1261,6 +1368,7 @@ mod bench {
             }
         };
         let command = core::str::from_utf8(&line[..end]).unwrap_or("").trim();
+        WORK_HISTOGRAM.clear();
         let mut progress = Progress {
             finished_us: started_us,
             bytes: 0,
@@ -1284,6 +1392,7 @@ mod bench {
                 log_result(driver, command, Ok(bad), elapsed, bytes, before)
             }
             Ok(Outcome::Cycles(n)) => {
+                WORK_HISTOGRAM.clear();
                 *cycles = Cycles {
                     expected: n,
                     done: 0,

@@ -308,6 +308,10 @@ struct Run {
     partial: Option<String>,
     /// How many runs this one is the median of.
     repetitions: usize,
+    /// Per metric, a lower bound of what a driver whose own work (notifications aside)
+    /// cost nothing would have measured in the same run ([`quantile_floor`]); empty where
+    /// the workload has none.
+    floors: Vec<f64>,
     /// Microseconds QEMU's vCPU threads spent runnable but not running during the
     /// workload (waiting on a host run queue; [`vcpu_queued_micros`]), measured on the
     /// host; `None` where the kernel does not say.
@@ -698,6 +702,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                floors: Vec::new(),
                 vcpu_queued_us: None,
             })
         }
@@ -754,6 +759,7 @@ fn run_workload(
                     guest,
                     partial: Some(note),
                     repetitions: 1,
+                    floors: Vec::new(),
                     vcpu_queued_us: None,
                 });
             }
@@ -771,6 +777,7 @@ fn run_workload(
                 guest,
                 partial: None,
                 repetitions: 1,
+                floors: Vec::new(),
                 vcpu_queued_us: None,
             })
         }
@@ -808,12 +815,18 @@ fn run_workload(
                 bail!("no round trip within {}s", limit.as_secs());
             }
             times.sort_by(f64::total_cmp);
-            let at = |q: f64| times[((times.len() - 1) as f64 * q).round() as usize];
             let guest = vm.report(&command)?.checked()?;
             let partial = (times.len() < round_trips as usize)
                 .then(|| limit_note(format!("{} of {round_trips} round trips", times.len())));
+            let quantiles = [0.5, 0.99];
             Ok(Run {
-                values: vec![at(0.5), at(0.99)],
+                values: quantiles
+                    .map(|q| times[quantile_index(times.len(), q)])
+                    .to_vec(),
+                floors: quantiles
+                    .iter()
+                    .map_while(|&q| quantile_floor(&times, q, &guest))
+                    .collect(),
                 seconds,
                 units: done as f64,
                 guest,
@@ -860,6 +873,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                floors: Vec::new(),
                 vcpu_queued_us: None,
             })
         }
@@ -1175,6 +1189,40 @@ fn run_rounds(plan: &Plan<'_>, accel: Accel, drivers: &[Option<Driver>]) -> Vec<
         .collect()
 }
 
+/// Where quantile `q` of `len` sorted samples is read: the nearest rank.
+fn quantile_index(len: usize, q: f64) -> usize {
+    ((len.saturating_sub(1)) as f64 * q).round() as usize
+}
+
+/// A lower bound of quantile `q` of the round trips (µs, `sorted`) that a driver whose
+/// own work cost nothing (the same packets, the same notifications) would have measured
+/// in this run, from the guest's quantiles of its work per busy stretch
+/// (`work_p<..>_ns=`, `examples/bench.rs`): each round trip's echo is one stretch, and
+/// its work there is at most the stretch's. Where at most `m` stretches took longer than
+/// `w`, at most `m` round trips lose more than `w` to a zero-cost driver, so at most
+/// `j + m` of its round trips are shorter than the `j`-th round trip here less `w`, and
+/// its round trip of rank `k` is at least the one of rank `k - m` here less `w`. The
+/// best of the guest's quantiles; `None` without them.
+fn quantile_floor(sorted: &[f64], q: f64, guest: &GuestReport) -> Option<f64> {
+    let stretches = guest.number("work_stretches")?;
+    let rank = quantile_index(sorted.len(), q);
+    [
+        ("work_p50_ns", 500),
+        ("work_p90_ns", 900),
+        ("work_p99_ns", 990),
+        ("work_p999_ns", 999),
+        ("work_max_ns", 1000),
+    ]
+    .iter()
+    .filter_map(|&(key, thousandths)| {
+        let work_us = guest.number(key)? as f64 / 1e3;
+        let longer = usize::try_from(stretches * (1000 - thousandths) / 1000).ok()?;
+        let here = sorted.get(rank.checked_sub(longer)?)?;
+        Some((here - work_us).max(0.0))
+    })
+    .max_by(f64::total_cmp)
+}
+
 /// The run with the median first metric, its other metrics replaced by their own
 /// medians: a ping-pong's p99 is the median of the runs' p99s, not the p99 of the run
 /// whose median was the median. The counters (kicks, busy time, ...) stay that run's.
@@ -1189,6 +1237,7 @@ fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
         }
     });
     let count = runs.len();
+    let runs_floors: Vec<Vec<f64>> = runs.iter().map(|run| run.floors.clone()).collect();
     let metric_medians: Vec<f64> = (0..workload.metrics().len())
         .map(|index| {
             let mut values: Vec<f64> = runs
@@ -1206,6 +1255,17 @@ fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
     for (value, metric_median) in median.values.iter_mut().zip(metric_medians).skip(1) {
         *value = metric_median;
     }
+    // A median of lower bounds is a lower bound of the median.
+    median.floors = (0..median.floors.len())
+        .map_while(|index| {
+            let mut floors: Vec<f64> = runs_floors
+                .iter()
+                .map(|floors| floors.get(index).copied())
+                .collect::<Option<_>>()?;
+            floors.sort_by(f64::total_cmp);
+            floors.get(floors.len() / 2).copied()
+        })
+        .collect();
     median.repetitions = count;
     Ok(median)
 }
@@ -1641,12 +1701,13 @@ fn render_table(
 /// QEMU and the backend's wake-up), which no work of the driver's shortens; and the most
 /// times better than the better of virtio-drivers' settings that a driver whose own work
 /// cost nothing, sending the same packets with the same kicks, could then be. Where that
-/// bound is under 2x the backend, not the driver, is the limit. Means, so for the
-/// ping-pong only an approximation of the median's bound.
+/// bound is under 2x the backend, not the driver, is the limit. From means; for the
+/// ping-pong's median and p99 also the rows of [`quantile_floor`], lower bounds of each
+/// quantile.
 fn device_floor_rows(out: &mut String, workloads: &[Workload], outcomes: &[Vec<Outcome>]) {
     let _ = writeln!(
         out,
-        "\nthe device side's floor, us per unit = waiting + notifications; and in brackets the most x a driver whose own work cost nothing could reach against the better of theirs and theirs best (from means)"
+        "\nthe device side's floor, us per unit = waiting + notifications; and in brackets the most x a driver whose own work cost nothing could reach against the better of theirs and theirs best (from means; the ping-pong's quantiles from the guest's work per round trip)"
     );
     let _ = writeln!(
         out,
@@ -1654,32 +1715,27 @@ fn device_floor_rows(out: &mut String, workloads: &[Workload], outcomes: &[Vec<O
         "workload (per unit)", DRIVERS[0].label, DRIVERS[1].label
     );
     for (w, &workload) in workloads.iter().enumerate() {
-        let Some(&metric) = workload.metrics().first() else {
+        let metrics = workload.metrics();
+        let Some(&first) = metrics.first() else {
             continue;
         };
-        let theirs_best = outcomes[2..]
-            .iter()
-            .filter_map(|outcomes| Some(outcomes[w].as_ref().ok()?.values[0]))
-            .reduce(|a, b| {
-                if metric.higher_is_better == (a > b) {
-                    a
-                } else {
-                    b
-                }
-            });
-        let cell = |outcome: &Outcome| {
-            let Ok(run) = outcome else {
-                return "-".to_string();
-            };
-            let (Some(total), Some(busy), Some(kicks)) = (
-                run.per_unit("guest_us"),
-                run.per_unit("busy_us"),
-                run.per_unit("kick_us"),
-            ) else {
-                return "?".to_string();
-            };
-            let floor = (total - busy).max(0.0) + kicks;
-            let bound = theirs_best.filter(|_| floor > 0.0).map(|theirs| {
+        // The better of virtio-drivers' settings for metric `index`.
+        let theirs_best = |index: usize| {
+            let metric = metrics[index];
+            outcomes[2..]
+                .iter()
+                .filter_map(|outcomes| Some(*outcomes[w].as_ref().ok()?.values.get(index)?))
+                .reduce(|a, b| {
+                    if metric.higher_is_better == (a > b) {
+                        a
+                    } else {
+                        b
+                    }
+                })
+        };
+        // A floor (per unit, or the metric's own value) and its bound.
+        let floor_cell = |floor: f64, metric: Metric, theirs: Option<f64>| {
+            let bound = theirs.filter(|_| floor > 0.0).map(|theirs| {
                 if metric.higher_is_better {
                     1e6 / floor / theirs
                 } else {
@@ -1691,13 +1747,47 @@ fn device_floor_rows(out: &mut String, workloads: &[Workload], outcomes: &[Vec<O
                 None => number(floor),
             }
         };
+        let mean_cell = |outcome: &Outcome| {
+            let Ok(run) = outcome else {
+                return "-".to_string();
+            };
+            let (Some(total), Some(busy), Some(kicks)) = (
+                run.per_unit("guest_us"),
+                run.per_unit("busy_us"),
+                run.per_unit("kick_us"),
+            ) else {
+                return "?".to_string();
+            };
+            floor_cell((total - busy).max(0.0) + kicks, first, theirs_best(0))
+        };
         let _ = writeln!(
             out,
             "{:<56} {:>16} {:>16}",
             format!("{} (per {})", workload.name(), workload.kick_unit()),
-            cell(&outcomes[0][w]),
-            cell(&outcomes[1][w]),
+            mean_cell(&outcomes[0][w]),
+            mean_cell(&outcomes[1][w]),
         );
+        let has_quantile_floors = outcomes[..2]
+            .iter()
+            .any(|outcomes| outcomes[w].as_ref().is_ok_and(|run| !run.floors.is_empty()));
+        if !has_quantile_floors {
+            continue;
+        }
+        for (index, &metric) in metrics.iter().enumerate() {
+            let quantile_cell = |outcome: &Outcome| match outcome {
+                Ok(run) => run.floors.get(index).map_or("?".to_string(), |&floor| {
+                    floor_cell(floor, metric, theirs_best(index))
+                }),
+                Err(_) => "-".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<56} {:>16} {:>16}",
+                format!("  {}, at least", metric.unit),
+                quantile_cell(&outcomes[0][w]),
+                quantile_cell(&outcomes[1][w]),
+            );
+        }
     }
 }
 
@@ -1962,7 +2052,7 @@ fn render_wait_table(
 mod tests {
     use super::*;
 
-    fn ping_pong_run(median_us: f64, p99_us: f64, busy_us: &str) -> Run {
+    fn ping_pong_run(median_us: f64, p99_us: f64, busy_us: &str, floors: [f64; 2]) -> Run {
         let mut guest = GuestReport::default();
         guest.fields.insert("busy_us".into(), busy_us.into());
         Run {
@@ -1972,6 +2062,7 @@ mod tests {
             guest,
             partial: None,
             repetitions: 1,
+            floors: floors.to_vec(),
             vcpu_queued_us: None,
         }
     }
@@ -1979,13 +2070,103 @@ mod tests {
     #[test]
     fn each_metric_is_its_own_median_and_the_counters_are_the_median_runs() {
         let runs = vec![
-            ping_pong_run(46.2, 81.2, "1"),
-            ping_pong_run(47.8, 126.5, "2"),
-            ping_pong_run(47.4, 67.0, "3"),
+            ping_pong_run(46.2, 81.2, "1", [40.0, 60.0]),
+            ping_pong_run(47.8, 126.5, "2", [41.0, 100.0]),
+            ping_pong_run(47.4, 67.0, "3", [39.0, 55.0]),
         ];
         let median = median_run(Workload::PingPong { round_trips: 1 }, runs).unwrap();
         assert_eq!(median.values, [47.4, 81.2]);
+        assert_eq!(median.floors, [40.0, 60.0]);
         assert_eq!(median.guest.number("busy_us"), Some(3));
         assert_eq!(median.repetitions, 3);
+    }
+
+    /// A guest report with the work quantiles the guest would log for `work` (ns):
+    /// each the smallest value that at most `n (1000 - q) / 1000` stretches exceed.
+    fn work_report(work_ns: &[u64]) -> GuestReport {
+        let mut sorted = work_ns.to_vec();
+        sorted.sort_unstable();
+        let n = sorted.len() as u64;
+        let mut guest = GuestReport::default();
+        guest.fields.insert("work_stretches".into(), n.to_string());
+        for (key, thousandths) in [
+            ("work_p50_ns", 500),
+            ("work_p90_ns", 900),
+            ("work_p99_ns", 990),
+            ("work_p999_ns", 999),
+            ("work_max_ns", 1000),
+        ] {
+            let longer = n * (1000 - thousandths) / 1000;
+            let value = sorted[(n - 1 - longer) as usize];
+            guest.fields.insert(key.into(), value.to_string());
+        }
+        guest
+    }
+
+    #[test]
+    fn the_quantile_floor_takes_the_best_of_the_work_quantiles() {
+        let times: Vec<f64> = (1..=100).map(f64::from).collect();
+        let mut guest = GuestReport::default();
+        for (key, value) in [
+            ("work_stretches", 100),
+            ("work_p50_ns", 2000),
+            ("work_p90_ns", 3000),
+            ("work_p99_ns", 5000),
+            ("work_p999_ns", 8000),
+            ("work_max_ns", 20_000),
+        ] {
+            guest.fields.insert(key.into(), value.to_string());
+        }
+        // p99 = rank 98 (99 us). With p99 work: 1 longer stretch, rank 97 (98) - 5 = 93;
+        // p999: none longer, 99 - 8 = 91; max: 99 - 20 = 79; p90: rank 88 (89) - 3 = 86.
+        assert_eq!(quantile_floor(&times, 0.99, &guest), Some(93.0));
+        // Median = rank 50 (51): p50 work leaves 50 longer, rank 0 (1) - 2 = 0 (clamped);
+        // p90: rank 40 (41) - 3 = 38; p99: 50 - 5 = 45; p999 and max: 51 - 8 = 43.
+        assert_eq!(quantile_floor(&times, 0.5, &guest), Some(45.0));
+        assert_eq!(quantile_floor(&times, 0.5, &GuestReport::default()), None);
+    }
+
+    #[test]
+    fn the_quantile_floor_never_exceeds_a_zero_cost_drivers_quantile() {
+        // Round trips and their work drawn from a fixed generator, heavy-tailed both, and
+        // paired as drawn: the bound must hold whatever the pairing.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..200 {
+            let n = 50 + (next() % 2000) as usize;
+            let work_ns: Vec<u64> = (0..n)
+                .map(|_| {
+                    let tail = if next() % 50 == 0 { 30_000 } else { 0 };
+                    1000 + next() % 3000 + tail
+                })
+                .collect();
+            let round_trips: Vec<f64> = work_ns
+                .iter()
+                .map(|&work| {
+                    let device = 40.0 + (next() % 10_000) as f64 / 1000.0;
+                    let spike = if next() % 40 == 0 { 60.0 } else { 0.0 };
+                    device + spike + work as f64 / 1e3
+                })
+                .collect();
+            let mut zero_cost: Vec<f64> = round_trips
+                .iter()
+                .zip(&work_ns)
+                .map(|(&rtt, &work)| rtt - work as f64 / 1e3)
+                .collect();
+            zero_cost.sort_by(f64::total_cmp);
+            let mut sorted = round_trips.clone();
+            sorted.sort_by(f64::total_cmp);
+            let guest = work_report(&work_ns);
+            for q in [0.5, 0.9, 0.99] {
+                let floor = quantile_floor(&sorted, q, &guest).unwrap();
+                let actual = zero_cost[quantile_index(n, q)];
+                assert!(floor <= actual + 1e-9, "q {q}: floor {floor} > {actual}");
+            }
+        }
     }
 }
