@@ -5,9 +5,15 @@
 //! at the device when it came on a line, ends it, then polls the driver), does its work, and then
 //! [`Waiter::idle`], telling it whether the work moved anything and when the loop itself
 //! next needs to run. `idle` returns at once while there is news (anything moved, or the
-//! driver sent or received packets), and for `spin=<µs>` (200 by default) after the last
-//! news, polling (halt-polling: a reply that comes within that time costs no interrupt
-//! and no wake-up). While the driver holds transmit data
+//! driver sent or received packets), and for a window after the last news, polling
+//! (halt-polling: a reply that comes within that time costs no interrupt and no
+//! wake-up). The window adapts as KVM's halt-polling does: it starts at `spin=<µs>` (200
+//! by default), doubles after every halt the device ended within `spin_max=<µs>` (2,000
+//! by default; that news would have come while polling a little longer), up to
+//! `spin_max`, and starts again at `spin` after a halt longer than that (the guest is
+//! idle). On a busy host a halted vCPU thread can wait for a core when it wakes, so a
+//! request/response exchange whose pauses now and then outlast 200 µs should not halt
+//! in each (README, "Benchmarks"). While the driver holds transmit data
 //! (`VsockDevice::tx_memory_in_use`: data waiting for the peer's credit, or packets the
 //! device has not returned), a transfer is under way and the device owes news: then the
 //! window is `spin_sending=<µs>` (2,000 by default), so that a sender blocked on the
@@ -54,6 +60,8 @@ use super::{time, BootInfo};
 pub const REPORT_MICROS: u64 = 2_000_000;
 /// Halt-polling: how long the loop keeps polling after the last news, by default (µs).
 pub const DEFAULT_SPIN_MICROS: u64 = 200;
+/// Halt-polling: the longest the loop's window grows to, by default (µs).
+pub const DEFAULT_SPIN_MAX_MICROS: u64 = 2_000;
 /// Halt-polling while the driver holds transmit data: how long the loop keeps polling
 /// after the last news, by default (µs).
 pub const DEFAULT_SPIN_SENDING_MICROS: u64 = 2_000;
@@ -99,8 +107,13 @@ pub struct WaitStats {
 /// The main loop's way of waiting; see the [module documentation](self).
 pub struct Waiter {
     mode: Mode,
-    /// Halt-polling's window (µs), `spin=`.
+    /// Halt-polling's shortest window (µs), `spin=`.
     spin_micros: u64,
+    /// Halt-polling's longest window (µs), `spin_max=`.
+    spin_max_micros: u64,
+    /// Halt-polling's window now (µs): it grows from `spin_micros` towards
+    /// `spin_max_micros` while halts end soon (see the module documentation).
+    spin_window_micros: u64,
     /// Halt-polling's window while the driver holds transmit data (µs), `spin_sending=`.
     spin_sending_micros: u64,
     stats: WaitStats,
@@ -129,6 +142,11 @@ impl Waiter {
             .cmdline_value("spin")
             .and_then(|v| v.parse().ok())
             .unwrap_or(DEFAULT_SPIN_MICROS);
+        let spin_max_micros = info
+            .cmdline_value("spin_max")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DEFAULT_SPIN_MAX_MICROS)
+            .max(spin_micros);
         let spin_sending_micros = info
             .cmdline_value("spin_sending")
             .and_then(|v| v.parse().ok())
@@ -145,7 +163,7 @@ impl Waiter {
                 }
                 match enable(info.cmdline) {
                     Ok(route) => {
-                        info!("{who}: wait=irq: halting until {route} or a deadline, spin {spin_micros} us ({spin_sending_micros} us while sending)");
+                        info!("{who}: wait=irq: halting until {route} or a deadline, spin {spin_micros} to {spin_max_micros} us ({spin_sending_micros} us while sending)");
                         acknowledge_at_device = is_acknowledged_at_device(&route);
                         Mode::Irq
                     }
@@ -161,6 +179,8 @@ impl Waiter {
         Waiter {
             mode,
             spin_micros,
+            spin_max_micros,
+            spin_window_micros: spin_micros,
             spin_sending_micros,
             stats: WaitStats::default(),
             last_news: now,
@@ -229,7 +249,7 @@ impl Waiter {
         let window_micros = if device.tx_memory_in_use() > 0 {
             self.spin_sending_micros
         } else {
-            self.spin_micros
+            self.spin_window_micros
         };
         if now >= self.last_news + window_micros && self.routing_unfinished {
             self.routing_unfinished = false;
@@ -256,7 +276,16 @@ impl Waiter {
         let until = if by_backstop { backstop } else { earliest };
         self.stats.halts += 1;
         let timer = halt(until);
-        self.stats.halted_micros += time::now_micros().saturating_sub(now);
+        let halted_micros = time::now_micros().saturating_sub(now);
+        self.stats.halted_micros += halted_micros;
+        // Adaptive halt-polling: news that ended a halt soon after it began would have
+        // been met by polling a little longer, so poll longer next time; a long halt
+        // means the guest is idle, and the window starts short again.
+        if halted_micros > self.spin_max_micros {
+            self.spin_window_micros = self.spin_micros;
+        } else if !timer {
+            self.spin_window_micros = (self.spin_window_micros * 2).min(self.spin_max_micros);
+        }
         self.stats.wakeups += 1;
         if timer {
             self.stats.timer_wakes += 1;
