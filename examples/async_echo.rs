@@ -9,9 +9,9 @@
 //! driver wakes exactly the tasks whose socket became ready (`register_recv_waker`,
 //! `register_send_waker`), so a halt ends with the tasks that have work marked ready.
 //!
-//! Command line: `port=<n>`, `wait=irq|poll`, `spin=<µs>`, `spin_sending=<µs>`,
-//! `log=<level>` and the driver's `Config` words (`boot::config`). No source service, no
-//! idle timeout.
+//! Command line: `port=<n>`, `wait=irq|poll`, `spin=<µs>`, `spin_max=<µs>`,
+//! `spin_sending=<µs>`, `log=<level>` and the driver's `Config` words (`boot::config`).
+//! No source service, no idle timeout.
 #![cfg_attr(target_os = "none", no_std, no_main)]
 
 #[cfg(target_os = "none")]

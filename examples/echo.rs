@@ -10,9 +10,9 @@
 //! Boot it with `cargo xtask demo`, or by hand as the README shows. Command-line options:
 //! `port=<n>` (default 1234; the source is on the next port), `idle=<seconds>` (abort a
 //! connection that moved no byte either way for that long; default 0, never),
-//! `log=<level>`, `wait=irq|poll`, `spin=<µs>` and `spin_sending=<µs>` (how it waits for
-//! work: halted until the device interrupts or a deadline, the default, or spinning;
-//! `boot::wait`), and the driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...;
+//! `log=<level>`, `wait=irq|poll`, `spin=<µs>`, `spin_max=<µs>` and `spin_sending=<µs>`
+//! (how it waits for work: halted until the device interrupts or a deadline, the
+//! default, or spinning; `boot::wait`), and the driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...;
 //! e.g. `rx=65580` to serve a Linux sibling: README, "Linux siblings").
 //!
 //! The idle timeout is for peers that can vanish without a word: vhost-device-vsock
