@@ -12,8 +12,9 @@
 //! connection that moved no byte either way for that long; default 0, never),
 //! `log=<level>`, `wait=irq|poll`, `spin=<µs>`, `spin_max=<µs>` and `spin_sending=<µs>`
 //! (how it waits for work: halted until the device interrupts or a deadline, the
-//! default, or spinning; `boot::wait`), and the driver's `Config` words of `boot::config` (`rx=`, `tx=`, ...;
-//! e.g. `rx=65580` to serve a Linux sibling: README, "Linux siblings").
+//! default, or spinning; `boot::wait`), and the driver's `Config` words of
+//! `boot::config` (`rx=`, `tx=`, ...; e.g. `rx=65580` to serve a Linux sibling: README,
+//! "Linux siblings").
 //!
 //! The idle timeout is for peers that can vanish without a word: vhost-device-vsock
 //! 0.3.0 never tells the guest when a host client closes with unread data (its read
