@@ -336,7 +336,11 @@ mod bench {
 
     impl<D: Driver> Timed<D> {
         fn time<R>(&mut self, call: impl FnOnce(&mut D) -> R) -> R {
-            let start = boot::arch::counter();
+            self.time_from(boot::arch::counter(), call)
+        }
+
+        /// [`Timed::time`] from a counter value the caller read just before.
+        fn time_from<R>(&mut self, start: u64, call: impl FnOnce(&mut D) -> R) -> R {
             let result = call(&mut self.0);
             let spent = boot::arch::counter().saturating_sub(start);
             DRIVER_TICKS.fetch_add(spent, Ordering::Relaxed);
@@ -347,9 +351,10 @@ mod bench {
     impl<D: Driver> Driver for Timed<D> {
         type Conn = D::Conn;
         fn poll(&mut self) -> Result<()> {
-            LAST_POLL_START.store(boot::arch::counter(), Ordering::Relaxed);
+            let start = boot::arch::counter();
+            LAST_POLL_START.store(start, Ordering::Relaxed);
             LAST_POLL_KICK_TICKS.store(KICK_TICKS.load(Ordering::Relaxed), Ordering::Relaxed);
-            self.time(|driver| driver.poll())
+            self.time_from(start, |driver| driver.poll())
         }
         fn idle(&mut self) {
             // Not timed: halting is not the driver's work.
