@@ -1241,15 +1241,25 @@ fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
         }
     });
     let count = runs.len();
-    let runs_floors: Vec<Vec<f64>> = runs.iter().map(|run| run.floors.clone()).collect();
     let metric_medians: Vec<f64> = (0..workload.metrics().len())
         .map(|index| {
-            let mut values: Vec<f64> = runs
-                .iter()
-                .filter_map(|run| run.values.get(index).copied())
-                .collect();
-            values.sort_by(f64::total_cmp);
-            values.get(values.len() / 2).copied().unwrap_or(f64::NAN)
+            middle(
+                runs.iter()
+                    .filter_map(|run| run.values.get(index).copied())
+                    .collect(),
+            )
+            .unwrap_or(f64::NAN)
+        })
+        .collect();
+    // A median of lower bounds is a lower bound of the median; none unless every run has
+    // that bound.
+    let floor_medians: Vec<f64> = (0..runs.first().map_or(0, |run| run.floors.len()))
+        .map_while(|index| {
+            middle(
+                runs.iter()
+                    .map(|run| run.floors.get(index).copied())
+                    .collect::<Option<_>>()?,
+            )
         })
         .collect();
     let mut median = runs
@@ -1259,19 +1269,15 @@ fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
     for (value, metric_median) in median.values.iter_mut().zip(metric_medians).skip(1) {
         *value = metric_median;
     }
-    // A median of lower bounds is a lower bound of the median.
-    median.floors = (0..median.floors.len())
-        .map_while(|index| {
-            let mut floors: Vec<f64> = runs_floors
-                .iter()
-                .map(|floors| floors.get(index).copied())
-                .collect::<Option<_>>()?;
-            floors.sort_by(f64::total_cmp);
-            floors.get(floors.len() / 2).copied()
-        })
-        .collect();
+    median.floors = floor_medians;
     median.repetitions = count;
     Ok(median)
+}
+
+/// The middle of `values` once sorted (the upper one of an even count); `None` when empty.
+fn middle(mut values: Vec<f64>) -> Option<f64> {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied()
 }
 
 /// How many times better `ours` is than the better of `theirs` (None when ours, or every
