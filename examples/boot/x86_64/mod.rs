@@ -14,8 +14,9 @@
 //!    an IDT whose handlers report CPU exceptions and exit with the failure status
 //!    ([`idt`]), copies the PVH command line and installs the logger; then [`init`]
 //!    reads the PVH memory map, finds the TSC frequency ([`tsc`]: CPUID, the hypervisor's
-//!    CPUID leaf or the PIT; the log line `boot: ... TSC ... MHz (Source)` says which)
-//!    and, with `ring=3`, drops to ring 3 ([`ring3`]).
+//!    CPUID leaf or the PIT; the log line `boot: ... TSC ... MHz (Source)` says which),
+//!    picks the `memcpy` ([`memcpy`]: a loop of 64-bit moves, or with `memcpy=rep` the
+//!    string moves) and, with `ring=3`, drops to ring 3 ([`ring3`]).
 //!
 //! Memory is identity-mapped (virtual address = physical address) throughout; regions
 //! above 4 GiB are mapped on demand ([`paging`]). Interrupts stay disabled except while a
@@ -46,6 +47,7 @@ pub mod devices;
 mod idt;
 pub mod interrupts;
 pub mod irq_route;
+pub mod memcpy;
 pub mod msix;
 pub mod paging;
 pub mod port;
@@ -135,6 +137,9 @@ pub fn init(start_info_paddr: u64, cmdline: &'static str) -> (u64, Platform) {
     if source == tsc::TscSource::Guess {
         warn!("boot: no CPUID leaf and no PIT gave the TSC frequency; timeouts may be off");
     }
+
+    memcpy::use_string_moves(cmdline_value(cmdline, "memcpy") == Some("rep"));
+    info!("boot: memcpy by {}", memcpy::name());
 
     if cmdline_value(cmdline, "ring") == Some("3") {
         ring3::enter();
