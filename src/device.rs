@@ -616,6 +616,13 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         true
     }
 
+    /// Whether the device returned a receive buffer or an event that
+    /// [`VirtioVsock::receive`] or [`VirtioVsock::next_event`] have not taken: the cheap
+    /// check a poll that finds nothing makes.
+    pub fn has_arrivals(&self) -> bool {
+        self.rx.has_used() || self.events.has_used()
+    }
+
     /// Takes the next device event id (B39): only 4-byte events count; the buffer is
     /// reposted. Returns `None` when there was no event to take, `Some(None)` for a bad one.
     pub fn next_event(&mut self) -> Option<Option<u32>> {

@@ -353,6 +353,14 @@ impl<H: Hal> SplitRing<H> {
         Some(Ok((id, raw_len)))
     }
 
+    /// Whether the used ring holds an entry not taken yet: one read of the device's
+    /// index when the last one read is used up. `pop_used` reads the index again (and
+    /// fences) before it takes the entry.
+    fn has_used(&self) -> bool {
+        self.seen_used_idx != self.last_used_idx
+            || self.read_used_u16(self.used_offset + 2) != self.last_used_idx
+    }
+
     /// The raw id of the next used entry, when the index last read already covers it
     /// (unchecked: only a hint).
     fn peek_used_id(&self) -> Option<u32> {
@@ -568,6 +576,11 @@ impl<H: Hal> RxQueue<H> {
                 len: len as usize,
             }),
         })
+    }
+
+    /// Whether the device returned a buffer that [`RxQueue::pop_used`] has not taken.
+    pub fn has_used(&self) -> bool {
+        self.rings.has_used()
     }
 
     /// Whether the device has used every buffer it was shown: it has none to fill until

@@ -632,6 +632,12 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>) {
         // Busy: no interrupts until the kernel arms them again.
         self.device.disarm_interrupts();
+        if !self.device.has_arrivals() {
+            // The turn of a waiting loop: nothing came in, only replies owed from before
+            // may go out.
+            self.sockets.send_replies(&mut self.device);
+            return;
+        }
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
         while let Some(event) = self.device.next_event() {
