@@ -192,6 +192,49 @@ impl SendQueue {
         n
     }
 
+    /// Sends all of `data` as one packet at once, when that is the packet [`append`] and
+    /// [`dispatch`] would make and submit: nothing waits, the peer will receive, its
+    /// credit and one packet's limit cover `data`, and a descriptor and memory are free.
+    /// Returns whether it did; when not, nothing changed. The short way for the common
+    /// small send (a reply), without building the packet in the queue first.
+    ///
+    /// [`append`]: SendQueue::append
+    /// [`dispatch`]: SendQueue::dispatch
+    pub fn send_at_once<H: Hal, T: Transport>(
+        &self,
+        device: &mut VirtioVsock<H, T>,
+        conn: &mut Connection,
+        guest_cid: u32,
+        data: &[u8],
+    ) -> bool {
+        let len = data.len();
+        if !self.segments.is_empty()
+            || len == 0
+            || len > conn.credit.peer_free() as usize
+            || len > Self::packet_limit(device, conn)
+            || conn.peer_shutdown.contains(ShutdownFlags::RECEIVE)
+            || device.tx_free_descriptors() == 0
+        {
+            return false;
+        }
+        let Some(buffer) = device.alloc_tx(len) else {
+            return false;
+        };
+        let Some(space) = device.tx_payload_mut(&buffer).get_mut(..len) else {
+            device.release_tx(buffer);
+            return false;
+        };
+        space.copy_from_slice(data);
+        let header = conn.header(guest_cid, Op::Rw);
+        if let Err(buffer) = device.submit_tx(buffer, &header, len) {
+            device.release_tx(buffer);
+            return false;
+        }
+        conn.credit.on_sent(len as u32);
+        conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
+        true
+    }
+
     /// Submits waiting packets, oldest first, while the peer's credit covers each whole
     /// one and descriptors are free (B25). Each header carries the connection's credit
     /// fields as they are when it enters the ring (B9, B43). A peer that will receive no

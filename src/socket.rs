@@ -817,6 +817,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         if data.is_empty() {
             return Ok(0);
         }
+        if self.sockets.send_at_once(index, &mut self.device, data) {
+            // One send is one batch (B8).
+            self.device.flush();
+            return Ok(data.len());
+        }
         let mut sent = 0;
         while sent < data.len() {
             let rest = &data[sent..];
@@ -1254,6 +1259,27 @@ impl Sockets<'_> {
             .append(device, conn, send_buffer, size_hint, write);
         self.dispatch(index, device);
         n
+    }
+
+    /// [`SendQueue::send_at_once`] for the connection in slot `index`, which must owe no
+    /// control packet (those go first, by [`transmit`]). Returns whether `data` went out.
+    fn send_at_once<H: Hal, T: Transport>(
+        &mut self,
+        index: usize,
+        device: &mut VirtioVsock<H, T>,
+        data: &[u8],
+    ) -> bool {
+        let guest_cid = self.guest_cid;
+        let Some(slot) = self.slots.get_mut(index) else {
+            return false;
+        };
+        let SocketSlot {
+            socket, send_queue, ..
+        } = slot;
+        let Some(conn) = socket.as_mut().and_then(Socket::conn_mut) else {
+            return false;
+        };
+        conn.owed.is_empty() && send_queue.send_at_once(device, conn, guest_cid, data)
     }
 
     /// Sends what the connection in slot `index` has waiting (see [`transmit`]); what
