@@ -225,20 +225,17 @@ impl SendQueue {
             return false;
         };
         space.copy_from_slice(data);
-        let header = conn.header(guest_cid, Op::Rw);
-        if let Err(buffer) = device.submit_tx(buffer, &header, len) {
+        if let Err(buffer) = submit_data(device, conn, guest_cid, buffer, len) {
             device.release_tx(buffer);
             return false;
         }
-        conn.credit.on_sent(len as u32);
-        conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
         true
     }
 
     /// Submits waiting packets, oldest first, while the peer's credit covers each whole
-    /// one and descriptors are free (B25). Each header carries the connection's credit
-    /// fields as they are when it enters the ring (B9, B43). A peer that will receive no
-    /// more gets nothing: the waiting data is dropped (B33).
+    /// one and descriptors are free (B25), each with its header made as it enters the
+    /// ring (B9, B43). A peer that will receive no more gets nothing: the waiting data is
+    /// dropped (B33).
     pub fn dispatch<H: Hal, T: Transport>(
         &mut self,
         device: &mut VirtioVsock<H, T>,
@@ -277,17 +274,10 @@ impl SendQueue {
             let Some(segment) = self.segments.pop_front() else {
                 break;
             };
-            let header = conn.header(guest_cid, Op::Rw);
-            match device.submit_tx(segment.buffer, &header, len) {
-                Ok(()) => {
-                    conn.credit.on_sent(len as u32);
-                    conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
-                }
-                Err(buffer) => {
-                    // Unreachable with a free descriptor; keep the data for the next try.
-                    let _ = self.segments.push_front(Segment { buffer, ..segment });
-                    break;
-                }
+            if let Err(buffer) = submit_data(device, conn, guest_cid, segment.buffer, len) {
+                // Unreachable with a free descriptor; keep the data for the next try.
+                let _ = self.segments.push_front(Segment { buffer, ..segment });
+                break;
             }
         }
     }
@@ -330,13 +320,10 @@ impl SendQueue {
             device.release_tx(part);
             return false;
         }
-        let header = conn.header(guest_cid, Op::Rw);
-        if let Err(part) = device.submit_tx(part, &header, n) {
+        if let Err(part) = submit_data(device, conn, guest_cid, part, n) {
             device.release_tx(part);
             return false;
         }
-        conn.credit.on_sent(n as u32);
-        conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
         let len = front.len as usize;
         if let Some(rest) = device.tx_payload_mut(&front.buffer).get_mut(..len) {
             rest.copy_within(n.., 0);
@@ -357,6 +344,24 @@ impl SendQueue {
     pub fn forget(&mut self) {
         self.segments.clear();
     }
+}
+
+/// Submits the `len` payload bytes in `buffer` as a packet of data of `conn`, its header
+/// made now, with the connection's credit fields as they are when it enters the ring (B9,
+/// B43), and counts them against the peer's credit. Gives the buffer back when the device
+/// has no room for it.
+fn submit_data<H: Hal, T: Transport>(
+    device: &mut VirtioVsock<H, T>,
+    conn: &mut Connection,
+    guest_cid: u32,
+    buffer: TxBuffer,
+    len: usize,
+) -> Result<(), TxBuffer> {
+    let header = conn.header(guest_cid, Op::Rw);
+    device.submit_tx(buffer, &header, len)?;
+    conn.credit.on_sent(len as u32);
+    conn.credit.on_header_sent(header.buf_alloc, header.fwd_cnt);
+    Ok(())
 }
 
 impl Default for SendQueue {
