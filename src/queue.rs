@@ -798,6 +798,13 @@ impl<H: Hal> TxQueue<H> {
         if least_chunks > self.free_chunks {
             return None;
         }
+        // The usual case first: the chunks at the cursor are free (packets complete in
+        // order, so the ones after the last allocation are the first to be free).
+        if self.cursor + want_chunks <= self.chunk_count
+            && self.free_run_from(self.cursor, want_chunks) == want_chunks
+        {
+            return Some(self.take_run(self.cursor, want_chunks));
+        }
         // Next fit from the cursor, wrapping once; a run never wraps (it is contiguous).
         let mut best: Option<(usize, usize)> = None;
         let mut chunk = self.cursor.min(self.chunk_count);
@@ -824,14 +831,19 @@ impl<H: Hal> TxQueue<H> {
             scanned += free;
         }
         let (first, chunks) = best?;
+        Some(self.take_run(first, chunks))
+    }
+
+    /// Marks the free run of `chunks` chunks from `first` in use, as a buffer.
+    fn take_run(&mut self, first: usize, chunks: usize) -> TxBuffer {
         self.mark(first, chunks, true);
         self.free_chunks -= chunks;
         self.cursor = first + chunks;
-        Some(TxBuffer {
+        TxBuffer {
             first: first as u16,
             chunks: chunks as u16,
             arena: self.arena.paddr,
-        })
+        }
     }
 
     /// Gives an unsubmitted buffer's chunks back.
