@@ -40,9 +40,12 @@
 //!   status 33.
 //!
 //! After each command the guest logs one line, `bench: result "<command>" ok=1
-//! guest_us=<t> bytes=<n> driver_us=<d> busy_us=<u> kick_us=<k> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
+//! guest_us=<t> bytes=<n> driver_us=<d> app_us=<p> busy_us=<u> kick_us=<k> kicks_rx=<a> kicks_tx=<b> kicks_event=<c> ...`:
 //! the time spent inside the driver's calls (timed with the architecture's counter
-//! around each call, both drivers alike), the guest's busy time (the stretches of its
+//! around each call, both drivers alike; the application's work and the waits for the
+//! peer that a zero-copy call runs inside it do not count), the application's own work
+//! on the data (`app_us`: filling buffers with the pattern and checking what arrived,
+//! wherever that runs), the guest's busy time (the stretches of its
 //! loop, between two waits for the peer, in which a call accepted a connection or took
 //! or gave bytes; the rest of the time it waited for the device or the peer, which
 //! no work of the guest's would shorten), the time spent in the notifications
@@ -151,8 +154,27 @@ mod bench {
 
     // ------------------------------------------------------------ timing the driver
 
-    /// Counter ticks spent inside the driver's calls, summed by [`Timed`].
+    /// Counter ticks spent inside the driver's calls, summed by [`Timed`]: the driver's own
+    /// work, without the application's pattern work a zero-copy call calls back into
+    /// ([`APP_TICKS`]) or the waits inside a call that loops ([`WAIT_TICKS`]).
     static DRIVER_TICKS: AtomicU64 = AtomicU64::new(0);
+    /// Counter ticks of the application's own work on the data: filling buffers with the
+    /// pattern and checking received bytes against it ([`app_work`]), wherever it runs
+    /// (before a copying `send`, inside a zero-copy call). The same code for every driver.
+    static APP_TICKS: AtomicU64 = AtomicU64::new(0);
+    /// Counter ticks spent in [`counted_wait`]'s waits (halted, or nothing when spinning).
+    static WAIT_TICKS: AtomicU64 = AtomicU64::new(0);
+
+    /// Runs the application's work on the data, counting its time in [`APP_TICKS`].
+    fn app_work<R>(work: impl FnOnce() -> R) -> R {
+        let start = boot::arch::counter();
+        let result = work();
+        APP_TICKS.fetch_add(
+            boot::arch::counter().saturating_sub(start),
+            Ordering::Relaxed,
+        );
+        result
+    }
 
     // ------------------------------------------------- the guest's busy time
 
@@ -193,7 +215,9 @@ mod bench {
             Ordering::Relaxed,
         );
         wait();
-        LAST_WAIT_END.store(boot::arch::counter(), Ordering::Relaxed);
+        let end = boot::arch::counter();
+        WAIT_TICKS.fetch_add(end.saturating_sub(now), Ordering::Relaxed);
+        LAST_WAIT_END.store(end, Ordering::Relaxed);
     }
 
     // ------------------------------------------ the work of each busy stretch
@@ -291,6 +315,7 @@ mod bench {
         kicks: [u64; 3],
         kick_ticks: u64,
         driver_ticks: u64,
+        app_ticks: u64,
         busy_ticks: u64,
         credit: Option<CreditCounts>,
         wait: Option<WaitCounts>,
@@ -302,6 +327,7 @@ mod bench {
                 kicks: kicks(),
                 kick_ticks: KICK_TICKS.load(Ordering::Relaxed),
                 driver_ticks: DRIVER_TICKS.load(Ordering::Relaxed),
+                app_ticks: APP_TICKS.load(Ordering::Relaxed),
                 busy_ticks: BUSY_TICKS.load(Ordering::Relaxed),
                 credit: driver.credit_counts(),
                 wait: driver.wait_counts(),
@@ -329,9 +355,10 @@ mod bench {
     }
 
     /// A driver whose every call is timed with the architecture's counter (the TSC on
-    /// x86-64, `CNTVCT_EL0` on aarch64) into [`DRIVER_TICKS`]: the guest's own work inside the driver, both
-    /// drivers measured alike. A zero-copy call counts the pattern work it calls back
-    /// into too.
+    /// x86-64, `CNTVCT_EL0` on aarch64) into [`DRIVER_TICKS`]: the guest's own work inside
+    /// the driver, both drivers measured alike. The pattern work a zero-copy call calls
+    /// back into ([`APP_TICKS`]) and the waits of a call that loops until it is done
+    /// ([`WAIT_TICKS`]) are the application's and the device's time, not the driver's.
     struct Timed<D>(D);
 
     impl<D: Driver> Timed<D> {
@@ -341,9 +368,13 @@ mod bench {
 
         /// [`Timed::time`] from a counter value the caller read just before.
         fn time_from<R>(&mut self, start: u64, call: impl FnOnce(&mut D) -> R) -> R {
+            let app = APP_TICKS.load(Ordering::Relaxed);
+            let waited = WAIT_TICKS.load(Ordering::Relaxed);
             let result = call(&mut self.0);
             let spent = boot::arch::counter().saturating_sub(start);
-            DRIVER_TICKS.fetch_add(spent, Ordering::Relaxed);
+            let not_the_driver = (APP_TICKS.load(Ordering::Relaxed) - app)
+                + (WAIT_TICKS.load(Ordering::Relaxed) - waited);
+            DRIVER_TICKS.fetch_add(spent.saturating_sub(not_the_driver), Ordering::Relaxed);
             result
         }
     }
@@ -514,6 +545,10 @@ mod bench {
     /// otherwise changes with where it was inlined.
     #[inline(never)]
     fn fill_pattern(offset: u64, buf: &mut [u8]) {
+        app_work(|| fill_pattern_untimed(offset, buf));
+    }
+
+    fn fill_pattern_untimed(offset: u64, buf: &mut [u8]) {
         let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
         let (first, rest) = buf.split_at_mut(head);
         for (i, byte) in first.iter_mut().enumerate() {
@@ -535,6 +570,10 @@ mod bench {
     /// Counts the bytes of `buf` that differ from the pattern at stream offset `offset`.
     #[inline(never)]
     fn count_mismatches(offset: u64, buf: &[u8]) -> u64 {
+        app_work(|| count_mismatches_untimed(offset, buf))
+    }
+
+    fn count_mismatches_untimed(offset: u64, buf: &[u8]) -> u64 {
         let head = ((8 - offset % 8) % 8).min(buf.len() as u64) as usize;
         let (first, rest) = buf.split_at(head);
         let mut bad = 0;
@@ -1239,6 +1278,7 @@ mod bench {
         let hz = boot::time::counter_hz().max(1);
         let micros = |ticks: u64| u128::from(ticks) * 1_000_000 / u128::from(hz);
         let driver_us = micros(after.driver_ticks.saturating_sub(before.driver_ticks));
+        let app_us = micros(after.app_ticks.saturating_sub(before.app_ticks));
         let busy_us = micros(after.busy_ticks.saturating_sub(before.busy_ticks));
         let kick_us = micros(after.kick_ticks.saturating_sub(before.kick_ticks));
         let mut line: heapless::String<1024> = heapless::String::new();
@@ -1253,7 +1293,7 @@ mod bench {
         }
         let _ = write!(
             line,
-            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} busy_us={busy_us} kick_us={kick_us} kicks_rx={} kicks_tx={} kicks_event={} ",
+            "guest_us={elapsed_us} bytes={bytes} driver_us={driver_us} app_us={app_us} busy_us={busy_us} kick_us={kick_us} kicks_rx={} kicks_tx={} kicks_event={} ",
             after.kicks[0] - before.kicks[0],
             after.kicks[1] - before.kicks[1],
             after.kicks[2] - before.kicks[2],

@@ -1652,7 +1652,7 @@ fn render_table(
     });
     let _ = writeln!(
         out,
-        "\nguest time inside the driver's calls (poll, send, recv, accept, close; timed in the guest), us per unit"
+        "\nguest time inside the driver's calls (poll, send, recv, accept, close; timed in the guest; without the application's work and the waits a zero-copy call runs inside it), us per unit"
     );
     per_unit_rows(&mut out, workloads, outcomes, |run| {
         run.per_unit("driver_us").map_or("?".to_string(), number)
@@ -1663,6 +1663,13 @@ fn render_table(
     );
     per_unit_rows(&mut out, workloads, outcomes, |run| {
         run.per_unit("kick_us").map_or("?".to_string(), number)
+    });
+    let _ = writeln!(
+        out,
+        "\nthe application's own work on the data (filling buffers with the pattern, checking what arrived; the same code for every driver), us per unit"
+    );
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        run.per_unit("app_us").map_or("?".to_string(), number)
     });
     let _ = writeln!(
         out,
