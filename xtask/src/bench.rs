@@ -1713,6 +1713,16 @@ fn render_table(
     out
 }
 
+/// The device side's floor of a run, per unit: the time the guest waited for the device or
+/// the peer, plus its notifications (see [`device_floor_rows`]). An estimate from means,
+/// not a bound. `None` when the guest did not report the times.
+fn device_side_floor(run: &Run) -> Option<f64> {
+    let total = run.per_unit("guest_us")?;
+    let busy = run.per_unit("busy_us")?;
+    let kicks = run.per_unit("kick_us")?;
+    Some((total - busy).max(0.0) + kicks)
+}
+
 /// A strict lower bound, per unit, of the time a run would have taken had the driver's own
 /// work cost nothing: its time less everything spent inside the driver's calls, but the
 /// notifications (a driver of no cost sends the same packets with the same kicks). What is
@@ -1780,47 +1790,36 @@ fn device_floor_rows(out: &mut String, workloads: &[Workload], outcomes: &[Vec<O
                 None => number(floor),
             }
         };
-        let mean_cell = |outcome: &Outcome| {
+        // A per-unit floor of the first metric from a run ("?" when the guest did not
+        // report what it needs), and its bound.
+        let per_unit_cell = |outcome: &Outcome, floor_of: fn(&Run) -> Option<f64>| {
             let Ok(run) = outcome else {
                 return "-".to_string();
             };
-            let (Some(total), Some(busy), Some(kicks)) = (
-                run.per_unit("guest_us"),
-                run.per_unit("busy_us"),
-                run.per_unit("kick_us"),
-            ) else {
-                return "?".to_string();
-            };
-            floor_cell((total - busy).max(0.0) + kicks, first, theirs_best(0))
+            match floor_of(run) {
+                Some(floor) => floor_cell(floor, first, theirs_best(0)),
+                None => "?".to_string(),
+            }
         };
         let _ = writeln!(
             out,
             "{:<56} {:>16} {:>16}",
             format!("{} (per {})", workload.name(), workload.kick_unit()),
-            mean_cell(&outcomes[0][w]),
-            mean_cell(&outcomes[1][w]),
+            per_unit_cell(&outcomes[0][w], device_side_floor),
+            per_unit_cell(&outcomes[1][w], device_side_floor),
         );
         let has_quantile_floors = outcomes[..2]
             .iter()
             .any(|outcomes| outcomes[w].as_ref().is_ok_and(|run| !run.floors.is_empty()));
         if !has_quantile_floors {
-            // Rates and cycles are means, so here the bound is exact: the workload's time
-            // less everything inside the driver's calls but the notifications.
-            let all_but_driver_cell = |outcome: &Outcome| {
-                let Ok(run) = outcome else {
-                    return "-".to_string();
-                };
-                match all_but_driver_floor(run) {
-                    Some(floor) => floor_cell(floor, first, theirs_best(0)),
-                    None => "?".to_string(),
-                }
-            };
+            // Rates and cycles are means, so a bound of the mean is one of the metric
+            // itself (the ping-pong's median and p99 have their own rows below).
             let _ = writeln!(
                 out,
                 "{:<56} {:>16} {:>16}",
                 "  at least, all but the driver's own time",
-                all_but_driver_cell(&outcomes[0][w]),
-                all_but_driver_cell(&outcomes[1][w]),
+                per_unit_cell(&outcomes[0][w], all_but_driver_floor),
+                per_unit_cell(&outcomes[1][w], all_but_driver_floor),
             );
             continue;
         }
