@@ -204,6 +204,20 @@ impl Connection {
             || self.peer_shutdown.contains(ShutdownFlags::RECEIVE)
     }
 
+    /// The earliest of this connection's timers: its connect or close timeout, or its
+    /// credit probe. `None` when none is armed.
+    pub fn next_timer(&self) -> Option<Instant> {
+        let timeout = match self.state {
+            State::Connecting { deadline } | State::Closing { deadline } => Some(deadline),
+            State::Connected | State::Closed => None,
+        };
+        let probe = self.credit_probe.map(|probe| probe.due);
+        match (timeout, probe) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
     /// Whether packets of this tuple still belong to this connection.
     pub const fn is_live(&self) -> bool {
         !matches!(self.state, State::Closed)

@@ -402,6 +402,14 @@ struct Sockets<'a> {
     /// Some slot may hold data or owe a control packet that has not gone out: `poll`
     /// walks the slots to send them only then.
     send_waiting: bool,
+    /// Something happened since the timer walk last ran that may arm, change or end a
+    /// connection's timer: a packet or event came in, or a call changed a connection
+    /// (`poll` walks the slots for the timers only then, when `send_waiting`, or once
+    /// `next_timer` is due).
+    timers_changed: bool,
+    /// The earliest timer the last walk left armed (a connect or close timeout, a credit
+    /// probe); `None` for none.
+    next_timer: Option<Instant>,
     /// One past the highest slot that may hold a socket or queued data: the walks of
     /// every poll stop there (new sockets take the lowest free slot).
     in_use_end: usize,
@@ -469,6 +477,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 next_accept_order: 0,
                 last_match: 0,
                 send_waiting: false,
+                timers_changed: false,
+                next_timer: None,
                 in_use_end: 0,
                 #[cfg(feature = "async")]
                 tasks_waiting: false,
@@ -638,6 +648,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             self.sockets.send_replies(&mut self.device);
             return;
         }
+        self.sockets.timers_changed = true;
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
         while let Some(event) = self.device.next_event() {
@@ -730,6 +741,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Takes the oldest waiting connection of a listening socket: its handle and the
     /// peer's address. `WouldBlock` when none waits (B22).
     pub fn accept(&mut self, handle: SocketHandle) -> Result<(SocketHandle, VsockAddr)> {
+        self.sockets.timers_changed = true;
         let sockets = &mut self.sockets;
         match sockets.get(handle)?.role {
             Role::Listening { waiting: 0, .. } => return Err(Error::WouldBlock),
@@ -762,6 +774,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Starts connecting to `peer` (B19, B20): returns `InProgress`; completion makes the
     /// socket writable, failure makes it errored (see [`VsockDevice::take_error`]).
     pub fn connect(&mut self, handle: SocketHandle, peer: VsockAddr) -> Result<()> {
+        self.sockets.timers_changed = true;
         let guest_cid = self.sockets.guest_cid;
         let socket = self.sockets.get(handle)?;
         match socket.role {
@@ -818,10 +831,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             return Ok(0);
         }
         if self.sockets.send_at_once(index, &mut self.device, data) {
-            // One send is one batch (B8).
+            // One send is one batch (B8). Nothing waits, so no timer changed.
             self.device.flush();
             return Ok(data.len());
         }
+        self.sockets.timers_changed = true;
         let mut sent = 0;
         while sent < data.len() {
             let rest = &data[sent..];
@@ -852,6 +866,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         handle: SocketHandle,
         write: impl FnOnce(&mut [u8]) -> usize,
     ) -> Result<usize> {
+        self.sockets.timers_changed = true;
         let index = self.sendable(handle)?;
         let n = self
             .sockets
@@ -1013,6 +1028,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Shuts down one or both directions (B35): sends SHUTDOWN with the matching flags.
     pub fn shutdown(&mut self, handle: SocketHandle, how: Shutdown) -> Result<()> {
+        self.sockets.timers_changed = true;
         let conn = self.sockets.conn_mut(handle)?;
         if conn.state != State::Connected {
             return Err(Error::NotConnected);
@@ -1034,6 +1050,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Closes the socket (B36). The handle is invalid at once; a connection is shut down
     /// gracefully in the background (SHUTDOWN, then the peer's RST or a timeout).
     pub fn close(&mut self, handle: SocketHandle) -> Result<()> {
+        self.sockets.timers_changed = true;
         self.sockets.get(handle)?;
         let index = handle.index as usize;
         let close_deadline = self.now + self.sockets.config.close_timeout;
@@ -1079,6 +1096,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Resets the connection now (RST) and frees the socket (B36).
     pub fn abort(&mut self, handle: SocketHandle) -> Result<()> {
+        self.sockets.timers_changed = true;
         let socket = self.sockets.get(handle)?;
         let index = handle.index as usize;
         let live = socket.conn().is_some_and(Connection::is_live);
@@ -1401,17 +1419,7 @@ impl Sockets<'_> {
             .into_iter()
             .flatten()
             .filter_map(|slot| slot.socket.as_ref()?.conn())
-            .filter_map(|conn| {
-                let timeout = match conn.state {
-                    State::Connecting { deadline } | State::Closing { deadline } => Some(deadline),
-                    State::Connected | State::Closed => None,
-                };
-                let probe = conn.credit_probe.map(|probe| probe.due);
-                match (timeout, probe) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
-            })
+            .filter_map(Connection::next_timer)
             .min()
     }
 
@@ -1929,25 +1937,37 @@ impl Sockets<'_> {
 
     /// Fires connect and close timeouts (B19, B36).
     fn fire_timers(&mut self, now: Instant) {
+        // Nothing to do until a timer is due, unless a connection changed since the last
+        // walk or data waits (whose credit the walk watches): the idle turns of a
+        // waiting loop skip the walk.
+        if !self.timers_changed && !self.send_waiting && self.next_timer.is_none_or(|due| now < due)
+        {
+            return;
+        }
+        self.timers_changed = false;
+        let mut next_timer: Option<Instant> = None;
         for index in self.slots_in_use() {
             let slot = &mut self.slots[index];
             // Most slots hold no connection: they are passed over before their send queue
-            // is read (the walk runs every poll).
+            // is read.
             let Some(conn) = slot.socket.as_mut().and_then(Socket::conn_mut) else {
                 continue;
             };
             // Credit the oldest waiting data needs (B29).
             let waiting = !slot.send_queue.is_empty();
             let needed = slot.send_queue.front_len().max(1) as u32;
-            match conn.state {
+            // The connection's timer still armed after this walk's work on it.
+            let timer = match conn.state {
                 State::Connecting { deadline } if now >= deadline => {
                     conn.fail(Some(Error::TimedOut));
                     // Tell the peer to forget a late REQUEST.
                     self.owe(index, Owed::RST);
+                    None
                 }
                 State::Closing { deadline } if now >= deadline => {
                     self.owe(index, Owed::RST);
                     self.free(index);
+                    None
                 }
                 State::Connected | State::Closing { .. } => {
                     let peer_stopped_reading = conn.peer_shutdown.contains(ShutdownFlags::RECEIVE);
@@ -1960,23 +1980,32 @@ impl Sockets<'_> {
                     {
                         conn.credit_probe = Some(CreditProbe::first(now));
                     }
+                    let mut owed = Owed::empty();
                     if let Some(probe) = conn.credit_probe {
                         if conn.credit.peer_free() >= needed || peer_stopped_reading {
                             conn.credit_probe = None;
                         } else if now >= probe.due {
                             conn.credit_probe = Some(probe.next(now));
-                            let ask = conn.credit.take_repeat_credit_request(needed);
-                            self.owe(index, Owed::CREDIT_UPDATE);
-                            if ask {
-                                self.owe(index, Owed::CREDIT_REQUEST);
+                            owed = Owed::CREDIT_UPDATE;
+                            if conn.credit.take_repeat_credit_request(needed) {
+                                owed |= Owed::CREDIT_REQUEST;
                             }
                         }
                     }
+                    let timer = conn.next_timer();
+                    if !owed.is_empty() {
+                        self.owe(index, owed);
+                    }
+                    timer
                 }
-                _ => {}
-            }
+                State::Connecting { .. } | State::Closed => conn.next_timer(),
+            };
             self.after_state_change(index);
+            if let Some(due) = timer {
+                next_timer = Some(next_timer.map_or(due, |earliest| earliest.min(due)));
+            }
         }
+        self.next_timer = next_timer;
         self.shrink_in_use();
     }
 
