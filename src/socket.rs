@@ -403,9 +403,9 @@ struct Sockets<'a> {
     /// walks the slots to send them only then.
     send_waiting: bool,
     /// Something happened since the timer walk last ran that may arm, change or end a
-    /// connection's timer: a packet or event came in, or a call changed a connection
-    /// (`poll` walks the slots for the timers only then, when `send_waiting`, or once
-    /// `next_timer` is due).
+    /// connection's timer: a packet came for a connection with a timer, an event came,
+    /// or a call began or ended a connection or queued data (`poll` walks the slots for
+    /// the timers only then, when `send_waiting`, or once `next_timer` is due).
     timers_changed: bool,
     /// The earliest timer the last walk left armed (a connect or close timeout, a credit
     /// probe); `None` for none.
@@ -648,10 +648,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             self.sockets.send_replies(&mut self.device);
             return;
         }
-        self.sockets.timers_changed = true;
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
         while let Some(event) = self.device.next_event() {
+            self.sockets.timers_changed = true;
             match event {
                 Some(EVENT_TRANSPORT_RESET) => {
                     self.device.reread_guest_cid();
@@ -741,7 +741,6 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Takes the oldest waiting connection of a listening socket: its handle and the
     /// peer's address. `WouldBlock` when none waits (B22).
     pub fn accept(&mut self, handle: SocketHandle) -> Result<(SocketHandle, VsockAddr)> {
-        self.sockets.timers_changed = true;
         let sockets = &mut self.sockets;
         match sockets.get(handle)?.role {
             Role::Listening { waiting: 0, .. } => return Err(Error::WouldBlock),
@@ -1748,7 +1747,19 @@ impl Sockets<'_> {
             return;
         }
         match found {
-            Some(index) => self.on_connection_packet(index, header, op, payload, direct),
+            Some(index) => {
+                self.on_connection_packet(index, header, op, payload, direct);
+                // The timer walk has work only for a connection with a timer armed: a
+                // probe the credit that came may end, a timeout the packet may have
+                // made moot. A packet that ended a timer and left none only makes the
+                // walk's `next_timer` early, which costs one walk.
+                if self
+                    .conn_at(index)
+                    .is_some_and(|conn| conn.next_timer().is_some())
+                {
+                    self.timers_changed = true;
+                }
+            }
             None if op == Op::Request => self.on_request(header),
             // B14: an RST for no connection is dropped silently.
             None if op == Op::Rst => {}
