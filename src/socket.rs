@@ -981,9 +981,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// giving this connection's data to `sink` first. Returns what the sink took, or
     /// `None` when it was given nothing (then the receive buffer is read as before).
     fn recv_direct(&mut self, handle: SocketHandle, sink: DirectSink<'_>) -> Option<usize> {
-        // Nothing buffered and nothing new from the device: the read finds nothing (what
-        // earlier packets made us owe goes out at the next poll).
-        if !self.sockets.nothing_buffered(handle) || !self.device.has_arrivals() {
+        // Only new packets with nothing buffered make a direct read (what earlier packets
+        // made us owe goes out at the next poll). The device's used indices are the
+        // cheaper look, so they come first.
+        if !self.device.has_arrivals() || !self.sockets.nothing_buffered(handle) {
             return None;
         }
         let mut direct = DirectRead::new(usize::from(handle.index), sink);
