@@ -977,9 +977,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         Ok(n)
     }
 
-    /// When `handle`'s receive buffer is empty: takes what the device has delivered,
-    /// giving this connection's data to `sink` first. Returns what the sink took, or
-    /// `None` when it was given nothing (then the receive buffer is read as before).
+    /// When `handle`'s receive buffer is empty and the device has delivered something:
+    /// takes it, giving this connection's data to `sink` first. Returns what the sink
+    /// took, or `None` when it was given nothing (then the receive buffer is read as
+    /// before).
     fn recv_direct(&mut self, handle: SocketHandle, sink: DirectSink<'_>) -> Option<usize> {
         // Only new packets with nothing buffered make a direct read (what earlier packets
         // made us owe goes out at the next poll). The device's used indices are the
