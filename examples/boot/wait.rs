@@ -13,13 +13,13 @@
 //! `spin_max`, and starts again at `spin` after a halt longer than that (the guest is
 //! idle). On a busy host a halted vCPU thread can wait for a core when it wakes, so a
 //! request/response exchange whose pauses now and then outlast 200 µs should not halt
-//! in each (README, "Benchmarks"). While the driver holds transmit data
+//! in each (`docs/benchmark-log.md`). While the driver holds transmit data
 //! (`VsockDevice::tx_memory_in_use`: data waiting for the peer's credit, or packets the
 //! device has not returned), a transfer is under way and the device owes news: then the
 //! window is `spin_sending=<µs>` (2,000 by default), so that a sender blocked on the
 //! peer's window does not halt in every pause of the backend (on a busy host a halted
-//! vCPU thread can wait for a core when it wakes; README, "The first workload after a
-//! boot"). After that it asks the driver to arm the device's interrupts
+//! vCPU thread can wait for a core when it wakes; `docs/benchmark-log.md`, "The first
+//! workload after a boot"). After that it asks the driver to arm the device's interrupts
 //! (`VsockDevice::arm_interrupts`, which looks at the rings once more and says `false`
 //! when something landed meanwhile: then the loop polls again) and halts until the
 //! interrupt or the earliest deadline: the driver's `poll_at`, the loop's own, the
