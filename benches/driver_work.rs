@@ -1,5 +1,5 @@
 //! The driver's own work per operation, for profiling under callgrind: `cargo xtask
-//! profile` runs this program under `valgrind --tool=callgrind` and prints the
+//! bench work` runs this program under `valgrind --tool=callgrind` and prints the
 //! instructions spent inside the driver's public calls per operation. Instruction counts
 //! do not depend on the machine's load, so a change to the per-poll or per-connection
 //! work shows as a difference of a few percent where timings (`cargo xtask bench`) would
@@ -16,6 +16,12 @@
 //! of stream and closed by the guest.
 //! `driver_work idle N`: one connection and nothing arriving: N turns of a guest's wait
 //! loop (`recv` finds nothing, then `poll`), what a spinning guest pays between packets.
+//! `driver_work bulk N WINDOW`: one connection, N MiB guest→host in 64 KiB `send`s to a
+//! host whose receive window is WINDOW bytes and which reads everything at each step;
+//! the guest sends until `WouldBlock`, then the host steps and the guest polls (one
+//! exchange). Prints the exchanges, packets and kicks per MiB. The program uses only
+//! calls the driver has had since before issue 15, so the same file measures the driver
+//! of any commit since.
 
 use vsock_guest::testing::{FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
 use vsock_guest::wire::ShutdownFlags;
@@ -33,10 +39,15 @@ fn main() {
         .next()
         .map(|n| n.parse().expect("N is a number"))
         .unwrap_or(1000);
+    let window: u32 = args
+        .next()
+        .map(|n| n.parse().expect("WINDOW is a number"))
+        .unwrap_or(64 * 1024);
 
     let config = Config::default();
     let transport = FakeTransport::new(GUEST_CID, DEVICE_FEATURES);
     let mut host = HostPeer::new(&transport);
+    host.set_default_buf_alloc(window);
     let mut slots = [const { SocketSlot::EMPTY }; SLOTS];
     let mut rx_memory = vec![0u8; SLOTS * config.rx_buffer_size];
     let mut vsock =
@@ -114,13 +125,45 @@ fn main() {
                 );
             }
         }
-        other => panic!("unknown workload {other:?}: pingpong, cycles or idle"),
+        "bulk" => {
+            const MIB: u64 = 1024 * 1024;
+            let id = host.connect(PORT);
+            host.settle(&mut vsock, tick());
+            let conn = vsock.accept(listener).expect("the connection waits").0;
+            host.settle(&mut vsock, tick());
+            let before = vsock.stats();
+            let data = vec![0x5a_u8; 64 * 1024];
+            let total = count * MIB;
+            let (mut sent, mut received, mut exchanges) = (0_u64, 0_u64, 0_u64);
+            while received < total {
+                while sent < total {
+                    let want = (total - sent).min(data.len() as u64) as usize;
+                    match in_driver(|| vsock.send(conn, &data[..want])) {
+                        Ok(n) => sent += n as u64,
+                        Err(Error::WouldBlock) => break,
+                        Err(e) => panic!("send: {e:?}"),
+                    }
+                }
+                host.step();
+                received += host.recv_all(id).len() as u64;
+                in_driver(|| vsock.poll(tick()));
+                exchanges += 1;
+            }
+            let after = vsock.stats();
+            println!(
+                "bulk {count} MiB, window {window}: per MiB {:.2} exchanges, {:.2} packets, {:.2} kicks",
+                exchanges as f64 / count as f64,
+                (after.tx_packets - before.tx_packets) as f64 / count as f64,
+                (after.tx_kicks - before.tx_kicks) as f64 / count as f64,
+            );
+        }
+        other => panic!("unknown workload {other:?}: pingpong, cycles, idle or bulk"),
     }
     assert!(host.violations().is_empty(), "{:?}", host.violations());
     println!("{workload} {count}: done");
 }
 
-/// Runs one call of the driver: the only frames `cargo xtask profile` counts
+/// Runs one call of the driver: the only frames `cargo xtask bench work` counts
 /// (callgrind's `--toggle-collect`), so the scripted host's work is left out.
 #[inline(never)]
 fn in_driver<R>(call: impl FnOnce() -> R) -> R {

@@ -177,6 +177,11 @@ enum Command {
         /// poll` column); each also gets an idle row (QEMU's CPU with the guest idle).
         #[arg(long, value_enum, value_delimiter = ',', default_values_t = [qemu_tests::Wait::Irq, qemu_tests::Wait::Poll])]
         wait: Vec<qemu_tests::Wait>,
+        /// `work` only: also count the driver of this git revision (checked out in a
+        /// worktree under target/bench, with this tree's benches/driver_work.rs), line by
+        /// line beside this tree's.
+        #[arg(long)]
+        base: Option<String>,
     },
     /// Boot the echo guest and run the soak against it: many host clients at once, each
     /// echoing, resetting mid-transfer, vanishing after CONNECT or reading the source
@@ -317,9 +322,10 @@ fn run(command: Command) -> Result<ExitCode> {
         }
         Command::Bench {
             target: BenchTarget::Work,
+            base,
             ..
         } => {
-            work::run()?;
+            work::run(base.as_deref())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Bench {
@@ -328,8 +334,10 @@ fn run(command: Command) -> Result<ExitCode> {
             full,
             only,
             drivers,
+            base,
             ..
         } => {
+            anyhow::ensure!(base.is_none(), "--base is for `bench work` only");
             bench::host(quick, full, only.as_deref(), &drivers)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -346,7 +354,9 @@ fn run(command: Command) -> Result<ExitCode> {
             guest_args,
             host_windows,
             wait,
+            base,
         } => {
+            anyhow::ensure!(base.is_none(), "--base is for `bench work` only");
             bench::qemu(&bench::QemuOptions {
                 machine: Machine::pick(machine, arch)?,
                 accel,
