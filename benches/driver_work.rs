@@ -8,7 +8,7 @@
 //! The host side is the device model's scripted host (`testing::HostPeer`), one step at a
 //! time, in this thread; its own work is outside the driver's calls and is not counted.
 //! The guest serves like the benchmark guest (`examples/bench.rs`): a listener on port
-//! 1234 with 64 connection slots and `Config::default()`.
+//! 1234 with 64 connection slots, 256 KiB of receive memory each, and `Config::default()`.
 //!
 //! `driver_work pingpong N`: one connection, N one-byte round trips (host sends a byte,
 //! the guest polls, reads it and sends it back).
@@ -22,6 +22,10 @@
 //! exchange). Prints the exchanges, packets and kicks per MiB. The program uses only
 //! calls the driver has had since before issue 15, so the same file measures the driver
 //! of any commit since.
+//! `driver_work bulk-in N`: one connection, N MiB host→guest, the host sending as much as
+//! the guest's credit allows, the guest reading with `recv` into a 64 KiB buffer until
+//! `WouldBlock` and then polling, as a reader's loop does while it waits (one exchange).
+//! Prints the exchanges, the packets each way and the kicks per MiB.
 
 use vsock_guest::testing::{FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
 use vsock_guest::wire::ShutdownFlags;
@@ -31,6 +35,8 @@ const GUEST_CID: u64 = 3;
 const PORT: u32 = 1234;
 /// The listener and 64 connections, as the echo and benchmark guests have.
 const SLOTS: usize = 65;
+/// Receive memory per socket, as the benchmark guest has (its advertised `buf_alloc`).
+const RX_PER_SOCKET: usize = 256 * 1024;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -49,7 +55,7 @@ fn main() {
     let mut host = HostPeer::new(&transport);
     host.set_default_buf_alloc(window);
     let mut slots = [const { SocketSlot::EMPTY }; SLOTS];
-    let mut rx_memory = vec![0u8; SLOTS * config.rx_buffer_size];
+    let mut rx_memory = vec![0u8; SLOTS * RX_PER_SOCKET];
     let mut vsock =
         VsockDevice::<FakeHal, _>::new(transport.clone(), config, &mut slots, &mut rx_memory)
             .expect("bring-up");
@@ -157,7 +163,48 @@ fn main() {
                 (after.tx_kicks - before.tx_kicks) as f64 / count as f64,
             );
         }
-        other => panic!("unknown workload {other:?}: pingpong, cycles, idle or bulk"),
+        "bulk-in" => {
+            const MIB: u64 = 1024 * 1024;
+            let id = host.connect(PORT);
+            host.settle(&mut vsock, tick());
+            let conn = vsock.accept(listener).expect("the connection waits").0;
+            host.settle(&mut vsock, tick());
+            let before = vsock.stats();
+            let data = vec![0x5a_u8; 64 * 1024];
+            let mut buffer = vec![0_u8; 64 * 1024];
+            let total = count * MIB;
+            let (mut sent, mut received, mut exchanges) = (0_u64, 0_u64, 0_u64);
+            while received < total {
+                while sent < total {
+                    let want = (total - sent).min(data.len() as u64) as usize;
+                    match host.send(id, &data[..want]) {
+                        0 => break,
+                        n => sent += n as u64,
+                    }
+                }
+                host.step();
+                // A reader's loop: read until nothing is left, then poll while it waits.
+                loop {
+                    match in_driver(|| vsock.recv(conn, &mut buffer)) {
+                        Ok(n) => received += n as u64,
+                        Err(Error::WouldBlock) => break,
+                        Err(e) => panic!("recv: {e:?}"),
+                    }
+                }
+                in_driver(|| vsock.poll(tick()));
+                exchanges += 1;
+            }
+            let after = vsock.stats();
+            println!(
+                "bulk-in {count} MiB: per MiB {:.2} exchanges, {:.2} packets received, {:.2} sent, {:.2} kicks",
+                exchanges as f64 / count as f64,
+                (after.rx_packets - before.rx_packets) as f64 / count as f64,
+                (after.tx_packets - before.tx_packets) as f64 / count as f64,
+                (after.tx_kicks + after.rx_kicks - before.tx_kicks - before.rx_kicks) as f64
+                    / count as f64,
+            );
+        }
+        other => panic!("unknown workload {other:?}: pingpong, cycles, idle, bulk or bulk-in"),
     }
     assert!(host.violations().is_empty(), "{:?}", host.violations());
     println!("{workload} {count}: done");

@@ -1,6 +1,7 @@
 //! `cargo xtask bench work`: the driver's own instructions per operation, counted by
 //! callgrind in `benches/driver_work.rs` (a one-byte round trip, a connect/close cycle, an
-//! idle turn, and a MiB guest→host at the backend's 64 KiB window and at 256 KiB).
+//! idle turn, a MiB guest→host at the backend's 64 KiB window and at 256 KiB, and a MiB
+//! host→guest).
 //! Unlike the timed benchmarks, the counts do not move with the machine's load, so a
 //! change to the per-poll or per-connection work can be compared between two builds on a
 //! busy machine.
@@ -25,7 +26,7 @@ struct Workload {
 }
 
 /// The workloads: enough operations that bring-up and the first connection are noise.
-const WORKLOADS: [Workload; 5] = [
+const WORKLOADS: [Workload; 6] = [
     Workload {
         name: "pingpong",
         args: &["pingpong", "1000"],
@@ -55,6 +56,12 @@ const WORKLOADS: [Workload; 5] = [
         args: &["bulk", "16", "262144"],
         operations: 16,
         unit: "MiB guest->host in 64 KiB sends, 256 KiB window",
+    },
+    Workload {
+        name: "bulk-in",
+        args: &["bulk-in", "16"],
+        operations: 16,
+        unit: "MiB host->guest read with recv into 64 KiB",
     },
 ];
 
@@ -124,7 +131,7 @@ fn count(
         workload.operations,
         out.display()
     );
-    if workload.args[0] == "bulk" {
+    if workload.args[0].starts_with("bulk") {
         let copies: u64 = self_costs(&profile)
             .iter()
             .filter(|(function, _)| function.contains("memcpy") || function.contains("memmove"))
