@@ -19,17 +19,19 @@
 //! `driver_work bulk N WINDOW`: one connection, N MiB guest→host in 64 KiB `send`s to a
 //! host whose receive window is WINDOW bytes and which reads everything at each step;
 //! the guest sends until `WouldBlock`, then the host steps and the guest polls (one
-//! exchange). Prints the exchanges, packets and kicks per MiB. The program uses only
-//! calls the driver has had since before issue 15, so the same file measures the driver
-//! of any commit since.
+//! exchange). Prints the exchanges, packets each way and kicks per MiB. The program uses
+//! only calls the driver has had since before issue 15, so the same file measures the
+//! driver of any commit since (`cargo xtask bench work --base REV`).
 //! `driver_work bulk-in N`: one connection, N MiB host→guest, the host sending as much as
 //! the guest's credit allows, the guest reading with `recv` into a 64 KiB buffer until
 //! `WouldBlock` and then polling, as a reader's loop does while it waits (one exchange).
 //! Prints the exchanges, the packets each way and the kicks per MiB.
 
-use vsock_guest::testing::{FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
+use vsock_guest::testing::{ConnId, FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
 use vsock_guest::wire::ShutdownFlags;
-use vsock_guest::{Config, Error, Instant, SocketSlot, VsockAddr, VsockDevice, VMADDR_CID_ANY};
+use vsock_guest::{
+    Config, Error, Instant, SocketHandle, SocketSlot, Stats, VsockAddr, VsockDevice, VMADDR_CID_ANY,
+};
 
 const GUEST_CID: u64 = 3;
 const PORT: u32 = 1234;
@@ -37,6 +39,7 @@ const PORT: u32 = 1234;
 const SLOTS: usize = 65;
 /// Receive memory per socket, as the benchmark guest has (its advertised `buf_alloc`).
 const RX_PER_SOCKET: usize = 256 * 1024;
+const MIB: u64 = 1024 * 1024;
 
 fn main() {
     let mut args = std::env::args().skip(1);
@@ -72,10 +75,7 @@ fn main() {
     };
     match workload.as_str() {
         "pingpong" => {
-            let id = host.connect(PORT);
-            host.settle(&mut vsock, tick());
-            let conn = vsock.accept(listener).expect("the connection waits").0;
-            host.settle(&mut vsock, tick());
+            let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let mut byte = [0u8; 1];
             for round in 0..count {
                 let sent = [round as u8];
@@ -89,10 +89,7 @@ fn main() {
             }
         }
         "idle" => {
-            let id = host.connect(PORT);
-            host.settle(&mut vsock, tick());
-            let conn = vsock.accept(listener).expect("the connection waits").0;
-            host.settle(&mut vsock, tick());
+            let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let mut byte = [0u8; 1];
             for _ in 0..count {
                 assert_eq!(
@@ -132,11 +129,7 @@ fn main() {
             }
         }
         "bulk" => {
-            const MIB: u64 = 1024 * 1024;
-            let id = host.connect(PORT);
-            host.settle(&mut vsock, tick());
-            let conn = vsock.accept(listener).expect("the connection waits").0;
-            host.settle(&mut vsock, tick());
+            let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let before = vsock.stats();
             let data = vec![0x5a_u8; 64 * 1024];
             let total = count * MIB;
@@ -155,20 +148,11 @@ fn main() {
                 in_driver(|| vsock.poll(tick()));
                 exchanges += 1;
             }
-            let after = vsock.stats();
-            println!(
-                "bulk {count} MiB, window {window}: per MiB {:.2} exchanges, {:.2} packets, {:.2} kicks",
-                exchanges as f64 / count as f64,
-                (after.tx_packets - before.tx_packets) as f64 / count as f64,
-                (after.tx_kicks - before.tx_kicks) as f64 / count as f64,
-            );
+            let label = format!("bulk {count} MiB, window {window}");
+            report_per_mib(&label, count, exchanges, &before, &vsock.stats());
         }
         "bulk-in" => {
-            const MIB: u64 = 1024 * 1024;
-            let id = host.connect(PORT);
-            host.settle(&mut vsock, tick());
-            let conn = vsock.accept(listener).expect("the connection waits").0;
-            host.settle(&mut vsock, tick());
+            let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let before = vsock.stats();
             let data = vec![0x5a_u8; 64 * 1024];
             let mut buffer = vec![0_u8; 64 * 1024];
@@ -194,20 +178,40 @@ fn main() {
                 in_driver(|| vsock.poll(tick()));
                 exchanges += 1;
             }
-            let after = vsock.stats();
-            println!(
-                "bulk-in {count} MiB: per MiB {:.2} exchanges, {:.2} packets received, {:.2} sent, {:.2} kicks",
-                exchanges as f64 / count as f64,
-                (after.rx_packets - before.rx_packets) as f64 / count as f64,
-                (after.tx_packets - before.tx_packets) as f64 / count as f64,
-                (after.tx_kicks + after.rx_kicks - before.tx_kicks - before.rx_kicks) as f64
-                    / count as f64,
-            );
+            let label = format!("bulk-in {count} MiB");
+            report_per_mib(&label, count, exchanges, &before, &vsock.stats());
         }
         other => panic!("unknown workload {other:?}: pingpong, cycles, idle, bulk or bulk-in"),
     }
     assert!(host.violations().is_empty(), "{:?}", host.violations());
     println!("{workload} {count}: done");
+}
+
+/// Prints a transfer's exchanges, packets each way and kicks per MiB.
+fn report_per_mib(label: &str, mib: u64, exchanges: u64, before: &Stats, after: &Stats) {
+    let per_mib = |n: u64| n as f64 / mib as f64;
+    println!(
+        "{label}: per MiB {:.2} exchanges, {:.2} packets received, {:.2} sent, {:.2} kicks",
+        per_mib(exchanges),
+        per_mib(after.rx_packets - before.rx_packets),
+        per_mib(after.tx_packets - before.tx_packets),
+        per_mib(after.tx_kicks + after.rx_kicks - before.tx_kicks - before.rx_kicks),
+    );
+}
+
+/// The host connects to the listener and the guest accepts: the host's connection and
+/// the guest's socket. Not counted: set-up, not the work measured.
+fn accepted(
+    host: &mut HostPeer,
+    vsock: &mut VsockDevice<'_, FakeHal, FakeTransport>,
+    listener: SocketHandle,
+    tick: &mut impl FnMut() -> Instant,
+) -> (ConnId, SocketHandle) {
+    let id = host.connect(PORT);
+    host.settle(vsock, tick());
+    let conn = vsock.accept(listener).expect("the connection waits").0;
+    host.settle(vsock, tick());
+    (id, conn)
 }
 
 /// Runs one call of the driver: the only frames `cargo xtask bench work` counts
