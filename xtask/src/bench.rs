@@ -405,10 +405,12 @@ struct BenchVm {
     description: Option<String>,
 }
 
-/// The guest's `bench: reference` line: MiB/s of the pattern fill and of a memcpy.
+/// The guest's `bench: reference` line: MiB/s of the pattern fill, of the pattern check
+/// (guests from before it have none) and of a memcpy.
 #[derive(Clone, Copy, Debug)]
 struct Reference {
     fill_mib_s: f64,
+    check_mib_s: Option<f64>,
     copy_mib_s: f64,
 }
 
@@ -422,6 +424,7 @@ impl Reference {
         let rate = |key: &str| Some(bytes / (fields.number(key)?.max(1) as f64 / 1e6));
         Some(Reference {
             fill_mib_s: rate("fill_us")?,
+            check_mib_s: rate("check_us"),
             copy_mib_s: rate("copy_us")?,
         })
     }
@@ -1021,10 +1024,11 @@ fn run_driver_round(
                 Ok(mut booted) => {
                     let rate = |r: Option<f64>| r.map_or("?".into(), |r| format!("{r:.0} MiB/s"));
                     println!(
-                        "  {accel}/{}: guest up in {:.1}s; in the guest: pattern fill {}, memcpy {}",
+                        "  {accel}/{}: guest up in {:.1}s; in the guest: pattern fill {}, check {}, memcpy {}",
                         driver.arg,
                         started.elapsed().as_secs_f64(),
                         rate(booted.reference.map(|r| r.fill_mib_s)),
+                        rate(booted.reference.and_then(|r| r.check_mib_s)),
                         rate(booted.reference.map(|r| r.copy_mib_s)),
                     );
                     reference = reference.or(booted.reference);
@@ -1451,6 +1455,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             if let Some(r) = reference {
                 run["guest_reference_mib_s"] = serde_json::json!({
                     "pattern_fill": r.fill_mib_s,
+                    "pattern_check": r.check_mib_s,
                     "memcpy": r.copy_mib_s,
                 });
             }
@@ -1584,8 +1589,10 @@ fn render_table(
     if let Some(r) = reference {
         let _ = writeln!(
             out,
-            "reference, in the guest before any driver runs: pattern fill {:.0} MiB/s, memcpy {:.0} MiB/s",
-            r.fill_mib_s, r.copy_mib_s
+            "reference, in the guest before any driver runs: pattern fill {:.0} MiB/s, check {}, memcpy {:.0} MiB/s",
+            r.fill_mib_s,
+            r.check_mib_s.map_or("?".into(), |c| format!("{c:.0} MiB/s")),
+            r.copy_mib_s
         );
     }
     let _ = writeln!(
@@ -2101,6 +2108,19 @@ fn render_wait_table(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_reference_line_gives_rates_with_or_without_the_check() {
+        let log = "boot\n[INFO] bench: reference fill_us=1000000 check_us=500000 copy_us=250000 bytes=1048576\n";
+        let r = Reference::parse(log).expect("a reference line");
+        assert_eq!(
+            (r.fill_mib_s, r.check_mib_s, r.copy_mib_s),
+            (1.0, Some(2.0), 4.0)
+        );
+        let older = "bench: reference fill_us=1000000 copy_us=250000 bytes=1048576";
+        let r = Reference::parse(older).expect("a reference line");
+        assert_eq!((r.check_mib_s, r.copy_mib_s), (None, 4.0));
+    }
 
     fn ping_pong_run(median_us: f64, p99_us: f64, busy_us: &str, floors: [f64; 2]) -> Run {
         let mut guest = GuestReport::default();
