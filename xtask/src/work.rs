@@ -107,7 +107,12 @@ fn count(
             workload.name.to_string(),
         ),
         Some(revision) => (
-            dir.join(format!("callgrind.{}.{revision}.out", workload.name)),
+            // A revision such as `origin/main` names a file, not a folder.
+            dir.join(format!(
+                "callgrind.{}.{}.out",
+                workload.name,
+                revision.replace('/', "_")
+            )),
             format!("{revision}:{}", workload.name),
         ),
     };
