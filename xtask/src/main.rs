@@ -57,8 +57,9 @@ enum BenchTarget {
     Host,
     /// In a QEMU guest against vhost-device-vsock, driven and timed from the host.
     Qemu,
-    /// The driver's own instructions per round trip and per connect/close cycle, counted
-    /// by callgrind against the device model (independent of the machine's load).
+    /// The driver's own instructions per round trip, connect/close cycle, idle turn and
+    /// MiB each way, counted by callgrind against the device model (independent of the
+    /// machine's load).
     Work,
 }
 
