@@ -23,7 +23,9 @@
 //! only calls the driver has had since before issue 15, so the same file measures the
 //! driver of any commit since (`cargo xtask bench work --base REV`).
 //! `driver_work bulk-in N`: one connection, N MiB host→guest, the host sending as much as
-//! the guest's credit allows, the guest reading with `recv` into a 64 KiB buffer until
+//! the guest's credit allows in packets that fill the guest's receive buffers (as
+//! vhost-device-vsock does when the host application writes faster than the guest
+//! reads), the guest reading with `recv` into a 64 KiB buffer until
 //! `WouldBlock` and then polling, as a reader's loop does while it waits (one exchange).
 //! Prints the exchanges, the packets each way and the kicks per MiB.
 
@@ -154,7 +156,7 @@ fn main() {
         "bulk-in" => {
             let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let before = vsock.stats();
-            let data = vec![0x5a_u8; 64 * 1024];
+            let data = vec![0x5a_u8; RX_PER_SOCKET];
             let mut buffer = vec![0_u8; 64 * 1024];
             let total = count * MIB;
             let (mut sent, mut received, mut exchanges) = (0_u64, 0_u64, 0_u64);

@@ -616,6 +616,14 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         true
     }
 
+    /// The payload length the device claims for the packet [`VirtioVsock::receive`] would
+    /// take next (what it wrote less the header), without taking it; `None` when no
+    /// receive buffer came back. Only a hint: `receive` checks the packet.
+    pub fn next_payload_len(&mut self) -> Option<usize> {
+        let written = self.rx.peek_used_len()?;
+        Some((written as usize).saturating_sub(HEADER_LEN))
+    }
+
     /// Whether the device returned a receive buffer or an event that
     /// [`VirtioVsock::receive`] or [`VirtioVsock::next_event`] have not taken: the cheap
     /// check a poll that finds nothing makes.

@@ -325,18 +325,27 @@ impl<H: Hal> SplitRing<H> {
         }
     }
 
-    /// Takes the next entry of the used ring, if any: the id (checked to be posted, and now
-    /// the driver's again) and the length the device claims. `Err` carries an id that was
-    /// out of range or not posted.
-    fn pop_used(&mut self) -> Option<Result<(u16, u32), u32>> {
+    /// Reads the device's used index when every entry it covered has been taken; returns
+    /// whether an entry is waiting.
+    fn see_used(&mut self) -> bool {
         if self.seen_used_idx == self.last_used_idx {
             let used_idx = self.read_used_u16(self.used_offset + 2);
             if used_idx == self.last_used_idx {
-                return None;
+                return false;
             }
             // Read the entries (and later the buffers) only after seeing the index.
             fence(Ordering::Acquire);
             self.seen_used_idx = used_idx;
+        }
+        true
+    }
+
+    /// Takes the next entry of the used ring, if any: the id (checked to be posted, and now
+    /// the driver's again) and the length the device claims. `Err` carries an id that was
+    /// out of range or not posted.
+    fn pop_used(&mut self) -> Option<Result<(u16, u32), u32>> {
+        if !self.see_used() {
+            return None;
         }
         let slot = usize::from(self.last_used_idx % self.size);
         let entry = self.used_offset + 4 + 8 * slot;
@@ -359,6 +368,16 @@ impl<H: Hal> SplitRing<H> {
     fn has_used(&self) -> bool {
         self.seen_used_idx != self.last_used_idx
             || self.read_used_u16(self.used_offset + 2) != self.last_used_idx
+    }
+
+    /// The length the device claims for the next used entry, without taking it
+    /// (unchecked: only a hint).
+    fn peek_used_len(&mut self) -> Option<u32> {
+        if !self.see_used() {
+            return None;
+        }
+        let slot = usize::from(self.last_used_idx % self.size);
+        Some(self.read_used_u32(self.used_offset + 4 + 8 * slot + 4))
     }
 
     /// The raw id of the next used entry, when the index last read already covers it
@@ -576,6 +595,13 @@ impl<H: Hal> RxQueue<H> {
                 len: len as usize,
             }),
         })
+    }
+
+    /// The length the device claims to have written into the buffer that
+    /// [`RxQueue::pop_used`] would take next, without taking it; `None` when the used ring
+    /// holds nothing new. Unchecked: only a hint (`pop_used` checks it).
+    pub fn peek_used_len(&mut self) -> Option<u32> {
+        self.rings.peek_used_len()
     }
 
     /// Whether the device returned a buffer that [`RxQueue::pop_used`] has not taken.
@@ -1151,6 +1177,25 @@ mod tests {
             !queue.notify_if_needed(&mut transport),
             "nothing new to publish"
         );
+    }
+
+    #[test]
+    fn peeking_at_the_next_used_length_takes_nothing() {
+        let mut transport = FakeTransport::new(3, FEATURES);
+        let mut queue = RxQueue::<FakeHal>::new(&mut transport, 0, 4, 64, false).unwrap();
+        queue.post_all();
+        let mut model = crate::testing::DeviceModel::new(&transport);
+        assert_eq!(queue.peek_used_len(), None);
+        model.deliver_raw(&[1; 10], 10).unwrap();
+        model.deliver_raw(&[2; 30], 30).unwrap();
+        // The same entry until it is taken, then the next.
+        assert_eq!(queue.peek_used_len(), Some(10));
+        assert_eq!(queue.peek_used_len(), Some(10));
+        assert!(matches!(queue.pop_used(), Some(Ok(Used { len: 10, .. }))));
+        assert_eq!(queue.peek_used_len(), Some(30));
+        assert!(matches!(queue.pop_used(), Some(Ok(Used { len: 30, .. }))));
+        assert_eq!(queue.peek_used_len(), None);
+        assert!(queue.pop_used().is_none());
     }
 
     #[test]

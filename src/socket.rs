@@ -341,7 +341,7 @@ type Reader<'b> = &'b mut dyn FnMut(&[u8]) -> usize;
 
 /// The caller's side of a [`DirectRead`].
 enum DirectSink<'b> {
-    /// `recv`'s buffer, filled in order until it is full.
+    /// `recv`'s buffer, filled in order, packet by packet ([`DirectRead::wants`]).
     Buffer(&'b mut [u8]),
     /// `recv_with`'s reader, shown the first data where it lies, once; `None` after that.
     Reader(Option<Reader<'b>>),
@@ -356,10 +356,17 @@ impl<'b> DirectRead<'b> {
         }
     }
 
-    /// Whether the sink would take more.
-    fn has_room(&self) -> bool {
+    /// Whether to take the next packet, whose payload is `next_payload` bytes (`None`:
+    /// unknown): while the sink has room, and, once it holds something, only a packet that
+    /// fits whole. A packet cut at the end of `recv`'s buffer would leave its rest to be
+    /// copied into the receive buffer and out again; left where the device put it, the
+    /// next call takes it with one copy.
+    fn wants(&self, next_payload: Option<usize>) -> bool {
         match &self.sink {
-            DirectSink::Buffer(buf) => self.taken < buf.len(),
+            DirectSink::Buffer(buf) => {
+                let room = buf.len().saturating_sub(self.taken);
+                room > 0 && (self.taken == 0 || next_payload.is_none_or(|n| n <= room))
+            }
             DirectSink::Reader(read) => read.is_some(),
         }
     }
@@ -662,7 +669,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
         }
         self.sockets.send_replies(&mut self.device);
-        while !self.sockets.stray_rsts.is_full() && direct.as_ref().is_none_or(|d| d.has_room()) {
+        while !self.sockets.stray_rsts.is_full()
+            && direct
+                .as_ref()
+                .is_none_or(|d| d.wants(self.device.next_payload_len()))
+        {
             let sockets = &mut self.sockets;
             let direct = direct.as_deref_mut();
             let took = self.device.receive(|arrival| match arrival {
@@ -937,7 +948,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// When nothing waits in the socket's receive buffer, `recv` first takes what the
     /// device has delivered, as [`VsockDevice::poll`] would, and copies this connection's
     /// data straight into `buf`: a reader that keeps up gets its bytes with one copy, not
-    /// two. It stops taking packets once `buf` is full.
+    /// two. Once `buf` holds something, it stops before the first packet that would not
+    /// fit in the rest whole (the next call takes it); only a first packet larger than
+    /// `buf` is cut, its rest kept in the socket's receive buffer.
     pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
         if !buf.is_empty() {
             let sink = DirectSink::Buffer(&mut *buf);

@@ -1675,8 +1675,9 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
     let data = pattern(3000);
 
     // The packets arrive and no poll runs before recv: recv takes them. A's bytes go to
-    // the caller until its buffer is full, the rest of that packet to A's ring, B's bytes
-    // to B's ring; the packet after the one that filled the buffer is left for later.
+    // the caller, B's to B's ring. Once the caller's buffer holds something, recv stops
+    // before a packet that would not fit whole: it stays where the device put it, for the
+    // next call, and no byte of it is copied twice.
     model.deliver(&a.peer_sends(Op::Rw), &data[..1000]).unwrap();
     model.deliver(&b.peer_sends(Op::Rw), b"for b").unwrap();
     model
@@ -1684,18 +1685,24 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
         .unwrap();
     model.deliver(&a.peer_sends(Op::Rw), &data[2500..]).unwrap();
     let mut buf = vec![0u8; 1800];
-    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1800));
-    assert_eq!(buf, data[..1800]);
-    assert_eq!(vsock.recv_queue(conn_a), Ok(700));
-    assert_eq!(vsock.recv_queue(conn_b), Ok(5));
-    // Older bytes in the ring come first, and no packet is taken meanwhile.
-    let mut buf = vec![0u8; 1000];
-    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(700));
-    assert_eq!(buf[..700], data[1800..2500]);
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1000));
+    assert_eq!(buf[..1000], data[..1000]);
     assert_eq!(vsock.recv_queue(conn_a), Ok(0));
-    // The ring is empty: the last packet is taken now.
-    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(500));
-    assert_eq!(buf[..500], data[2500..]);
+    assert_eq!(vsock.recv_queue(conn_b), Ok(5));
+    // The next call takes the 1500-byte packet whole, and stops before the 500-byte one
+    // (300 bytes of room).
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1500));
+    assert_eq!(buf[..1500], data[1000..2500]);
+    assert_eq!(vsock.recv_queue(conn_a), Ok(0));
+    // A first packet larger than the buffer is cut: the rest goes to A's ring, and the
+    // ring's bytes come first.
+    let mut buf = vec![0u8; 300];
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(300));
+    assert_eq!(buf, data[2500..2800]);
+    assert_eq!(vsock.recv_queue(conn_a), Ok(200));
+    let mut buf = vec![0u8; 1000];
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(200));
+    assert_eq!(buf[..200], data[2800..]);
     assert_eq!(vsock.recv(conn_a, &mut buf), Err(Error::WouldBlock));
     let mut small = [0u8; 8];
     assert_eq!(vsock.recv(conn_b, &mut small), Ok(5));
