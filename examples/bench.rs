@@ -54,7 +54,9 @@
 //! (kicks) the driver sent on each virtqueue from accepting the connection to the end of
 //! the workload, counted in a wrapper around the transport (so both drivers are counted
 //! the same way), ours the CREDIT_UPDATEs it received and CREDIT_REQUESTs it sent in that
-//! time (`credit_updates_rx=<u> credit_requests_tx=<r>`), ours how it waited in that
+//! time (`credit_updates_rx=<u> credit_requests_tx=<r>`), ours the received bytes that
+//! went through a socket's receive buffer instead of straight to `recv`
+//! (`rx_buffered_bytes=<b>`: copied twice), ours how it waited in that
 //! time (`interrupts=<i> halts=<h> timer_wakes=<w> backstop_finds=<f> halted_us=<t>`:
 //! device interrupts taken, halts, halts the timer ended, polls after a backstop's halt
 //! that found work, time spent halted; all 0 with `wait=poll`), the quantiles of the
@@ -309,7 +311,7 @@ mod bench {
 
     /// What the result line reports as differences: kicks per queue and the ticks spent
     /// in them, the ticks spent inside the driver, the guest's busy ticks, and the credit
-    /// packets and waits where the driver counts them.
+    /// packets, buffered bytes and waits where the driver counts them.
     #[derive(Clone, Copy)]
     struct Counters {
         kicks: [u64; 3],
@@ -319,6 +321,7 @@ mod bench {
         busy_ticks: u64,
         credit: Option<CreditCounts>,
         wait: Option<WaitCounts>,
+        rx_buffered_bytes: Option<u64>,
     }
 
     impl Counters {
@@ -331,6 +334,7 @@ mod bench {
                 busy_ticks: BUSY_TICKS.load(Ordering::Relaxed),
                 credit: driver.credit_counts(),
                 wait: driver.wait_counts(),
+                rx_buffered_bytes: driver.rx_buffered_bytes(),
             }
         }
     }
@@ -445,6 +449,9 @@ mod bench {
         }
         fn credit_counts(&self) -> Option<CreditCounts> {
             self.0.credit_counts()
+        }
+        fn rx_buffered_bytes(&self) -> Option<u64> {
+            self.0.rx_buffered_bytes()
         }
         fn wait_counts(&self) -> Option<WaitCounts> {
             self.0.wait_counts()
@@ -710,6 +717,11 @@ mod bench {
         fn credit_counts(&self) -> Option<CreditCounts> {
             None
         }
+        /// Received bytes that went through a socket's receive buffer (copied in, and out
+        /// again by `recv`), where the driver counts them.
+        fn rx_buffered_bytes(&self) -> Option<u64> {
+            None
+        }
         /// How the driver waited so far, where it sleeps.
         fn wait_counts(&self) -> Option<WaitCounts> {
             None
@@ -898,6 +910,10 @@ mod bench {
                 updates_received: stats.rx_credit_updates,
                 requests_sent: stats.tx_credit_requests,
             })
+        }
+
+        fn rx_buffered_bytes(&self) -> Option<u64> {
+            Some(self.device.stats().rx_buffered_bytes)
         }
     }
 
@@ -1332,6 +1348,9 @@ mod bench {
                 after.updates_received - before.updates_received,
                 after.requests_sent - before.requests_sent,
             );
+        }
+        if let (Some(after), Some(before)) = (after.rx_buffered_bytes, before.rx_buffered_bytes) {
+            let _ = write!(line, "rx_buffered_bytes={} ", after - before);
         }
         if let (Some(after), Some(before)) = (after.wait, before.wait) {
             let _ = write!(

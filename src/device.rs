@@ -87,6 +87,13 @@ pub struct Stats {
     /// CREDIT_REQUEST packets sent: the times a connection found itself without credit
     /// and nothing of its own left unacknowledged, or its probe fired (B29).
     pub tx_credit_requests: u64,
+    /// Received payload bytes that went into a socket's receive buffer (copied there, and
+    /// copied again by `recv`), rather than straight to the caller of `recv` or
+    /// `recv_with` (see [`VsockDevice::recv`](crate::VsockDevice::recv)): data that
+    /// arrived while the reader was not in `recv`, or the rest of a packet larger than
+    /// `recv`'s buffer. Counted by [`VsockDevice::stats`](crate::VsockDevice::stats); 0
+    /// from [`VirtioVsock::stats`].
+    pub rx_buffered_bytes: u64,
 }
 
 /// What [`VirtioVsock::receive`] took from the device.

@@ -420,6 +420,9 @@ struct Sockets<'a> {
     /// One past the highest slot that may hold a socket or queued data: the walks of
     /// every poll stop there (new sockets take the lowest free slot).
     in_use_end: usize,
+    /// Payload bytes that went into a socket's receive buffer rather than straight to
+    /// `recv` or `recv_with` ([`Stats::rx_buffered_bytes`]).
+    rx_buffered_bytes: u64,
     /// Some task may wait on a socket (feature `async`): `poll` looks at the wakers only
     /// then.
     #[cfg(feature = "async")]
@@ -487,6 +490,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 timers_changed: false,
                 next_timer: None,
                 in_use_end: 0,
+                rx_buffered_bytes: 0,
                 #[cfg(feature = "async")]
                 tasks_waiting: false,
                 config,
@@ -501,9 +505,12 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         self.device.guest_cid()
     }
 
-    /// Device counters, kicks included.
+    /// Device counters, kicks included, and [`Stats::rx_buffered_bytes`].
     pub fn stats(&self) -> Stats {
-        self.device.stats()
+        Stats {
+            rx_buffered_bytes: self.sockets.rx_buffered_bytes,
+            ..self.device.stats()
+        }
     }
 
     /// Bytes of transmit memory ([`Config::tx_memory`]) in use now: data waiting for
@@ -1877,6 +1884,7 @@ impl Sockets<'_> {
             let ring = &mut self.rx_memory[ring_start..ring_start + per];
             ring_push(ring, head, &mut len, rest);
             socket.rx_len = len;
+            self.rx_buffered_bytes += rest.len() as u64;
         }
         match outcome.reply {
             Reply::Nothing => {}

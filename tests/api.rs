@@ -1689,6 +1689,7 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
     assert_eq!(buf[..1000], data[..1000]);
     assert_eq!(vsock.recv_queue(conn_a), Ok(0));
     assert_eq!(vsock.recv_queue(conn_b), Ok(5));
+    assert_eq!(vsock.stats().rx_buffered_bytes, 5, "B's bytes only");
     // The next call takes the 1500-byte packet whole, and stops before the 500-byte one
     // (300 bytes of room).
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1500));
@@ -1700,6 +1701,11 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(300));
     assert_eq!(buf, data[2500..2800]);
     assert_eq!(vsock.recv_queue(conn_a), Ok(200));
+    assert_eq!(
+        vsock.stats().rx_buffered_bytes,
+        205,
+        "and the cut packet's rest"
+    );
     let mut buf = vec![0u8; 1000];
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(200));
     assert_eq!(buf[..200], data[2800..]);

@@ -1711,6 +1711,14 @@ fn render_table(
             _ => "-".to_string(),
         }
     });
+    let _ = writeln!(
+        out,
+        "\nreceived bytes that went through a socket's receive buffer (copied in, then out by recv) instead of straight to recv, KiB per unit (counted by our driver; '-' where the driver does not count them)"
+    );
+    per_unit_rows(&mut out, workloads, outcomes, |run| {
+        run.per_unit("rx_buffered_bytes")
+            .map_or("-".to_string(), |bytes| number(bytes / 1024.0))
+    });
     if !notes.is_empty() {
         let _ = writeln!(out);
         for note in notes {
@@ -1906,6 +1914,7 @@ fn json_run(
                             "vcpu_queued_us_per_unit": run.vcpu_queued_per_unit(),
                             "credit_updates_rx_per_unit": run.per_unit("credit_updates_rx"),
                             "credit_requests_tx_per_unit": run.per_unit("credit_requests_tx"),
+                            "rx_buffered_bytes_per_unit": run.per_unit("rx_buffered_bytes"),
                             "guest": run.guest.fields,
                             "partial": run.partial,
                             "median_of": run.repetitions,
