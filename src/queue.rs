@@ -347,8 +347,7 @@ impl<H: Hal> SplitRing<H> {
         if !self.see_used() {
             return None;
         }
-        let slot = usize::from(self.last_used_idx % self.size);
-        let entry = self.used_offset + 4 + 8 * slot;
+        let entry = self.next_used_entry();
         let raw_id = self.read_used_u32(entry);
         let raw_len = self.read_used_u32(entry + 4);
         self.last_used_idx = self.last_used_idx.wrapping_add(1);
@@ -376,8 +375,7 @@ impl<H: Hal> SplitRing<H> {
         if !self.see_used() {
             return None;
         }
-        let slot = usize::from(self.last_used_idx % self.size);
-        Some(self.read_used_u32(self.used_offset + 4 + 8 * slot + 4))
+        Some(self.read_used_u32(self.next_used_entry() + 4))
     }
 
     /// The raw id of the next used entry, when the index last read already covers it
@@ -386,8 +384,13 @@ impl<H: Hal> SplitRing<H> {
         if self.seen_used_idx == self.last_used_idx {
             return None;
         }
-        let slot = usize::from(self.last_used_idx % self.size);
-        Some(self.read_used_u32(self.used_offset + 4 + 8 * slot))
+        Some(self.read_used_u32(self.next_used_entry()))
+    }
+
+    /// The offset in the ring of the used entry `pop_used` takes next: its id, then its
+    /// length.
+    fn next_used_entry(&self) -> usize {
+        self.used_offset + 4 + 8 * usize::from(self.last_used_idx % self.size)
     }
 
     /// Buffers posted since the last notification decision.

@@ -356,16 +356,16 @@ impl<'b> DirectRead<'b> {
         }
     }
 
-    /// Whether to take the next packet, whose payload is `next_payload` bytes (`None`:
-    /// unknown): while the sink has room, and, once it holds something, only a packet that
-    /// fits whole. A packet cut at the end of `recv`'s buffer would leave its rest to be
+    /// Whether to take the next packet, whose payload `next_payload` gives (`None`:
+    /// unknown; asked only once the sink holds something): while the sink has room, and,
+    /// once it holds something, only a packet that fits whole. A packet cut at the end of `recv`'s buffer would leave its rest to be
     /// copied into the receive buffer and out again; left where the device put it, the
     /// next call takes it with one copy.
-    fn wants(&self, next_payload: Option<usize>) -> bool {
+    fn wants(&self, next_payload: impl FnOnce() -> Option<usize>) -> bool {
         match &self.sink {
             DirectSink::Buffer(buf) => {
                 let room = buf.len().saturating_sub(self.taken);
-                room > 0 && (self.taken == 0 || next_payload.is_none_or(|n| n <= room))
+                room > 0 && (self.taken == 0 || next_payload().is_none_or(|n| n <= room))
             }
             DirectSink::Reader(read) => read.is_some(),
         }
@@ -679,7 +679,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         while !self.sockets.stray_rsts.is_full()
             && direct
                 .as_ref()
-                .is_none_or(|d| d.wants(self.device.next_payload_len()))
+                .is_none_or(|d| d.wants(|| self.device.next_payload_len()))
         {
             let sockets = &mut self.sockets;
             let direct = direct.as_deref_mut();
