@@ -1014,6 +1014,14 @@ mod tests {
         (transport, queue)
     }
 
+    /// A receive queue of `size` buffers of `buffer_size` bytes, all posted.
+    fn rx_queue(size: u16, buffer_size: usize) -> (FakeTransport, RxQueue<FakeHal>) {
+        let mut transport = FakeTransport::new(3, FEATURES);
+        let mut queue = RxQueue::new(&mut transport, 0, size, buffer_size, false).unwrap();
+        queue.post_all();
+        (transport, queue)
+    }
+
     fn runs(buffers: &[TxBuffer]) -> std::vec::Vec<(u16, u16)> {
         buffers.iter().map(|b| (b.first, b.chunks)).collect()
     }
@@ -1158,9 +1166,7 @@ mod tests {
 
     #[test]
     fn reposted_buffers_reach_the_device_once_per_batch() {
-        let mut transport = FakeTransport::new(3, FEATURES);
-        let mut queue = RxQueue::<FakeHal>::new(&mut transport, 0, 8, 64, false).unwrap();
-        queue.post_all();
+        let (mut transport, mut queue) = rx_queue(8, 64);
         let mut model = crate::testing::DeviceModel::new(&transport);
         assert_eq!(model.available(0), 8, "start-up publishes every buffer");
         for _ in 0..3 {
@@ -1184,9 +1190,7 @@ mod tests {
 
     #[test]
     fn peeking_at_the_next_used_length_takes_nothing() {
-        let mut transport = FakeTransport::new(3, FEATURES);
-        let mut queue = RxQueue::<FakeHal>::new(&mut transport, 0, 4, 64, false).unwrap();
-        queue.post_all();
+        let (transport, mut queue) = rx_queue(4, 64);
         let mut model = crate::testing::DeviceModel::new(&transport);
         assert_eq!(queue.peek_used_len(), None);
         model.deliver_raw(&[1; 10], 10).unwrap();

@@ -358,9 +358,9 @@ impl<'b> DirectRead<'b> {
 
     /// Whether to take the next packet, whose payload `next_payload` gives (`None`:
     /// unknown; asked only once the sink holds something): while the sink has room, and,
-    /// once it holds something, only a packet that fits whole. A packet cut at the end of `recv`'s buffer would leave its rest to be
-    /// copied into the receive buffer and out again; left where the device put it, the
-    /// next call takes it with one copy.
+    /// once it holds something, only a packet that fits whole. A packet cut at the end of
+    /// `recv`'s buffer would leave its rest to be copied into the receive buffer and out
+    /// again; left where the device put it, the next call takes it with one copy.
     fn wants(&self, next_payload: impl FnOnce() -> Option<usize>) -> bool {
         match &self.sink {
             DirectSink::Buffer(buf) => {
