@@ -59,6 +59,16 @@ impl Credit {
         }
     }
 
+    /// Whether [`Credit::update_peer`] with these fields would change nothing: the peer
+    /// reports what it last reported, and no CREDIT_REQUEST of ours waits for the answer
+    /// that any header is.
+    pub const fn peer_fields_unchanged(&self, peer_buf_alloc: u32, peer_fwd_cnt: u32) -> bool {
+        self.peer_buf_alloc == peer_buf_alloc
+            && self.peer_fwd_cnt == peer_fwd_cnt
+            && self.request_answered
+            && !(self.credit_requested && self.peer_free() > 0)
+    }
+
     /// Bytes we may send now (B24): `peer_buf_alloc - (tx_cnt - peer_fwd_cnt)`, and 0 when
     /// the peer shrank its buffer or reports a `fwd_cnt` ahead of what we sent.
     pub const fn peer_free(&self) -> u32 {

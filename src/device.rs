@@ -631,6 +631,36 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
         Some((written as usize).saturating_sub(HEADER_LEN))
     }
 
+    /// Reads the device's used index afresh and returns how many received packets wait
+    /// for [`VirtioVsock::receive`], as the device claims (a device that lies can claim
+    /// more than the queue holds).
+    pub fn rx_pending(&mut self) -> u16 {
+        self.rx.used_pending()
+    }
+
+    /// The size of the receive queue: buffers the driver posts.
+    pub fn rx_queue_size(&self) -> u16 {
+        self.rx.size()
+    }
+
+    /// The header of the packet `ahead` places after the one [`VirtioVsock::receive`]
+    /// would take next, without taking anything: `None` when the count
+    /// [`VirtioVsock::rx_pending`] last read does not cover it, or when its used entry or
+    /// packet is malformed (`receive` deals with those when it takes them). Only a hint,
+    /// as [`RxQueue::peek_used_buffer`] says.
+    pub fn arrived_header(&mut self, ahead: u16) -> Option<Header> {
+        let packet = self.rx.peek_used_buffer(ahead)?;
+        Header::parse_packet(packet, packet.len())
+            .ok()
+            .map(|(header, _)| header)
+    }
+
+    /// Receive buffers taken back from the device so far, good and rejected ones
+    /// (free-running, wraps at 2^16): unchanged between two calls when nothing was taken.
+    pub fn rx_taken(&self) -> u16 {
+        self.rx.used_taken()
+    }
+
     /// Whether the device returned a receive buffer or an event that
     /// [`VirtioVsock::receive`] or [`VirtioVsock::next_event`] have not taken: the cheap
     /// check a poll that finds nothing makes.

@@ -369,13 +369,28 @@ impl<H: Hal> SplitRing<H> {
             || self.read_used_u16(self.used_offset + 2) != self.last_used_idx
     }
 
-    /// The length the device claims for the next used entry, without taking it
-    /// (unchecked: only a hint).
-    fn peek_used_len(&mut self) -> Option<u32> {
-        if !self.see_used() {
+    /// Reads the device's used index afresh and returns how many entries it covers that
+    /// have not been taken (as the device claims: a device that lies can claim up to
+    /// 65,535).
+    fn used_pending(&mut self) -> u16 {
+        let used_idx = self.read_used_u16(self.used_offset + 2);
+        // Read the entries (and later the buffers) only after seeing the index.
+        fence(Ordering::Acquire);
+        self.seen_used_idx = used_idx;
+        used_idx.wrapping_sub(self.last_used_idx)
+    }
+
+    /// The raw id and the length the device claims for the used entry `ahead` places
+    /// after the next one to take, without taking anything (unchecked: only a hint);
+    /// `None` when the used index last read does not cover it (`ahead` 0 reads the index
+    /// when every entry it covered has been taken).
+    fn peek_used(&mut self, ahead: u16) -> Option<(u32, u32)> {
+        if !self.see_used() || self.seen_used_idx.wrapping_sub(self.last_used_idx) <= ahead {
             return None;
         }
-        Some(self.read_used_u32(self.next_used_entry() + 4))
+        let slot = self.last_used_idx.wrapping_add(ahead) % self.size;
+        let entry = self.used_offset + 4 + 8 * usize::from(slot);
+        Some((self.read_used_u32(entry), self.read_used_u32(entry + 4)))
     }
 
     /// The raw id of the next used entry, when the index last read already covers it
@@ -539,6 +554,11 @@ impl<H: Hal> RxQueue<H> {
         self.rings.kicks
     }
 
+    /// Descriptors (and buffers) in the queue.
+    pub fn size(&self) -> u16 {
+        self.rings.size
+    }
+
     /// Posts and publishes every buffer (at start-up, before DRIVER_OK: B3).
     pub fn post_all(&mut self) {
         for id in 0..self.rings.size {
@@ -604,7 +624,43 @@ impl<H: Hal> RxQueue<H> {
     /// [`RxQueue::pop_used`] would take next, without taking it; `None` when the used ring
     /// holds nothing new. Unchecked: only a hint (`pop_used` checks it).
     pub fn peek_used_len(&mut self) -> Option<u32> {
-        self.rings.peek_used_len()
+        self.rings.peek_used(0).map(|(_, len)| len)
+    }
+
+    /// Reads the device's used index afresh and returns how many used entries wait to be
+    /// taken, as the device claims ([`RxQueue::peek_used_buffer`] can look at them).
+    pub fn used_pending(&mut self) -> u16 {
+        self.rings.used_pending()
+    }
+
+    /// The bytes the device claims to have written into the buffer of the used entry
+    /// `ahead` places after the one [`RxQueue::pop_used`] would take next, without taking
+    /// anything; `None` when the used index last read ([`RxQueue::used_pending`]) does
+    /// not cover that entry, or when `pop_used` would reject it (it reports that when it
+    /// takes it). Only a hint: the buffer is still the device's as far as the bookkeeping
+    /// goes, and `pop_used` checks everything again.
+    pub fn peek_used_buffer(&mut self, ahead: u16) -> Option<&[u8]> {
+        let (raw_id, len) = self.rings.peek_used(ahead)?;
+        let id = u16::try_from(raw_id)
+            .ok()
+            .filter(|&id| id < self.rings.size && self.rings.is_posted(id))?;
+        let len = len as usize;
+        if len > self.buffer_size {
+            return None;
+        }
+        // SAFETY: `id < size` and `len <= buffer_size`, so the range lies within buffer
+        // `id` inside the `buffers` region, which lives as long as `self` (and the borrow
+        // of `self` keeps the buffer from being reposted meanwhile). The device put the id
+        // in the used ring, and the used index covering it was read (with an acquire
+        // fence) after it did: it has finished writing the buffer and, by the virtio
+        // contract, does not touch it until it is posted again, as for a buffer
+        // `pop_used` took (see `RxQueue::buffer`).
+        Some(unsafe {
+            core::slice::from_raw_parts(
+                self.buffers.at::<u8>(usize::from(id) * self.buffer_size),
+                len,
+            )
+        })
     }
 
     /// Whether the device returned a buffer that [`RxQueue::pop_used`] has not taken.
@@ -1203,6 +1259,42 @@ mod tests {
         assert!(matches!(queue.pop_used(), Some(Ok(Used { len: 30, .. }))));
         assert_eq!(queue.peek_used_len(), None);
         assert!(queue.pop_used().is_none());
+    }
+
+    #[test]
+    fn peeking_at_used_buffers_takes_nothing_and_skips_what_pop_rejects() {
+        let (transport, mut queue) = rx_queue(4, 64);
+        let mut model = crate::testing::DeviceModel::new(&transport);
+        assert_eq!(queue.used_pending(), 0);
+        assert_eq!(queue.peek_used_buffer(0), None);
+        model.deliver_raw(&[1, 2, 3, 4], 4).unwrap();
+        model.deliver_raw(&[5; 30], 30).unwrap();
+        // The index is read when everything seen was taken; entries past it wait for a
+        // fresh read.
+        assert_eq!(queue.peek_used_buffer(0), Some(&[1, 2, 3, 4][..]));
+        model.deliver_raw(&[6; 40], 40).unwrap();
+        assert_eq!(queue.peek_used_buffer(2), None);
+        assert_eq!(queue.used_pending(), 3);
+        assert_eq!(queue.peek_used_buffer(0), Some(&[1, 2, 3, 4][..]));
+        assert_eq!(queue.peek_used_buffer(1), Some(&[5; 30][..]));
+        assert_eq!(queue.peek_used_buffer(2), Some(&[6; 40][..]));
+        assert_eq!(queue.peek_used_buffer(3), None, "past the used index");
+        for len in [4, 30, 40] {
+            assert!(matches!(queue.pop_used(), Some(Ok(Used { len: l, .. })) if l == len));
+        }
+        assert_eq!(queue.used_pending(), 0);
+        // An id out of range, a length over the buffer: pop_used rejects both, and the
+        // peek shows neither.
+        model.push_used(0, 9, 8).unwrap();
+        assert_eq!(queue.peek_used_buffer(0), None);
+        assert!(matches!(queue.pop_used(), Some(Err(_))));
+        model.deliver_raw(&[7; 8], 65).unwrap();
+        assert_eq!(queue.peek_used_buffer(0), None);
+        assert!(matches!(
+            queue.pop_used(),
+            Some(Err(BadUsed::TooLong { .. }))
+        ));
+        assert_eq!(queue.peek_used_buffer(0), None);
     }
 
     #[test]

@@ -434,6 +434,29 @@ pub struct VsockDevice<'a, H: Hal, T: Transport> {
     device: VirtioVsock<H, T>,
     sockets: Sockets<'a>,
     now: Instant,
+    /// The data the last `poll` left in the device's used ring for its reader (see
+    /// [`VsockDevice::poll`]).
+    left: Option<LeftData>,
+}
+
+/// The smallest first packet for which `poll` looks whether to leave the data that came to
+/// its reader ([`VsockDevice::poll`]). Looking costs the driver about 150 instructions
+/// (the used entries and headers read, the connection found), as much as copying a few
+/// KiB once more: a ping-pong of small messages or a packet without data would pay it
+/// for nothing.
+const LEAVE_MIN_PAYLOAD: usize = 4096;
+
+/// Received packets `poll` left where the device put them, all data for one connection,
+/// for its `recv` to take with one copy (or `recv_with` with none).
+#[derive(Clone, Copy, Debug)]
+struct LeftData {
+    /// The receive buffers taken back so far then ([`VirtioVsock::rx_taken`]): while that
+    /// has not moved, the packets are still there, and the next `poll` takes them.
+    at: u16,
+    /// The slot of their connection.
+    index: usize,
+    /// Their payload's length.
+    len: usize,
 }
 
 impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
@@ -497,6 +520,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 guest_cid,
             },
             now: Instant::ZERO,
+            left: None,
         })
     }
 
@@ -527,10 +551,21 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Does all the work: reclaims sent buffers, takes received packets and device events,
     /// sends replies, fires timeouts, and notifies the device once per queue. Call it often;
     /// `now` must not go backwards.
+    ///
+    /// When every packet the device has delivered is data for one connection whose
+    /// receive buffer is empty, and nothing else (no control packet, no new credit in
+    /// the headers, B26; at most a quarter of the receive queue and within our credit,
+    /// B30), and the first carries 4 KiB or more, `poll` leaves them in the device's used ring for that connection's `recv`
+    /// (or `recv_with`) to take: it then copies the data once, straight into the caller's
+    /// buffer, not into the receive buffer first (see [`VsockDevice::recv`]). The
+    /// connection reads as having that data meanwhile ([`VsockDevice::readiness`],
+    /// [`VsockDevice::recv_queue`], [`VsockDevice::peek`]), so a task that waits for it is
+    /// woken. Left data waits one `poll` at most: a `poll` that finds it still there
+    /// takes it, and [`VsockDevice::arm_interrupts`] returns `false` while it is there.
     pub fn poll(&mut self, now: Instant) {
         self.now = now;
         self.device.reclaim_tx();
-        self.take_arrivals(None);
+        self.take_arrivals(None, true);
         self.sockets.fire_timers(now);
         // Credit that came in moves waiting data (B25); what the timers made connections
         // owe goes out with it.
@@ -652,11 +687,14 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Takes device events, then received packets while RSTs for no connection can wait
     /// (B7), and sends the replies. With `direct`, its connection's data goes to `direct`
-    /// while that has room, and no packet is taken after that.
-    fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>) {
+    /// while that has room, and no packet is taken after that. For `poll`, packets that
+    /// are all data for one reader are left to it, once ([`VsockDevice::poll`]).
+    fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>, for_poll: bool) {
         // Busy: no interrupts until the kernel arms them again.
         self.device.disarm_interrupts();
         if !self.device.has_arrivals() {
+            // Nothing left either.
+            self.left = None;
             // The turn of a waiting loop: nothing came in, only replies owed from before
             // may go out.
             self.sockets.send_replies(&mut self.device);
@@ -676,6 +714,14 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
         }
         self.sockets.send_replies(&mut self.device);
+        // Data the last poll left and nobody took is taken now.
+        let left_before = self.left.take();
+        if for_poll && left_before.is_none_or(|left| left.at != self.device.rx_taken()) {
+            self.left = self.data_for_one_reader();
+            if self.left.is_some() {
+                return;
+            }
+        }
         while !self.sockets.stray_rsts.is_full()
             && direct
                 .as_ref()
@@ -692,6 +738,41 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
             self.sockets.send_replies(&mut self.device);
         }
+    }
+
+    /// When every packet the device has delivered is data for one connection whose reader
+    /// would take it itself ([`Sockets::reader_would_take`]), within the credit we gave
+    /// (one that is not is for `poll` to reset now, B30), and they hold at most a quarter
+    /// of the receive buffers: that connection and their payload's length, for `poll` to
+    /// leave them to the reader. Only when the first carries [`LEAVE_MIN_PAYLOAD`] bytes
+    /// or more: below that, the second copy costs less than the look.
+    fn data_for_one_reader(&mut self) -> Option<LeftData> {
+        if self.device.next_payload_len()? < LEAVE_MIN_PAYLOAD {
+            return None;
+        }
+        let pending = self.device.rx_pending();
+        if pending == 0 || pending > self.device.rx_queue_size() / 4 {
+            return None;
+        }
+        let mut left: Option<LeftData> = None;
+        for ahead in 0..pending {
+            let header = self.device.arrived_header(ahead)?;
+            let index = self.sockets.reader_would_take(&header)?;
+            let len = header.len as usize;
+            match &mut left {
+                None => {
+                    left = Some(LeftData {
+                        at: self.device.rx_taken(),
+                        index,
+                        len,
+                    })
+                }
+                Some(left) if left.index == index => left.len += len,
+                Some(_) => return None,
+            }
+        }
+        // The receive buffer is empty, so the credit is all of it.
+        left.filter(|left| left.len <= self.sockets.rx_per_socket)
     }
 
     /// Creates a stream socket (`socket(AF_VSOCK, SOCK_STREAM, 0)`).
@@ -1009,7 +1090,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             return None;
         }
         let mut direct = DirectRead::new(usize::from(handle.index), sink);
-        self.take_arrivals(Some(&mut direct));
+        self.take_arrivals(Some(&mut direct), false);
         // Packets for other sockets may have made them ready.
         #[cfg(feature = "async")]
         self.wake_ready_tasks();
@@ -1041,12 +1122,30 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Copies waiting data into `buf` without consuming it.
     pub fn peek(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
+        if self.left_for(handle).is_some() {
+            // The data `poll` left for `recv` goes to the receive buffer, to be shown.
+            self.take_arrivals(None, false);
+            #[cfg(feature = "async")]
+            self.wake_ready_tasks();
+            self.device.flush_tx_batch();
+        }
         self.sockets.read(handle, buf, false)
     }
 
-    /// Bytes waiting to be received.
+    /// Bytes waiting to be received: in the socket's receive buffer, or, when that is
+    /// empty, in the packets [`VsockDevice::poll`] left for `recv`.
     pub fn recv_queue(&self, handle: SocketHandle) -> Result<usize> {
-        Ok(self.sockets.get(handle)?.rx_len)
+        let buffered = self.sockets.get(handle)?.rx_len;
+        Ok(buffered + self.left_for(handle).unwrap_or(0))
+    }
+
+    /// The bytes the last `poll` left for `handle`'s reader, while they are still there.
+    fn left_for(&self, handle: SocketHandle) -> Option<usize> {
+        self.left
+            .filter(|left| {
+                left.index == usize::from(handle.index) && left.at == self.device.rx_taken()
+            })
+            .map(|left| left.len)
     }
 
     /// Shuts down one or both directions (B35): sends SHUTDOWN with the matching flags.
@@ -1162,7 +1261,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 // After our own `shutdown(Read)`, `recv` returns `Ok(0)` at once: readable,
                 // as poll(2) reports it (B35).
                 let read_shut = conn.local_shutdown.contains(ShutdownFlags::RECEIVE);
-                if socket.rx_len > 0 || ended || read_shut {
+                if socket.rx_len > 0 || ended || read_shut || self.left_for(handle).is_some() {
                     ready |= Readiness::READABLE;
                 }
                 if ended {
@@ -1552,6 +1651,42 @@ impl Sockets<'_> {
             }
         }
         Err(Error::AddrNotAvailable)
+    }
+
+    /// The slot of the connection whose reader would take the packet of `header` itself
+    /// ([`VsockDevice::recv`]), were it left for it: a data packet for an accepted,
+    /// connected connection that is open for reading and has nothing in its receive
+    /// buffer, and whose header brings nothing but the data: the peer's credit fields as
+    /// last reported (B26), nothing sent waiting for them. Anything else (and anything
+    /// odd about it) is for `poll` to take.
+    fn reader_would_take(&mut self, header: &Header) -> Option<usize> {
+        if header.op != Op::Rw as u16
+            || header.len == 0
+            || header.dst_cid != u64::from(self.guest_cid)
+            || header.socket_type() != Some(SocketType::Stream)
+        {
+            return None;
+        }
+        let index = self.find_connection(header)?;
+        let slot = self.slots.get(index)?;
+        let socket = slot.socket.as_ref()?;
+        let Role::Stream {
+            conn,
+            listener: None,
+            ..
+        } = &socket.role
+        else {
+            return None;
+        };
+        let open = conn.state == State::Connected
+            && !conn.local_shutdown.contains(ShutdownFlags::RECEIVE)
+            && !conn.peer_shutdown.contains(ShutdownFlags::SEND);
+        let only_data = conn
+            .credit
+            .peer_fields_unchanged(header.buf_alloc, header.fwd_cnt)
+            && slot.send_queue.is_empty()
+            && conn.next_timer().is_none();
+        (open && only_data && !socket.orphaned && socket.rx_len == 0).then_some(index)
     }
 
     /// Whether `handle` is a connection with an empty receive ring.

@@ -1607,6 +1607,9 @@ fn recv_with_reads_in_place_in_the_pieces_of_the_ring() {
     for part in data[..10_000].chunks(MAX_TX_PAYLOAD - 44) {
         model.deliver(&tuple.peer_sends(Op::Rw), part).unwrap();
     }
+    // The first poll leaves the data for the reader; the second takes it into the ring,
+    // which this test reads.
+    vsock.poll(ms(2));
     vsock.poll(ms(2));
     let mut seen = Vec::new();
     let n = vsock.recv_with(conn, |bytes| {
@@ -1735,6 +1738,135 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(3));
     assert_eq!(&buf[..3], b"end");
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(0));
+}
+
+#[test]
+fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(3);
+    // Receive buffers of 16 KiB: poll leaves only packets of 4 KiB of data or more.
+    let config = Config {
+        interrupts: true,
+        rx_buffer_size: 16 * 1024,
+        ..test_config()
+    };
+    let mut vsock = bring_up(&transport, config, &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 2);
+    let a = Tuple::host();
+    let b = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 1);
+    let conn_a = accept_from(&mut vsock, &mut model, listener, a, ms(1));
+    let conn_b = accept_from(&mut vsock, &mut model, listener, b, ms(1));
+    let rx_shown = model.available(0);
+    let data = pattern(16_000);
+    let buffered = |vsock: &Device<'_>| vsock.stats().rx_buffered_bytes;
+    let mut buf = vec![0u8; 16 * 1024];
+
+    // Two data packets for A, nothing else: poll leaves them where the device put them.
+    // A reads as having them; the kernel may not sleep on them.
+    model.deliver(&a.peer_sends(Op::Rw), &data[..5000]).unwrap();
+    model
+        .deliver(&a.peer_sends(Op::Rw), &data[5000..11_000])
+        .unwrap();
+    vsock.poll(ms(2));
+    assert_eq!(model.available(0), rx_shown - 2, "nothing taken");
+    assert_eq!(vsock.recv_queue(conn_a), Ok(11_000));
+    assert!(vsock
+        .readiness(conn_a)
+        .unwrap()
+        .contains(Readiness::READABLE));
+    assert!(!vsock
+        .readiness(conn_b)
+        .unwrap()
+        .contains(Readiness::READABLE));
+    assert!(
+        !vsock.arm_interrupts(),
+        "data left: poll again, do not sleep"
+    );
+    // recv takes them itself, one copy each, none through A's ring; the device gets the
+    // buffers back at the next poll (B31).
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(11_000));
+    assert_eq!(buf[..11_000], data[..11_000]);
+    assert_eq!(buffered(&vsock), 0);
+    vsock.poll(ms(3));
+    assert_eq!(model.available(0), rx_shown);
+    assert!(vsock.arm_interrupts());
+
+    // Left once only: a poll that finds the data still there takes it into the ring.
+    model
+        .deliver(&a.peer_sends(Op::Rw), &data[11_000..])
+        .unwrap();
+    vsock.poll(ms(4));
+    assert_eq!(buffered(&vsock), 0);
+    vsock.poll(ms(5));
+    assert_eq!(buffered(&vsock), 5000);
+    assert_eq!(model.available(0), rx_shown);
+    assert_eq!(vsock.recv_queue(conn_a), Ok(5000));
+    assert!(vsock.arm_interrupts());
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(5000));
+    assert_eq!(buf[..5000], data[11_000..]);
+
+    // peek shows left data (it moves it to the ring to show it).
+    model.deliver(&a.peer_sends(Op::Rw), &data[..4096]).unwrap();
+    vsock.poll(ms(6));
+    assert_eq!(vsock.recv_queue(conn_a), Ok(4096));
+    assert_eq!(vsock.peek(conn_a, &mut buf[..10]), Ok(10));
+    assert_eq!(buf[..10], data[..10]);
+    assert_eq!(buffered(&vsock), 9096);
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(4096));
+    let mut taken = 9096;
+
+    // Not left, each taken into the rings by the first poll: less than 4 KiB of data;
+    // data for two connections; more packets than a quarter of the receive queue; a
+    // header with new credit fields (B26).
+    let cases: [&[(Tuple, &[u8])]; 3] = [
+        &[(a, &data[..4095])],
+        &[(a, &data[..4096]), (b, b"y")],
+        &[(a, &data[..4096])],
+    ];
+    for (case, packets) in cases.iter().enumerate() {
+        for &(tuple, payload) in packets.iter() {
+            model.deliver(&tuple.peer_sends(Op::Rw), payload).unwrap();
+        }
+        if case == 2 {
+            let many = rx_shown / 4; // every buffer is shown: the queue size
+            for _ in 0..many {
+                model.deliver(&a.peer_sends(Op::Rw), b"m").unwrap();
+            }
+            taken += many as u64;
+        }
+        taken += packets.iter().map(|(_, p)| p.len() as u64).sum::<u64>();
+        vsock.poll(ms(7));
+        assert_eq!(buffered(&vsock), taken, "case {case}");
+        while vsock.recv(conn_a, &mut buf).is_ok() {}
+        while vsock.recv(conn_b, &mut buf).is_ok() {}
+    }
+    let credit = Header {
+        buf_alloc: PEER_BUF_ALLOC * 2,
+        ..a.peer_sends(Op::Rw)
+    };
+    model.deliver(&credit, &data[..4096]).unwrap();
+    vsock.poll(ms(8));
+    assert_eq!(buffered(&vsock), taken + 4096);
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(4096));
+
+    // Data and the end of the stream: both taken, so A reads as ended at once (B33).
+    model.deliver(&a.peer_sends(Op::Rw), &data[..4096]).unwrap();
+    model.deliver(&a.peer_shutdown(2), &[]).unwrap();
+    vsock.poll(ms(10));
+    assert!(vsock
+        .readiness(conn_a)
+        .unwrap()
+        .contains(Readiness::HANG_UP));
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(4096));
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(0));
+    assert_eq!(model.available(0), rx_shown);
+    // Nothing went out but the credit updates of what was read (B28).
+    let sent = model.drain_tx();
+    assert!(!sent.is_empty());
+    assert!(
+        sent.iter().all(|p| p.header.op == Op::CreditUpdate as u16),
+        "{sent:?}"
+    );
 }
 
 #[test]

@@ -258,7 +258,9 @@ fn b6_b10_b11_corrupt_packets_never_become_data() {
     let mut buf = [0u8; 64];
     assert_eq!(vsock.recv(socket, &mut buf), Ok(10));
     assert_eq!(&buf[..10], b"still here");
-    // Every rx buffer is back with the device.
+    // Every rx buffer is back with the device (`recv` took the last one itself; the
+    // device sees it at the next poll).
+    vsock.poll(ms(5));
     assert_eq!(host.model().available(0), 128);
     // A control op with a payload resets the connection.
     host.inject_corrupt(conn, Corruption::ControlWithPayload);

@@ -639,6 +639,9 @@ fn b6_bad_used_entries_are_dropped_buffers_reposted_and_the_driver_keeps_working
     vsock.poll(ms(3));
     assert_eq!(vsock.recv(conn, &mut buf), Ok(4));
     assert_eq!(&buf[..4], b"data");
+    // `recv` took that packet itself (poll left it for the reader); the device sees its
+    // buffer again at the next poll.
+    vsock.poll(ms(3));
     for i in 0..16u8 {
         model
             .deliver(&from_host(Op::Rw, HOST_BUF_ALLOC, 0), &[i])
