@@ -439,11 +439,11 @@ pub struct VsockDevice<'a, H: Hal, T: Transport> {
     left: Option<LeftData>,
 }
 
-/// The smallest first packet for which `poll` looks whether to leave the data that came to
-/// its reader ([`VsockDevice::poll`]). Looking costs the driver about 150 instructions
-/// (the used entries and headers read, the connection found), as much as copying a few
-/// KiB once more: a ping-pong of small messages or a packet without data would pay it
-/// for nothing.
+/// The smallest packet that, when it is the only one the device delivered, `poll` looks
+/// at to leave it to its reader ([`VsockDevice::poll`]). Looking costs the driver about
+/// 150 instructions (the used entries and headers read, the connection found), as much
+/// as copying a few KiB once more: a ping-pong of small messages or a lone control packet
+/// would pay it for nothing.
 const LEAVE_MIN_PAYLOAD: usize = 4096;
 
 /// Received packets `poll` left where the device put them, all data for one connection,
@@ -555,7 +555,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// When every packet the device has delivered is data for one connection whose
     /// receive buffer is empty, and nothing else (no control packet, no new credit in
     /// the headers, B26; at most a quarter of the receive queue and within our credit,
-    /// B30), and the first carries 4 KiB or more, `poll` leaves them in the device's used ring for that connection's `recv`
+    /// B30), and they are more than one packet or 4 KiB or more, `poll` leaves them in the device's used ring for that connection's `recv`
     /// (or `recv_with`) to take: it then copies the data once, straight into the caller's
     /// buffer, not into the receive buffer first (see [`VsockDevice::recv`]). The
     /// connection reads as having that data meanwhile ([`VsockDevice::readiness`],
@@ -744,14 +744,14 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// would take it itself ([`Sockets::reader_would_take`]), within the credit we gave
     /// (one that is not is for `poll` to reset now, B30), and they hold at most a quarter
     /// of the receive buffers: that connection and their payload's length, for `poll` to
-    /// leave them to the reader. Only when the first carries [`LEAVE_MIN_PAYLOAD`] bytes
-    /// or more: below that, the second copy costs less than the look.
+    /// leave them to the reader. A single packet of less than [`LEAVE_MIN_PAYLOAD`] bytes
+    /// is not looked at: its second copy costs less than the look.
     fn data_for_one_reader(&mut self) -> Option<LeftData> {
-        if self.device.next_payload_len()? < LEAVE_MIN_PAYLOAD {
-            return None;
-        }
         let pending = self.device.rx_pending();
         if pending == 0 || pending > self.device.rx_queue_size() / 4 {
+            return None;
+        }
+        if pending == 1 && self.device.next_payload_len()? < LEAVE_MIN_PAYLOAD {
             return None;
         }
         let mut left: Option<LeftData> = None;

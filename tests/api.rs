@@ -1744,7 +1744,7 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
 fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(3);
-    // Receive buffers of 16 KiB: poll leaves only packets of 4 KiB of data or more.
+    // Receive buffers of 16 KiB: poll leaves a lone packet only with 4 KiB of data or more.
     let config = Config {
         interrupts: true,
         rx_buffer_size: 16 * 1024,
@@ -1761,11 +1761,11 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
     let buffered = |vsock: &Device<'_>| vsock.stats().rx_buffered_bytes;
     let mut buf = vec![0u8; 16 * 1024];
 
-    // Two data packets for A, nothing else: poll leaves them where the device put them.
-    // A reads as having them; the kernel may not sleep on them.
-    model.deliver(&a.peer_sends(Op::Rw), &data[..5000]).unwrap();
+    // Two data packets for A (the first small), nothing else: poll leaves them where the
+    // device put them. A reads as having them; the kernel may not sleep on them.
+    model.deliver(&a.peer_sends(Op::Rw), &data[..100]).unwrap();
     model
-        .deliver(&a.peer_sends(Op::Rw), &data[5000..11_000])
+        .deliver(&a.peer_sends(Op::Rw), &data[100..11_000])
         .unwrap();
     vsock.poll(ms(2));
     assert_eq!(model.available(0), rx_shown - 2, "nothing taken");
@@ -1815,8 +1815,8 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(4096));
     let mut taken = 9096;
 
-    // Not left, each taken into the rings by the first poll: less than 4 KiB of data;
-    // data for two connections; more packets than a quarter of the receive queue; a
+    // Not left, each taken into the rings by the first poll: one packet of less than 4 KiB
+    // of data; data for two connections; more packets than a quarter of the receive queue; a
     // header with new credit fields (B26).
     let cases: [&[(Tuple, &[u8])]; 3] = [
         &[(a, &data[..4095])],
