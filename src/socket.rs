@@ -446,8 +446,8 @@ pub struct VsockDevice<'a, H: Hal, T: Transport> {
 /// would pay it for nothing.
 const LEAVE_MIN_PAYLOAD: usize = 4096;
 
-/// Received packets `poll` left where the device put them, all data for one connection,
-/// for its `recv` to take with one copy (or `recv_with` with none).
+/// Received packets `poll` left where the device put them, data (and credit packets) for
+/// one connection, for its `recv` to take with one copy (or `recv_with` with none).
 #[derive(Clone, Copy, Debug)]
 struct LeftData {
     /// The receive buffers taken back so far then ([`VirtioVsock::rx_taken`]): while that
@@ -553,9 +553,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// `now` must not go backwards.
     ///
     /// When every packet the device has delivered is data for one connection whose
-    /// receive buffer is empty, and nothing else (no control packet, no new credit in
-    /// the headers, B26; at most a quarter of the receive queue and within our credit,
-    /// B30), and they are more than one packet or 4 KiB or more, `poll` leaves them in the device's used ring for that connection's `recv`
+    /// receive buffer is empty, and nothing else (no control packet but the peer's
+    /// CREDIT_REQUESTs and CREDIT_UPDATEs, which the reader's consumption answers; no new
+    /// credit in the headers, B26; at most a quarter of the receive queue and within our
+    /// credit, B30), and they are more than one packet or 4 KiB or more, `poll` leaves them in the device's used ring for that connection's `recv`
     /// (or `recv_with`) to take: it then copies the data once, straight into the caller's
     /// buffer, not into the receive buffer first (see [`VsockDevice::recv`]). The
     /// connection reads as having that data meanwhile ([`VsockDevice::readiness`],
@@ -740,11 +741,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
     }
 
-    /// When every packet the device has delivered is data for one connection whose reader
-    /// would take it itself ([`Sockets::reader_would_take`]), within the credit we gave
-    /// (one that is not is for `poll` to reset now, B30), and they hold at most a quarter
-    /// of the receive buffers: that connection and their payload's length, for `poll` to
-    /// leave them to the reader. A single packet of less than [`LEAVE_MIN_PAYLOAD`] bytes
+    /// When every packet the device has delivered is for one connection whose reader would
+    /// take it itself ([`Sockets::reader_would_take`]), some of them data, within the
+    /// credit we gave (data that is not is for `poll` to reset now, B30), and they hold
+    /// at most a quarter of the receive buffers: that connection and their payload's
+    /// length, for `poll` to leave them to the reader. A single packet of less than [`LEAVE_MIN_PAYLOAD`] bytes
     /// is not looked at: its second copy costs less than the look.
     fn data_for_one_reader(&mut self) -> Option<LeftData> {
         let pending = self.device.rx_pending();
@@ -772,7 +773,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
         }
         // The receive buffer is empty, so the credit is all of it.
-        left.filter(|left| left.len <= self.sockets.rx_per_socket)
+        left.filter(|left| left.len > 0 && left.len <= self.sockets.rx_per_socket)
     }
 
     /// Creates a stream socket (`socket(AF_VSOCK, SOCK_STREAM, 0)`).
@@ -1654,14 +1655,18 @@ impl Sockets<'_> {
     }
 
     /// The slot of the connection whose reader would take the packet of `header` itself
-    /// ([`VsockDevice::recv`]), were it left for it: a data packet for an accepted,
-    /// connected connection that is open for reading and has nothing in its receive
-    /// buffer, and whose header brings nothing but the data: the peer's credit fields as
-    /// last reported (B26), nothing sent waiting for them. Anything else (and anything
-    /// odd about it) is for `poll` to take.
+    /// ([`VsockDevice::recv`]), were it left for it: a data packet, or a credit packet
+    /// (CREDIT_REQUEST, CREDIT_UPDATE; a request is answered when `recv` takes it, B29), for
+    /// an accepted, connected connection that is open for reading and has nothing in its
+    /// receive buffer, and whose header brings nothing but the data or the request: the
+    /// peer's credit fields as last reported (B26), nothing sent waiting for them.
+    /// Anything else (and anything odd about it) is for `poll` to take.
     fn reader_would_take(&mut self, header: &Header) -> Option<usize> {
-        if header.op != Op::Rw as u16
-            || header.len == 0
+        let data = header.op == Op::Rw as u16 && header.len > 0;
+        let credit = (header.op == Op::CreditRequest as u16
+            || header.op == Op::CreditUpdate as u16)
+            && header.len == 0;
+        if !(data || credit)
             || header.dst_cid != u64::from(self.guest_cid)
             || header.socket_type() != Some(SocketType::Stream)
         {

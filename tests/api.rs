@@ -1761,14 +1761,19 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
     let buffered = |vsock: &Device<'_>| vsock.stats().rx_buffered_bytes;
     let mut buf = vec![0u8; 16 * 1024];
 
-    // Two data packets for A (the first small), nothing else: poll leaves them where the
-    // device put them. A reads as having them; the kernel may not sleep on them.
+    // Two data packets for A (the first small) and a CREDIT_REQUEST, nothing else: poll
+    // leaves them where the device put them. A reads as having the data; the kernel may
+    // not sleep on it.
     model.deliver(&a.peer_sends(Op::Rw), &data[..100]).unwrap();
+    model
+        .deliver(&a.peer_sends(Op::CreditRequest), &[])
+        .unwrap();
     model
         .deliver(&a.peer_sends(Op::Rw), &data[100..11_000])
         .unwrap();
     vsock.poll(ms(2));
-    assert_eq!(model.available(0), rx_shown - 2, "nothing taken");
+    assert_eq!(model.available(0), rx_shown - 3, "nothing taken");
+    assert_silent(&mut model);
     assert_eq!(vsock.recv_queue(conn_a), Ok(11_000));
     assert!(vsock
         .readiness(conn_a)
@@ -1787,6 +1792,15 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(11_000));
     assert_eq!(buf[..11_000], data[..11_000]);
     assert_eq!(buffered(&vsock), 0);
+    // The request is answered when recv takes it (B29), with the bytes read by then
+    // (B27); the space the whole read made is announced after it (B28).
+    assert_eq!(
+        control(&mut model),
+        [
+            a.to_peer(Op::CreditUpdate, PER, 100),
+            a.to_peer(Op::CreditUpdate, PER, 11_000)
+        ]
+    );
     vsock.poll(ms(3));
     assert_eq!(model.available(0), rx_shown);
     assert!(vsock.arm_interrupts());
