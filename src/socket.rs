@@ -439,6 +439,33 @@ pub struct VsockDevice<'a, H: Hal, T: Transport> {
     left: Option<LeftData>,
 }
 
+/// Whether `poll` may leave the packet of `header` to a reader as far as its op goes: data
+/// with a payload, or a CREDIT_REQUEST or CREDIT_UPDATE without (see
+/// [`Sockets::reader_would_take`]).
+fn is_data_or_credit(header: &Header) -> bool {
+    let data = header.op == Op::Rw as u16 && header.len > 0;
+    let credit = (header.op == Op::CreditRequest as u16 || header.op == Op::CreditUpdate as u16)
+        && header.len == 0;
+    data || credit
+}
+
+/// Whether `next` belongs to the same connection as `first` (the same addresses, ports
+/// and type) and carries the same credit fields.
+fn same_stream_and_credit(first: &Header, next: &Header) -> bool {
+    let stream = |h: &Header| {
+        (
+            h.src_cid,
+            h.dst_cid,
+            h.src_port,
+            h.dst_port,
+            h.socket_type,
+            h.buf_alloc,
+            h.fwd_cnt,
+        )
+    };
+    stream(first) == stream(next)
+}
+
 /// The smallest packet that, when it is the only one the device delivered, `poll` looks
 /// at to leave it to its reader ([`VsockDevice::poll`]). Looking costs the driver about
 /// 150 instructions (the used entries and headers read, the connection found), as much
@@ -755,25 +782,23 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         if pending == 1 && self.device.next_payload_len()? < LEAVE_MIN_PAYLOAD {
             return None;
         }
-        let mut left: Option<LeftData> = None;
-        for ahead in 0..pending {
-            let header = self.device.arrived_header(ahead)?;
-            let index = self.sockets.reader_would_take(&header)?;
-            let len = header.len as usize;
-            match &mut left {
-                None => {
-                    left = Some(LeftData {
-                        at: self.device.rx_taken(),
-                        index,
-                        len,
-                    })
-                }
-                Some(left) if left.index == index => left.len += len,
-                Some(_) => return None,
+        let first = self.device.arrived_header(0)?;
+        let index = self.sockets.reader_would_take(&first)?;
+        let mut len = first.len as usize;
+        // The connection's checks hold for every packet like the first.
+        for ahead in 1..pending {
+            let next = self.device.arrived_header(ahead)?;
+            if !is_data_or_credit(&next) || !same_stream_and_credit(&first, &next) {
+                return None;
             }
+            len += next.len as usize;
         }
         // The receive buffer is empty, so the credit is all of it.
-        left.filter(|left| left.len > 0 && left.len <= self.sockets.rx_per_socket)
+        (len > 0 && len <= self.sockets.rx_per_socket).then(|| LeftData {
+            at: self.device.rx_taken(),
+            index,
+            len,
+        })
     }
 
     /// Creates a stream socket (`socket(AF_VSOCK, SOCK_STREAM, 0)`).
@@ -1662,11 +1687,7 @@ impl Sockets<'_> {
     /// peer's credit fields as last reported (B26), nothing sent waiting for them.
     /// Anything else (and anything odd about it) is for `poll` to take.
     fn reader_would_take(&mut self, header: &Header) -> Option<usize> {
-        let data = header.op == Op::Rw as u16 && header.len > 0;
-        let credit = (header.op == Op::CreditRequest as u16
-            || header.op == Op::CreditUpdate as u16)
-            && header.len == 0;
-        if !(data || credit)
+        if !is_data_or_credit(header)
             || header.dst_cid != u64::from(self.guest_cid)
             || header.socket_type() != Some(SocketType::Stream)
         {
