@@ -28,6 +28,9 @@
 //! reads), the guest reading with `recv` into a 64 KiB buffer until
 //! `WouldBlock` and then polling, as a reader's loop does while it waits (one exchange).
 //! Prints the exchanges, the packets each way and the kicks per MiB.
+//! `driver_work bulk-in-woken N`: the same, with the guest polling first, then reading
+//! until `WouldBlock`: the loop of a kernel that halted and woke up with the host's
+//! packets delivered (`poll` first, then serve).
 
 use vsock_guest::testing::{ConnId, FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
 use vsock_guest::wire::ShutdownFlags;
@@ -153,7 +156,8 @@ fn main() {
             let label = format!("bulk {count} MiB, window {window}");
             report_per_mib(&label, count, exchanges, &before, &vsock.stats());
         }
-        "bulk-in" => {
+        "bulk-in" | "bulk-in-woken" => {
+            let woken = workload == "bulk-in-woken";
             let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let before = vsock.stats();
             let data = vec![0x5a_u8; RX_PER_SOCKET];
@@ -169,6 +173,9 @@ fn main() {
                     }
                 }
                 host.step();
+                if woken {
+                    in_driver(|| vsock.poll(tick()));
+                }
                 // A reader's loop: read until nothing is left, then poll while it waits.
                 loop {
                     match in_driver(|| vsock.recv(conn, &mut buffer)) {
@@ -180,10 +187,12 @@ fn main() {
                 in_driver(|| vsock.poll(tick()));
                 exchanges += 1;
             }
-            let label = format!("bulk-in {count} MiB");
+            let label = format!("{workload} {count} MiB");
             report_per_mib(&label, count, exchanges, &before, &vsock.stats());
         }
-        other => panic!("unknown workload {other:?}: pingpong, cycles, idle, bulk or bulk-in"),
+        other => panic!(
+            "unknown workload {other:?}: pingpong, cycles, idle, bulk, bulk-in or bulk-in-woken"
+        ),
     }
     assert!(host.violations().is_empty(), "{:?}", host.violations());
     println!("{workload} {count}: done");

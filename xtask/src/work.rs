@@ -1,7 +1,7 @@
 //! `cargo xtask bench work`: the driver's own instructions per operation, counted by
 //! callgrind in `benches/driver_work.rs` (a one-byte round trip, a connect/close cycle, an
 //! idle turn, a MiB guest→host at the backend's 64 KiB window and at 256 KiB, and a MiB
-//! host→guest).
+//! host→guest, read as it arrives and read after a poll took the delivery).
 //! Unlike the timed benchmarks, the counts do not move with the machine's load, so a
 //! change to the per-poll or per-connection work can be compared between two builds on a
 //! busy machine.
@@ -26,7 +26,7 @@ struct Workload {
 }
 
 /// The workloads: enough operations that bring-up and the first connection are noise.
-const WORKLOADS: [Workload; 6] = [
+const WORKLOADS: [Workload; 7] = [
     Workload {
         name: "pingpong",
         args: &["pingpong", "1000"],
@@ -62,6 +62,12 @@ const WORKLOADS: [Workload; 6] = [
         args: &["bulk-in", "16"],
         operations: 16,
         unit: "MiB host->guest read with recv into 64 KiB",
+    },
+    Workload {
+        name: "bulk-in-woken",
+        args: &["bulk-in-woken", "16"],
+        operations: 16,
+        unit: "MiB host->guest, polled first after each delivery, then read with recv into 64 KiB",
     },
 ];
 
