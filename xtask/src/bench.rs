@@ -70,6 +70,10 @@ pub struct QemuOptions {
     /// table of its own. Each mode also gets an idle row (the QEMU process's CPU with the
     /// echo guest idle).
     pub waits: Vec<Wait>,
+    /// Pin QEMU's vCPU thread to the host's CPU 0 and everything else of the benchmark
+    /// (QEMU's other threads, the backend, this program) to the other CPUs
+    /// ([`pin_threads`]).
+    pub pin: bool,
 }
 
 /// The host's receive windows unless `--host-window` says otherwise: vhost-device-vsock
@@ -364,6 +368,55 @@ fn vcpu_queued_micros(pid: u32) -> Option<f64> {
     found.then(|| queued_ns as f64 / 1000.0)
 }
 
+/// `--pin`: gives the vCPU threads of QEMU process `qemu` (named `CPU n/...`) the host's
+/// CPU 0, and QEMU's other threads, every thread of the backend `backend` and of this
+/// program (the host side of each workload, whose threads inherit it) CPUs 1 to N-1,
+/// with `taskset`. On a 2-CPU host with nothing pinned, a guest that halted between
+/// workloads came back sharing a core with the backend or the host program for a whole
+/// transfer (its vCPU thread runnable but waiting 300 to 600 us per MiB), and a guest
+/// that spins never did; pinned, neither does (README, "Benchmarks").
+fn pin_threads(qemu: u32, backend: u32) -> Result<()> {
+    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    anyhow::ensure!(
+        cpus >= 2,
+        "--pin needs 2 CPUs or more, this host has {cpus}"
+    );
+    let others = format!("1-{}", cpus - 1);
+    let taskset = |cpu_list: &str, pid: u32, all_threads: bool| -> Result<()> {
+        let mut command = std::process::Command::new("taskset");
+        if all_threads {
+            command.arg("--all-tasks");
+        }
+        let status = command
+            .args(["--pid", "--cpu-list", cpu_list, &pid.to_string()])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .context("running taskset (util-linux)")?;
+        anyhow::ensure!(status.success(), "taskset {cpu_list} {pid}: {status}");
+        Ok(())
+    };
+    taskset(&others, std::process::id(), true)?;
+    taskset(&others, backend, true)?;
+    let mut vcpus = 0;
+    for task in std::fs::read_dir(format!("/proc/{qemu}/task"))
+        .context("listing QEMU's threads")?
+        .flatten()
+    {
+        let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if name.starts_with("CPU ") {
+            vcpus += 1;
+            taskset("0", tid, false)?;
+        } else {
+            taskset(&others, tid, false)?;
+        }
+    }
+    anyhow::ensure!(vcpus > 0, "found no vCPU thread of QEMU (pid {qemu})");
+    Ok(())
+}
+
 /// Word `index` of the data pattern the guest sends and expects (`examples/bench.rs`):
 /// byte `i` of a stream is byte `i % 8` (little-endian) of `pattern_word(i / 8)`.
 fn pattern_word(index: u64) -> u64 {
@@ -476,6 +529,9 @@ impl BenchVm {
         };
         let mut guest = Guest::start(tools, &dir, &slot, &config)?;
         guest.wait_for_serial(GUEST_READY, BOOT_TIMEOUT)?;
+        if plan.pin {
+            pin_threads(guest.pid(), backend.pid())?;
+        }
         thread::sleep(BACKEND_SETTLE);
         let log = guest.serial_log();
         let reference = Reference::parse(&log);
@@ -977,6 +1033,8 @@ struct Plan<'a> {
     guest_args: &'a str,
     /// The backend's receive window per connection, in bytes.
     host_window: u32,
+    /// Pin the threads after each boot ([`pin_threads`]).
+    pin: bool,
 }
 
 /// One round of one driver: one outcome per workload (`None` for a workload it skipped).
@@ -1403,6 +1461,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
                 repetitions,
                 guest_args: &options.guest_args,
                 host_window,
+                pin: options.pin,
             };
             println!(
                 "\n=== {accel} ({note}), host window {} KiB",
@@ -1463,6 +1522,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             run["drivers_as_the_guest_reported"] = descriptions.clone().into();
             run["workload_limit_seconds"] = plan.limit.as_secs().into();
             run["host_window_bytes"] = plan.host_window.into();
+            run["pinned"] = plan.pin.into();
             run["idle_qemu_cpu_percent"] = idle
                 .iter()
                 .map(|(wait, cpu)| {
@@ -1586,6 +1646,12 @@ fn render_table(
         "host: vhost-device-vsock with a receive window of {} KiB per connection (tx-buffer-size)",
         plan.host_window / 1024
     );
+    if plan.pin {
+        let _ = writeln!(
+            out,
+            "host: --pin: QEMU's vCPU thread on CPU 0, its other threads, the backend and this program on the others"
+        );
+    }
     if let Some(r) = reference {
         let _ = writeln!(
             out,

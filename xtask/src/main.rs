@@ -178,6 +178,11 @@ enum Command {
         /// poll` column); each also gets an idle row (QEMU's CPU with the guest idle).
         #[arg(long, value_enum, value_delimiter = ',', default_values_t = [qemu_tests::Wait::Irq, qemu_tests::Wait::Poll])]
         wait: Vec<qemu_tests::Wait>,
+        /// `qemu` only: gives QEMU's vCPU thread the host's first CPU to itself, and QEMU's
+        /// other threads, vhost-device-vsock and this program the other CPUs (so the
+        /// host's scheduler cannot make a guest that halted share a core with the backend).
+        #[arg(long)]
+        pin: bool,
         /// `work` only: also count the driver of this git revision (checked out in a
         /// worktree under target/bench, with this tree's benches/driver_work.rs), line by
         /// line beside this tree's.
@@ -355,6 +360,7 @@ fn run(command: Command) -> Result<ExitCode> {
             guest_args,
             host_windows,
             wait,
+            pin,
             base,
         } => {
             anyhow::ensure!(base.is_none(), "--base is for `bench work` only");
@@ -369,6 +375,7 @@ fn run(command: Command) -> Result<ExitCode> {
                 guest_args,
                 host_windows,
                 waits: wait,
+                pin,
             })?;
             Ok(ExitCode::SUCCESS)
         }

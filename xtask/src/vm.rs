@@ -196,6 +196,11 @@ pub struct Backend {
 }
 
 impl Backend {
+    /// The backend's process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     /// Starts the backend in `dir` for guests with `cids`, all in one sibling group (so
     /// they can reach each other by CID). `host_window` is the receive window the backend
     /// advertises per connection (its `tx-buffer-size`, in bytes); `None` keeps its default
