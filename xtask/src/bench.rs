@@ -376,7 +376,9 @@ fn vcpu_queued_micros(pid: u32) -> Option<f64> {
 /// transfer (its vCPU thread runnable but waiting 300 to 600 us per MiB), and a guest
 /// that spins never did; pinned, neither does (README, "Benchmarks").
 fn pin_threads(qemu: u32, backend: u32) -> Result<()> {
-    let cpus = thread::available_parallelism().map_or(1, |n| n.get());
+    // Counted once, before the first call pins this program (which the count follows).
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let cpus = *CPUS.get_or_init(|| thread::available_parallelism().map_or(1, |n| n.get()));
     anyhow::ensure!(
         cpus >= 2,
         "--pin needs 2 CPUs or more, this host has {cpus}"
