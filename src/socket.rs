@@ -467,7 +467,7 @@ fn same_stream_and_credit(first: &Header, next: &Header) -> bool {
 }
 
 /// The smallest packet that, when it is the only one the device delivered, `poll` looks
-/// at to leave it to its reader ([`VsockDevice::poll`]). Looking costs the driver about
+/// at to leave it to its reader ([`VsockDevice::poll`]). Looking costs the driver 100 to
 /// 150 instructions (the used entries and headers read, the connection found), as much
 /// as copying a few KiB once more: a ping-pong of small messages or a lone control packet
 /// would pay it for nothing.
@@ -480,8 +480,10 @@ struct LeftData {
     /// The receive buffers taken back so far then ([`VirtioVsock::rx_taken`]): while that
     /// has not moved, the packets are still there, and the next `poll` takes them.
     at: u16,
-    /// The slot of their connection.
+    /// The slot of their connection, and its generation then (a handle of a socket that
+    /// took the slot later does not match).
     index: usize,
+    generation: u16,
     /// Their payload's length.
     len: usize,
 }
@@ -581,10 +583,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     ///
     /// When every packet the device has delivered is data for one connection whose
     /// receive buffer is empty, and nothing else (no control packet but the peer's
-    /// CREDIT_REQUESTs and CREDIT_UPDATEs, which the reader's consumption answers; no new
-    /// credit in the headers, B26; at most a quarter of the receive queue and within our
-    /// credit, B30), and they are more than one packet or 4 KiB or more, `poll` leaves them in the device's used ring for that connection's `recv`
-    /// (or `recv_with`) to take: it then copies the data once, straight into the caller's
+    /// CREDIT_REQUESTs and CREDIT_UPDATEs, which `recv` answers when it takes them, B29;
+    /// no new credit in the headers, B26; at most a quarter of the receive queue and
+    /// within our credit, B30), and they are more than one packet or 4 KiB or more,
+    /// `poll` leaves them in the device's used ring for that connection's `recv` (or
+    /// `recv_with`) to take: it then copies the data once, straight into the caller's
     /// buffer, not into the receive buffer first (see [`VsockDevice::recv`]). The
     /// connection reads as having that data meanwhile ([`VsockDevice::readiness`],
     /// [`VsockDevice::recv_queue`], [`VsockDevice::peek`]), so a task that waits for it is
@@ -772,8 +775,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// take it itself ([`Sockets::reader_would_take`]), some of them data, within the
     /// credit we gave (data that is not is for `poll` to reset now, B30), and they hold
     /// at most a quarter of the receive buffers: that connection and their payload's
-    /// length, for `poll` to leave them to the reader. A single packet of less than [`LEAVE_MIN_PAYLOAD`] bytes
-    /// is not looked at: its second copy costs less than the look.
+    /// length, for `poll` to leave them to the reader. A single packet of less than
+    /// [`LEAVE_MIN_PAYLOAD`] bytes is not looked at: its second copy costs less than the
+    /// look.
     fn data_for_one_reader(&mut self) -> Option<LeftData> {
         let pending = self.device.rx_pending();
         if pending == 0 || pending > self.device.rx_queue_size() / 4 {
@@ -794,9 +798,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             len += next.len as usize;
         }
         // The receive buffer is empty, so the credit is all of it.
+        let generation = self.sockets.slots.get(index)?.generation;
         (len > 0 && len <= self.sockets.rx_per_socket).then(|| LeftData {
             at: self.device.rx_taken(),
             index,
+            generation,
             len,
         })
     }
@@ -1169,7 +1175,9 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     fn left_for(&self, handle: SocketHandle) -> Option<usize> {
         self.left
             .filter(|left| {
-                left.index == usize::from(handle.index) && left.at == self.device.rx_taken()
+                left.index == usize::from(handle.index)
+                    && left.generation == handle.generation
+                    && left.at == self.device.rx_taken()
             })
             .map(|left| left.len)
     }

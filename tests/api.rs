@@ -1884,6 +1884,37 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
 }
 
 #[test]
+fn data_left_for_an_aborted_socket_is_not_shown_to_the_socket_that_takes_its_slot() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(2);
+    let config = Config {
+        rx_buffer_size: 16 * 1024,
+        ..test_config()
+    };
+    let mut vsock = bring_up(&transport, config, &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 1);
+    let tuple = Tuple::host();
+    let conn = accept_from(&mut vsock, &mut model, listener, tuple, ms(1));
+    model
+        .deliver(&tuple.peer_sends(Op::Rw), &pattern(5000))
+        .unwrap();
+    vsock.poll(ms(2));
+    assert_eq!(vsock.recv_queue(conn), Ok(5000), "left for the reader");
+    vsock.abort(conn).unwrap();
+    // The listener has slot 0, the connection had slot 1: the new socket takes it.
+    let socket = vsock.stream_socket().unwrap();
+    assert_eq!(vsock.recv_queue(socket), Ok(0));
+    assert!(!vsock
+        .readiness(socket)
+        .unwrap()
+        .contains(Readiness::READABLE));
+    // The next poll takes the packet: data for no connection, which was reset already.
+    vsock.poll(ms(3));
+    assert_eq!(vsock.recv_queue(socket), Ok(0));
+    assert_eq!(model.available(0), usize::from(model.queue_size(0)));
+}
+
+#[test]
 fn recv_with_reads_the_next_packet_where_the_device_wrote_it_when_the_ring_is_empty() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(2);
