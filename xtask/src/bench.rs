@@ -345,15 +345,8 @@ impl Run {
 fn vcpu_queued_micros(pid: u32) -> Option<f64> {
     let mut queued_ns = 0u64;
     let mut found = false;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .ok()?
-        .flatten()
-    {
-        let path = task.path();
-        let Ok(name) = std::fs::read_to_string(path.join("comm")) else {
-            continue;
-        };
-        if !name.starts_with("CPU ") {
+    for (_, path, vcpu) in qemu_threads(pid).ok()? {
+        if !vcpu {
             continue;
         }
         let Ok(stat) = std::fs::read_to_string(path.join("schedstat")) else {
@@ -400,15 +393,8 @@ fn pin_threads(qemu: u32, backend: u32) -> Result<()> {
     taskset(&others, std::process::id(), true)?;
     taskset(&others, backend, true)?;
     let mut vcpus = 0;
-    for task in std::fs::read_dir(format!("/proc/{qemu}/task"))
-        .context("listing QEMU's threads")?
-        .flatten()
-    {
-        let Ok(tid) = task.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
-        if name.starts_with("CPU ") {
+    for (tid, _, vcpu) in qemu_threads(qemu)? {
+        if vcpu {
             vcpus += 1;
             taskset("0", tid, false)?;
         } else {
@@ -417,6 +403,22 @@ fn pin_threads(qemu: u32, backend: u32) -> Result<()> {
     }
     anyhow::ensure!(vcpus > 0, "found no vCPU thread of QEMU (pid {qemu})");
     Ok(())
+}
+
+/// The threads of QEMU process `pid`: each one's id, its `/proc/PID/task/TID` directory,
+/// and whether it is a vCPU thread (QEMU names those `CPU n/...` with `-name
+/// ...,debug-threads=on`).
+fn qemu_threads(pid: u32) -> Result<Vec<(u32, std::path::PathBuf, bool)>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).context("listing QEMU's threads")?;
+    Ok(tasks
+        .flatten()
+        .filter_map(|task| {
+            let tid = task.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let path = task.path();
+            let name = std::fs::read_to_string(path.join("comm")).ok()?;
+            Some((tid, path, name.starts_with("CPU ")))
+        })
+        .collect())
 }
 
 /// Word `index` of the data pattern the guest sends and expects (`examples/bench.rs`):
