@@ -388,8 +388,7 @@ impl<H: Hal> SplitRing<H> {
         if !self.see_used() || self.seen_used_idx.wrapping_sub(self.last_used_idx) <= ahead {
             return None;
         }
-        let slot = self.last_used_idx.wrapping_add(ahead) % self.size;
-        let entry = self.used_offset + 4 + 8 * usize::from(slot);
+        let entry = self.used_entry(ahead);
         Some((self.read_used_u32(entry), self.read_used_u32(entry + 4)))
     }
 
@@ -405,7 +404,14 @@ impl<H: Hal> SplitRing<H> {
     /// The offset in the ring of the used entry `pop_used` takes next: its id, then its
     /// length.
     fn next_used_entry(&self) -> usize {
-        self.used_offset + 4 + 8 * usize::from(self.last_used_idx % self.size)
+        self.used_entry(0)
+    }
+
+    /// The offset in the ring of the used entry `ahead` places after the one `pop_used`
+    /// takes next.
+    fn used_entry(&self, ahead: u16) -> usize {
+        let slot = self.last_used_idx.wrapping_add(ahead) % self.size;
+        self.used_offset + 4 + 8 * usize::from(slot)
     }
 
     /// Buffers posted since the last notification decision.

@@ -1122,14 +1122,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             return None;
         }
         let mut direct = DirectRead::new(usize::from(handle.index), sink);
-        self.take_arrivals(Some(&mut direct), false);
-        // Packets for other sockets may have made them ready.
-        #[cfg(feature = "async")]
-        self.wake_ready_tasks();
-        // Replies go out in batches, as `send`'s packets do. The device sees the reposted
-        // buffers at the next poll or credit update: a reader that drained them all finds
-        // nothing, polls, and shows it the whole batch at once (B8).
-        self.device.flush_tx_batch();
+        self.take_arrivals_in_call(Some(&mut direct));
         let given = match direct.sink {
             DirectSink::Buffer(_) => direct.taken > 0,
             DirectSink::Reader(read) => read.is_none(),
@@ -1139,6 +1132,19 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
         self.after_recv(handle, direct.taken);
         Some(direct.taken)
+    }
+
+    /// [`VsockDevice::take_arrivals`] for a call other than `poll` (`recv`, `recv_with`,
+    /// `peek`): then wakes the tasks the packets for other sockets made ready, and sends
+    /// the replies as one batch.
+    fn take_arrivals_in_call(&mut self, direct: Option<&mut DirectRead<'_>>) {
+        self.take_arrivals(direct, false);
+        #[cfg(feature = "async")]
+        self.wake_ready_tasks();
+        // Replies go out in batches, as `send`'s packets do. The device sees the reposted
+        // buffers at the next poll or credit update: a reader that drained them all finds
+        // nothing, polls, and shows it the whole batch at once (B8).
+        self.device.flush_tx_batch();
     }
 
     /// After `n` bytes were consumed: B28, tell the peer about the space we made, when
@@ -1156,10 +1162,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     pub fn peek(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
         if self.left_for(handle).is_some() {
             // The data `poll` left for `recv` goes to the receive buffer, to be shown.
-            self.take_arrivals(None, false);
-            #[cfg(feature = "async")]
-            self.wake_ready_tasks();
-            self.device.flush_tx_batch();
+            self.take_arrivals_in_call(None);
         }
         self.sockets.read(handle, buf, false)
     }
