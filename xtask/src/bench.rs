@@ -70,10 +70,46 @@ pub struct QemuOptions {
     /// table of its own. Each mode also gets an idle row (the QEMU process's CPU with the
     /// echo guest idle).
     pub waits: Vec<Wait>,
-    /// Pin QEMU's vCPU thread to the host's CPU 0 and everything else of the benchmark
-    /// (QEMU's other threads, the backend, this program) to the other CPUs
+    /// Whether to pin QEMU's vCPU thread to the host's CPU 0 and everything else of the
+    /// benchmark (QEMU's other threads, the backend, this program) to the other CPUs
     /// ([`pin_threads`]).
-    pub pin: bool,
+    pub pin: Pin,
+}
+
+/// `--pin`: whether the benchmark's threads are pinned ([`pin_threads`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pin {
+    /// Pinned when the host has 2 CPUs or more (the default).
+    Auto,
+    /// Pinned; an error on a host with one CPU.
+    On,
+    /// Left to the host's scheduler.
+    Off,
+}
+
+impl Pin {
+    /// Whether to pin on this host.
+    fn resolve(self) -> Result<bool> {
+        let cpus = host_cpus();
+        match self {
+            Pin::Auto => Ok(cpus >= 2),
+            Pin::On => {
+                anyhow::ensure!(
+                    cpus >= 2,
+                    "--pin on needs 2 CPUs or more, this host has {cpus}"
+                );
+                Ok(true)
+            }
+            Pin::Off => Ok(false),
+        }
+    }
+}
+
+/// The host's CPUs, counted once: before [`pin_threads`] first pins this program, whose
+/// later counts would follow its own CPU list.
+fn host_cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// The host's receive windows unless `--host-window` says otherwise: vhost-device-vsock
@@ -369,12 +405,10 @@ fn vcpu_queued_micros(pid: u32) -> Option<f64> {
 /// transfer (its vCPU thread runnable but waiting 300 to 600 us per MiB), and a guest
 /// that spins never did; pinned, neither does (README, "Benchmarks").
 fn pin_threads(qemu: u32, backend: u32) -> Result<()> {
-    // Counted once, before the first call pins this program (which the count follows).
-    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let cpus = *CPUS.get_or_init(|| thread::available_parallelism().map_or(1, |n| n.get()));
+    let cpus = host_cpus();
     anyhow::ensure!(
         cpus >= 2,
-        "--pin needs 2 CPUs or more, this host has {cpus}"
+        "pinning needs 2 CPUs or more, this host has {cpus}"
     );
     let others = format!("1-{}", cpus - 1);
     let taskset = |cpu_list: &str, pid: u32, all_threads: bool| -> Result<()> {
@@ -1436,6 +1470,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             _ => 240,
         })
     };
+    let pin = options.pin.resolve()?;
     println!("bench: guest {} on {machine}", kernel.display());
     for driver in DRIVERS {
         println!("bench: {:<12} {}", driver.label, driver.settings);
@@ -1465,7 +1500,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
                 repetitions,
                 guest_args: &options.guest_args,
                 host_window,
-                pin: options.pin,
+                pin,
             };
             println!(
                 "\n=== {accel} ({note}), host window {} KiB",
@@ -1650,12 +1685,15 @@ fn render_table(
         "host: vhost-device-vsock with a receive window of {} KiB per connection (tx-buffer-size)",
         plan.host_window / 1024
     );
-    if plan.pin {
-        let _ = writeln!(
-            out,
-            "host: --pin: QEMU's vCPU thread on CPU 0, its other threads, the backend and this program on the others"
-        );
-    }
+    let _ = writeln!(
+        out,
+        "host: {}",
+        if plan.pin {
+            "pinned: QEMU's vCPU thread on CPU 0, its other threads, the backend and this program on the others"
+        } else {
+            "not pinned (--pin off, or one CPU): the host's scheduler places every thread"
+        }
+    );
     if let Some(r) = reference {
         let _ = writeln!(
             out,

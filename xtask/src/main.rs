@@ -178,11 +178,13 @@ enum Command {
         /// poll` column); each also gets an idle row (QEMU's CPU with the guest idle).
         #[arg(long, value_enum, value_delimiter = ',', default_values_t = [qemu_tests::Wait::Irq, qemu_tests::Wait::Poll])]
         wait: Vec<qemu_tests::Wait>,
-        /// `qemu` only: gives QEMU's vCPU thread the host's first CPU to itself, and QEMU's
-        /// other threads, vhost-device-vsock and this program the other CPUs (so the
-        /// host's scheduler cannot make a guest that halted share a core with the backend).
-        #[arg(long)]
-        pin: bool,
+        /// `qemu` only: `auto` (the default) and `on` give QEMU's vCPU thread the host's
+        /// first CPU to itself, and QEMU's other threads, vhost-device-vsock and this
+        /// program the other CPUs, so that the host's scheduler cannot make a guest that
+        /// halted share a core with the backend (`auto` only on a host with 2 CPUs or
+        /// more); `off` leaves them to the scheduler. `--pin` alone is `on`.
+        #[arg(long, value_enum, default_value_t = bench::Pin::Auto, num_args = 0..=1, default_missing_value = "on")]
+        pin: bench::Pin,
         /// `work` only: also count the driver of this git revision (checked out in a
         /// worktree under target/bench, with this tree's benches/driver_work.rs), line by
         /// line beside this tree's.
