@@ -31,6 +31,8 @@
 //! `driver_work bulk-in-woken N`: the same, with the guest polling first, then reading
 //! until `WouldBlock`: the loop of a kernel that halted and woke up with the host's
 //! packets delivered (`poll` first, then serve).
+//! `driver_work bulk-in-4k N`: as `bulk-in`, the guest reading into a 4 KiB buffer, a
+//! quarter of each 16 KiB packet at a time.
 
 use vsock_guest::testing::{ConnId, FakeHal, FakeTransport, HostPeer, DEVICE_FEATURES};
 use vsock_guest::wire::ShutdownFlags;
@@ -156,12 +158,17 @@ fn main() {
             let label = format!("bulk {count} MiB, window {window}");
             report_per_mib(&label, count, exchanges, &before, &vsock.stats());
         }
-        "bulk-in" | "bulk-in-woken" => {
+        "bulk-in" | "bulk-in-woken" | "bulk-in-4k" => {
             let woken = workload == "bulk-in-woken";
+            let read_size = if workload == "bulk-in-4k" {
+                4 * 1024
+            } else {
+                64 * 1024
+            };
             let (id, conn) = accepted(&mut host, &mut vsock, listener, &mut tick);
             let before = vsock.stats();
             let data = vec![0x5a_u8; RX_PER_SOCKET];
-            let mut buffer = vec![0_u8; 64 * 1024];
+            let mut buffer = vec![0_u8; read_size];
             let total = count * MIB;
             let (mut sent, mut received, mut exchanges) = (0_u64, 0_u64, 0_u64);
             while received < total {
@@ -191,7 +198,7 @@ fn main() {
             report_per_mib(&label, count, exchanges, &before, &vsock.stats());
         }
         other => panic!(
-            "unknown workload {other:?}: pingpong, cycles, idle, bulk, bulk-in or bulk-in-woken"
+            "unknown workload {other:?}: pingpong, cycles, idle, bulk, bulk-in, bulk-in-woken or bulk-in-4k"
         ),
     }
     assert!(host.violations().is_empty(), "{:?}", host.violations());

@@ -649,10 +649,22 @@ impl<H: Hal, T: Transport> VirtioVsock<H, T> {
     /// packet is malformed (`receive` deals with those when it takes them). Only a hint,
     /// as [`RxQueue::peek_used_buffer`] says.
     pub fn arrived_header(&mut self, ahead: u16) -> Option<Header> {
-        let packet = self.rx.peek_used_buffer(ahead)?;
-        Header::parse_packet(packet, packet.len())
-            .ok()
-            .map(|(header, _)| header)
+        self.arrived_packet(ahead).map(|(header, _)| header)
+    }
+
+    /// The header and payload of the packet `ahead` places after the one
+    /// [`VirtioVsock::receive`] would take next, where the device put it, without taking
+    /// anything; `None` as for [`VirtioVsock::arrived_header`].
+    pub fn arrived_packet(&mut self, ahead: u16) -> Option<(Header, &[u8])> {
+        let packet = self.arrived_bytes(ahead)?;
+        Header::parse_packet(packet, packet.len()).ok()
+    }
+
+    /// The bytes the device wrote into the receive buffer of the packet `ahead` places
+    /// after the one [`VirtioVsock::receive`] would take next, header and payload, unread
+    /// and without taking anything; `None` as for [`VirtioVsock::arrived_header`].
+    pub fn arrived_bytes(&mut self, ahead: u16) -> Option<&[u8]> {
+        self.rx.peek_used_buffer(ahead)
     }
 
     /// Receive buffers taken back from the device so far, good and rejected ones

@@ -345,6 +345,9 @@ enum DirectSink<'b> {
     Buffer(&'b mut [u8]),
     /// `recv_with`'s reader, shown the first data where it lies, once; `None` after that.
     Reader(Option<Reader<'b>>),
+    /// The bytes the reader of a packet read in part took where it lay ([`PartlyRead`]),
+    /// counted as consumed when the packet is taken at last.
+    Consumed(usize),
 }
 
 impl<'b> DirectRead<'b> {
@@ -368,6 +371,16 @@ impl<'b> DirectRead<'b> {
                 room > 0 && (self.taken == 0 || next_payload().is_none_or(|n| n <= room))
             }
             DirectSink::Reader(read) => read.is_some(),
+            DirectSink::Consumed(_) => false,
+        }
+    }
+
+    /// The size of `recv`'s buffer while it holds nothing: a packet with more payload is
+    /// read in part where it lies ([`PartlyRead`]) rather than cut, when it may be.
+    fn empty_buffer(&self) -> Option<usize> {
+        match &self.sink {
+            DirectSink::Buffer(buf) if self.taken == 0 => Some(buf.len()),
+            _ => None,
         }
     }
 
@@ -382,6 +395,7 @@ impl<'b> DirectRead<'b> {
             DirectSink::Reader(read) => read
                 .take()
                 .map_or(0, |read| read(payload).min(payload.len())),
+            DirectSink::Consumed(consumed) => (*consumed).min(payload.len()),
         };
         self.taken += n;
         &payload[n..]
@@ -437,6 +451,8 @@ pub struct VsockDevice<'a, H: Hal, T: Transport> {
     /// The data the last `poll` left in the device's used ring for its reader (see
     /// [`VsockDevice::poll`]).
     left: Option<LeftData>,
+    /// The packet `recv` read in part where the device put it (see [`VsockDevice::recv`]).
+    partly_read: Option<PartlyRead>,
 }
 
 /// Whether `poll` may leave the packet of `header` to a reader as far as its op goes: data
@@ -484,8 +500,27 @@ struct LeftData {
     /// took the slot later does not match).
     index: usize,
     generation: u16,
-    /// Their payload's length.
+    /// Their payload's length (of a packet read in part, what its reader has not read).
     len: usize,
+}
+
+/// A packet `recv` read in part where the device put it, because the caller's buffer was
+/// smaller than its payload: it stays first in the device's used ring while its reader
+/// reads on, so that the rest is copied once, not into the receive buffer and out again.
+/// Its receive buffer goes back to the device once its payload is read (B31), or once
+/// anything else must be taken: then its rest goes to the receive buffer, as a cut
+/// packet's would.
+#[derive(Clone, Copy, Debug)]
+struct PartlyRead {
+    /// [`VirtioVsock::rx_taken`] then: while that has not moved, the packet is first.
+    at: u16,
+    /// The slot of its connection, and the slot's generation then.
+    index: usize,
+    generation: u16,
+    /// Its header as read then: when it is taken, the packet must still have it.
+    header: Header,
+    /// Payload bytes its reader took.
+    offset: usize,
 }
 
 impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
@@ -550,6 +585,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             },
             now: Instant::ZERO,
             left: None,
+            partly_read: None,
         })
     }
 
@@ -718,18 +754,45 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Takes device events, then received packets while RSTs for no connection can wait
     /// (B7), and sends the replies. With `direct`, its connection's data goes to `direct`
-    /// while that has room, and no packet is taken after that. For `poll`, packets that
-    /// are all data for one reader are left to it, once ([`VsockDevice::poll`]).
+    /// while that has room, and no packet is taken after that; a packet larger than
+    /// `recv`'s empty buffer is read in part ([`PartlyRead`]). For `poll`, packets that
+    /// are all data for one reader are left to it, once ([`VsockDevice::poll`]). A packet
+    /// read in part goes first: its reader reads on, or it is taken.
     fn take_arrivals(&mut self, mut direct: Option<&mut DirectRead<'_>>, for_poll: bool) {
         // Busy: no interrupts until the kernel arms them again.
         self.device.disarm_interrupts();
         if !self.device.has_arrivals() {
-            // Nothing left either.
+            // Nothing left or read in part either.
             self.left = None;
+            self.partly_read = None;
             // The turn of a waiting loop: nothing came in, only replies owed from before
             // may go out.
             self.sockets.send_replies(&mut self.device);
             return;
+        }
+        // Data the last poll left and nobody took is taken now.
+        let left_before = self.left.take();
+        let first_look =
+            for_poll && left_before.is_none_or(|left| left.at != self.device.rx_taken());
+        // A packet read in part is first in the used ring: its reader reads on, the first
+        // look of a `poll` may leave it with what came after it, anything else takes it.
+        let at = self.device.rx_taken();
+        if let Some(part) = self.partly_read.filter(|part| part.at == at) {
+            let sockets = &self.sockets;
+            let reader = direct.as_deref_mut().filter(|direct| {
+                direct.index == part.index && sockets.generation_is(part.index, part.generation)
+            });
+            match reader {
+                Some(reader) => {
+                    if self.read_on(reader) {
+                        return;
+                    }
+                }
+                None if first_look => {}
+                None => self.finish_partly_read(),
+            }
+        } else {
+            self.partly_read = None;
         }
         // Events first: after a TRANSPORT_RESET, packets to the new CID in this same poll
         // must find it (B40).
@@ -745,19 +808,26 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             }
         }
         self.sockets.send_replies(&mut self.device);
-        // Data the last poll left and nobody took is taken now.
-        let left_before = self.left.take();
-        if for_poll && left_before.is_none_or(|left| left.at != self.device.rx_taken()) {
+        if first_look {
             self.left = self.data_for_one_reader();
-            if self.left.is_some() {
+            if let Some(left) = &mut self.left {
+                // A packet read in part is the first of them.
+                let read = self.partly_read.map_or(0, |part| part.offset);
+                left.len = left.len.saturating_sub(read);
                 return;
             }
         }
+        self.finish_partly_read();
         while !self.sockets.stray_rsts.is_full()
             && direct
                 .as_ref()
                 .is_none_or(|d| d.wants(|| self.device.next_payload_len()))
         {
+            if let Some(direct) = direct.as_deref_mut() {
+                if self.start_partly_read(direct) {
+                    break;
+                }
+            }
             let sockets = &mut self.sockets;
             let direct = direct.as_deref_mut();
             let took = self.device.receive(|arrival| match arrival {
@@ -805,6 +875,116 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             generation,
             len,
         })
+    }
+
+    /// When the next packet is data for `direct`'s connection with more payload than
+    /// `recv`'s empty buffer holds, and the packet is one `poll` would leave to that reader
+    /// ([`Sockets::reader_would_take`], within the credit we gave): fills the buffer from
+    /// it where it lies and keeps it there ([`PartlyRead`]). Returns whether it did.
+    fn start_partly_read(&mut self, direct: &mut DirectRead<'_>) -> bool {
+        let Some(room) = direct.empty_buffer() else {
+            return false;
+        };
+        if self.device.next_payload_len().is_none_or(|len| len <= room) {
+            return false;
+        }
+        let at = self.device.rx_taken();
+        let Some(generation) = self.sockets.slots.get(direct.index).map(|s| s.generation) else {
+            return false;
+        };
+        let Some((header, payload)) = self.device.arrived_packet(0) else {
+            return false;
+        };
+        // The receive buffer is empty, so the credit is all of it.
+        let readers = header.op == Op::Rw as u16
+            && header.len as usize <= self.sockets.rx_per_socket
+            && self.sockets.reader_would_take(&header) == Some(direct.index);
+        if !readers {
+            return false;
+        }
+        let offset = payload.len() - direct.take(payload).len();
+        self.partly_read = Some(PartlyRead {
+            at,
+            index: direct.index,
+            generation,
+            header,
+            offset,
+        });
+        true
+    }
+
+    /// Gives `direct` more of the packet read in part, where it lies. Returns whether the
+    /// packet is still read only in part (then nothing after it may be taken); a packet
+    /// read to its end is taken.
+    ///
+    /// Its header is not read again: [`VsockDevice::finish_partly_read`] checks it.
+    fn read_on(&mut self, direct: &mut DirectRead<'_>) -> bool {
+        let Some(part) = &mut self.partly_read else {
+            return false;
+        };
+        let end = HEADER_LEN + part.header.len as usize;
+        let still_in_part = match self.device.arrived_bytes(0) {
+            Some(packet) if packet.len() == end => {
+                let unread = packet.get(HEADER_LEN + part.offset..).unwrap_or_default();
+                let rest = direct.take(unread);
+                part.offset += unread.len() - rest.len();
+                !rest.is_empty()
+            }
+            // Not the packet that was read: taking it resets the connection.
+            _ => false,
+        };
+        if !still_in_part {
+            self.finish_partly_read();
+        }
+        still_in_part
+    }
+
+    /// Takes the packet read in part out of the used ring, its receive buffer back to the
+    /// device: the bytes its reader took count as consumed (B27), the rest goes to the
+    /// receive buffer. A packet that is no longer the one that was read (a device that
+    /// rewrote its used ring or the buffer) resets the connection, whose reader has bytes
+    /// of the packet it read.
+    fn finish_partly_read(&mut self) {
+        let Some(part) = self.partly_read.take() else {
+            return;
+        };
+        let same_socket = self.sockets.generation_is(part.index, part.generation);
+        let mut consumed = DirectRead::new(part.index, DirectSink::Consumed(part.offset));
+        let mut as_read = false;
+        let sockets = &mut self.sockets;
+        self.device.receive(|arrival| match arrival {
+            Arrival::Packet(header, payload) if *header == part.header => {
+                as_read = true;
+                sockets.on_packet(header, payload, same_socket.then_some(&mut consumed));
+            }
+            Arrival::Packet(header, payload) => sockets.on_packet(header, payload, None),
+            Arrival::Truncated { header, written } => sockets.on_truncated(header, written),
+        });
+        if !as_read && same_socket {
+            log::warn!(
+                "vsock: the device changed a packet that was being read ({} bytes of {} read); resetting",
+                part.offset,
+                part.header.len
+            );
+            self.sockets.owe(part.index, Owed::RST);
+            self.sockets
+                .reset_connection(part.index, Error::ConnectionReset);
+        }
+        self.sockets.send_replies(&mut self.device);
+    }
+
+    /// Takes the packet `handle`'s reader read in part, if there is one, before a call
+    /// changes what the connection receives: as if it had been cut at the first `recv`.
+    fn finish_partly_read_of(&mut self, handle: SocketHandle) {
+        let at = self.device.rx_taken();
+        let ours = self.partly_read.is_some_and(|part| {
+            part.at == at
+                && part.index == usize::from(handle.index)
+                && part.generation == handle.generation
+        });
+        if ours {
+            self.finish_partly_read();
+        }
     }
 
     /// Creates a stream socket (`socket(AF_VSOCK, SOCK_STREAM, 0)`).
@@ -1069,8 +1249,12 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// device has delivered, as [`VsockDevice::poll`] would, and copies this connection's
     /// data straight into `buf`: a reader that keeps up gets its bytes with one copy, not
     /// two. Once `buf` holds something, it stops before the first packet that would not
-    /// fit in the rest whole (the next call takes it); only a first packet larger than
-    /// `buf` is cut, its rest kept in the socket's receive buffer.
+    /// fit in the rest whole (the next call takes it). A first packet larger than `buf`
+    /// is read in part where it lies: the next calls read on from it, and its receive
+    /// buffer goes back to the device once it is read to its end. A call that must take
+    /// what came after it first (a second `poll`, another socket's `recv`, `peek`, and
+    /// `shutdown`, `close` or `abort` of this socket) puts its rest into the socket's
+    /// receive buffer; a packet the device changed meanwhile resets the connection.
     pub fn recv(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
         if !buf.is_empty() {
             let sink = DirectSink::Buffer(&mut *buf);
@@ -1124,7 +1308,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let mut direct = DirectRead::new(usize::from(handle.index), sink);
         self.take_arrivals_in_call(Some(&mut direct));
         let given = match direct.sink {
-            DirectSink::Buffer(_) => direct.taken > 0,
+            DirectSink::Buffer(_) | DirectSink::Consumed(_) => direct.taken > 0,
             DirectSink::Reader(read) => read.is_none(),
         };
         if !given {
@@ -1160,33 +1344,41 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Copies waiting data into `buf` without consuming it.
     pub fn peek(&mut self, handle: SocketHandle, buf: &mut [u8]) -> Result<usize> {
-        if self.left_for(handle).is_some() {
-            // The data `poll` left for `recv` goes to the receive buffer, to be shown.
+        if self.unread_in_device(handle).is_some() {
+            // What `poll` left for `recv`, or the rest of a packet `recv` read in part,
+            // goes to the receive buffer, to be shown.
             self.take_arrivals_in_call(None);
         }
         self.sockets.read(handle, buf, false)
     }
 
     /// Bytes waiting to be received: in the socket's receive buffer, or, when that is
-    /// empty, in the packets [`VsockDevice::poll`] left for `recv`.
+    /// empty, in the packets [`VsockDevice::poll`] left for `recv` or the rest of a packet
+    /// `recv` read in part.
     pub fn recv_queue(&self, handle: SocketHandle) -> Result<usize> {
         let buffered = self.sockets.get(handle)?.rx_len;
-        Ok(buffered + self.left_for(handle).unwrap_or(0))
+        Ok(buffered + self.unread_in_device(handle).unwrap_or(0))
     }
 
-    /// The bytes the last `poll` left for `handle`'s reader, while they are still there.
-    fn left_for(&self, handle: SocketHandle) -> Option<usize> {
-        self.left
-            .filter(|left| {
-                left.index == usize::from(handle.index)
-                    && left.generation == handle.generation
-                    && left.at == self.device.rx_taken()
-            })
-            .map(|left| left.len)
+    /// The unread bytes of `handle`'s connection still where the device put them, while
+    /// they are there: what the last `poll` left for its reader, or the rest of a packet
+    /// `recv` read in part.
+    fn unread_in_device(&self, handle: SocketHandle) -> Option<usize> {
+        let at = self.device.rx_taken();
+        let index = usize::from(handle.index);
+        let left = self.left.filter(|left| {
+            left.index == index && left.generation == handle.generation && left.at == at
+        });
+        let part = self.partly_read.filter(|part| {
+            part.index == index && part.generation == handle.generation && part.at == at
+        });
+        left.map(|left| left.len)
+            .or_else(|| part.map(|part| (part.header.len as usize).saturating_sub(part.offset)))
     }
 
     /// Shuts down one or both directions (B35): sends SHUTDOWN with the matching flags.
     pub fn shutdown(&mut self, handle: SocketHandle, how: Shutdown) -> Result<()> {
+        self.finish_partly_read_of(handle);
         self.sockets.timers_changed = true;
         let conn = self.sockets.conn_mut(handle)?;
         if conn.state != State::Connected {
@@ -1209,6 +1401,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Closes the socket (B36). The handle is invalid at once; a connection is shut down
     /// gracefully in the background (SHUTDOWN, then the peer's RST or a timeout).
     pub fn close(&mut self, handle: SocketHandle) -> Result<()> {
+        self.finish_partly_read_of(handle);
         self.sockets.timers_changed = true;
         self.sockets.get(handle)?;
         let index = handle.index as usize;
@@ -1255,6 +1448,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
 
     /// Resets the connection now (RST) and frees the socket (B36).
     pub fn abort(&mut self, handle: SocketHandle) -> Result<()> {
+        self.finish_partly_read_of(handle);
         self.sockets.timers_changed = true;
         let socket = self.sockets.get(handle)?;
         let index = handle.index as usize;
@@ -1298,7 +1492,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 // After our own `shutdown(Read)`, `recv` returns `Ok(0)` at once: readable,
                 // as poll(2) reports it (B35).
                 let read_shut = conn.local_shutdown.contains(ShutdownFlags::RECEIVE);
-                if socket.rx_len > 0 || ended || read_shut || self.left_for(handle).is_some() {
+                if socket.rx_len > 0
+                    || ended
+                    || read_shut
+                    || self.unread_in_device(handle).is_some()
+                {
                     ready |= Readiness::READABLE;
                 }
                 if ended {
@@ -1724,6 +1922,13 @@ impl Sockets<'_> {
             && slot.send_queue.is_empty()
             && conn.next_timer().is_none();
         (open && only_data && !socket.orphaned && socket.rx_len == 0).then_some(index)
+    }
+
+    /// Whether slot `index` still has generation `generation`: no socket took it since.
+    fn generation_is(&self, index: usize, generation: u16) -> bool {
+        self.slots
+            .get(index)
+            .is_some_and(|slot| slot.generation == generation)
     }
 
     /// Whether `handle` is a connection with an empty receive ring.

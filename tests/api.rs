@@ -20,7 +20,7 @@ use virtio_drivers::transport::DeviceStatus;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 use vsock_guest::io::BlockingStream;
 use vsock_guest::testing::{DeviceModel, FakeHal, FakeTransport, Packet};
-use vsock_guest::wire::{Header, Op};
+use vsock_guest::wire::{Header, Op, HEADER_LEN};
 use vsock_guest::{
     Config, Error, Instant, Readiness, Shutdown, SocketHandle, SocketSlot, VsockAddr, VsockDevice,
     VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_CID_HYPERVISOR, VMADDR_CID_LOCAL, VMADDR_PORT_ANY,
@@ -1698,17 +1698,17 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1500));
     assert_eq!(buf[..1500], data[1000..2500]);
     assert_eq!(vsock.recv_queue(conn_a), Ok(0));
-    // A first packet larger than the buffer is cut: the rest goes to A's ring, and the
-    // ring's bytes come first.
+    // A first packet larger than the buffer is read in part where it lies: its rest
+    // stays there for the next call, not copied into A's ring and out again.
     let mut buf = vec![0u8; 300];
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(300));
     assert_eq!(buf, data[2500..2800]);
     assert_eq!(vsock.recv_queue(conn_a), Ok(200));
-    assert_eq!(
-        vsock.stats().rx_buffered_bytes,
-        205,
-        "and the cut packet's rest"
-    );
+    assert!(vsock
+        .readiness(conn_a)
+        .unwrap()
+        .contains(Readiness::READABLE));
+    assert_eq!(vsock.stats().rx_buffered_bytes, 5, "still B's bytes only");
     let mut buf = vec![0u8; 1000];
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(200));
     assert_eq!(buf[..200], data[2800..]);
@@ -1881,6 +1881,197 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
         sent.iter().all(|p| p.header.op == Op::CreditUpdate as u16),
         "{sent:?}"
     );
+}
+
+#[test]
+fn recv_reads_a_packet_larger_than_its_buffer_in_part_where_it_lies() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(5);
+    let config = Config {
+        interrupts: true,
+        rx_buffer_size: 16 * 1024,
+        ..test_config()
+    };
+    let mut vsock = bring_up(&transport, config, &mut storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, 4);
+    let a = Tuple::host();
+    let b = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 1);
+    let conn_a = accept_from(&mut vsock, &mut model, listener, a, ms(1));
+    let conn_b = accept_from(&mut vsock, &mut model, listener, b, ms(1));
+    let rx_shown = model.available(0);
+    let data = pattern(10_000);
+    let buffered = |vsock: &Device<'_>| vsock.stats().rx_buffered_bytes;
+    let mut buf = [0u8; 3000];
+    // Reads A to its end in pieces of `buf`, and checks what came.
+    let read_rest = |vsock: &mut Device<'_>, buf: &mut [u8], from: usize| {
+        let mut read = Vec::new();
+        while let Ok(n) = vsock.recv(conn_a, buf) {
+            read.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(read, data[from..]);
+    };
+    let mut consumed = 0;
+
+    // A 10,000-byte packet read 3,000 bytes at a time: each piece straight from where the
+    // device put it, none through A's receive buffer. The packet reads as waiting, and
+    // the kernel may not sleep on it; its buffer goes back once read to its end (B31).
+    model.deliver(&a.peer_sends(Op::Rw), &data).unwrap();
+    for piece in 0..3 {
+        assert_eq!(vsock.recv(conn_a, &mut buf), Ok(3000));
+        assert_eq!(buf[..], data[piece * 3000..(piece + 1) * 3000]);
+        assert_eq!(vsock.recv_queue(conn_a), Ok(7000 - piece * 3000));
+        assert!(vsock
+            .readiness(conn_a)
+            .unwrap()
+            .contains(Readiness::READABLE));
+        assert!(!vsock.arm_interrupts(), "a packet waits");
+        assert_eq!(model.available(0), rx_shown - 1, "its buffer still read");
+    }
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(1000));
+    assert_eq!(buf[..1000], data[9000..]);
+    assert_eq!(vsock.recv(conn_a, &mut buf), Err(Error::WouldBlock));
+    assert_eq!(buffered(&vsock), 0, "no byte copied twice");
+    vsock.poll(ms(2));
+    assert_eq!(model.available(0), rx_shown);
+    assert!(vsock.arm_interrupts());
+    consumed += 10_000;
+
+    // A poll after the first piece leaves the rest once, as it leaves data (the reader
+    // may come); the next poll takes it into A's ring.
+    model.deliver(&a.peer_sends(Op::Rw), &data).unwrap();
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(3000));
+    vsock.poll(ms(3));
+    assert_eq!(vsock.recv_queue(conn_a), Ok(7000));
+    assert_eq!(buffered(&vsock), 0);
+    assert!(!vsock.arm_interrupts(), "left: poll again");
+    vsock.poll(ms(4));
+    assert_eq!(buffered(&vsock), 7000);
+    assert_eq!(vsock.recv_queue(conn_a), Ok(7000));
+    assert_eq!(model.available(0), rx_shown);
+    assert!(vsock.arm_interrupts());
+    read_rest(&mut vsock, &mut buf, 3000);
+    consumed += 10_000;
+
+    // Another connection's packet behind it: the next poll takes both, A's rest into A's
+    // ring; so does a recv of the other connection, and a peek of A, which shows the rest.
+    for case in 0..3 {
+        model.deliver(&a.peer_sends(Op::Rw), &data).unwrap();
+        assert_eq!(vsock.recv(conn_a, &mut buf), Ok(3000));
+        let before = buffered(&vsock);
+        model.deliver(&b.peer_sends(Op::Rw), b"for b").unwrap();
+        let mut small = [0u8; 8];
+        match case {
+            0 => {
+                vsock.poll(ms(5));
+                assert_eq!(buffered(&vsock), before + 7005);
+                assert_eq!(vsock.recv(conn_b, &mut small), Ok(5));
+            }
+            1 => {
+                assert_eq!(vsock.recv(conn_b, &mut small), Ok(5));
+                assert_eq!(buffered(&vsock), before + 7000);
+            }
+            _ => {
+                assert_eq!(vsock.peek(conn_a, &mut small), Ok(8));
+                assert_eq!(small[..], data[3000..3008]);
+                assert_eq!(buffered(&vsock), before + 7005);
+                assert_eq!(vsock.recv(conn_b, &mut small), Ok(5));
+            }
+        }
+        assert_eq!(&small[..5], b"for b");
+        read_rest(&mut vsock, &mut buf, 3000);
+        consumed += 10_000;
+    }
+
+    // Every byte read in part counts as consumed once (B27): the answer to a
+    // CREDIT_REQUEST says so.
+    vsock.poll(ms(6));
+    model.drain_tx();
+    model
+        .deliver(&a.peer_sends(Op::CreditRequest), &[])
+        .unwrap();
+    vsock.poll(ms(7));
+    assert_eq!(
+        control(&mut model),
+        [a.to_peer(Op::CreditUpdate, PER, consumed)]
+    );
+
+    // shutdown(Read) and abort while a packet is read in part take it first, as if it had
+    // been cut, so that it counts as having come before: the SHUTDOWN goes out alone (the
+    // packet is not data after it), the rest stays readable; abort sends one RST, after
+    // the credit update the bytes read made due (B28).
+    let c = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 2);
+    let d = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 3);
+    let conn_c = accept_from(&mut vsock, &mut model, listener, c, ms(6));
+    let conn_d = accept_from(&mut vsock, &mut model, listener, d, ms(6));
+    model.deliver(&c.peer_sends(Op::Rw), &data).unwrap();
+    assert_eq!(vsock.recv(conn_c, &mut buf), Ok(3000));
+    vsock.shutdown(conn_c, Shutdown::Read).unwrap();
+    vsock.poll(ms(6));
+    let sent = control(&mut model);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].op, Op::Shutdown as u16);
+    let mut rest = Vec::new();
+    while let Ok(n @ 1..) = vsock.recv(conn_c, &mut buf) {
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(rest, data[3000..]);
+    assert_eq!(vsock.recv(conn_c, &mut buf), Ok(0));
+    model.deliver(&d.peer_sends(Op::Rw), &data).unwrap();
+    assert_eq!(vsock.recv(conn_d, &mut buf), Ok(3000));
+    vsock.abort(conn_d).unwrap();
+    vsock.poll(ms(6));
+    let sent = control(&mut model);
+    let rsts = sent.iter().filter(|h| h.op == Op::Rst as u16).count();
+    assert_eq!(rsts, 1, "{sent:?}");
+    assert_eq!(sent.last().map(|h| h.op), Some(Op::Rst as u16), "{sent:?}");
+    assert_eq!(model.available(0), rx_shown);
+
+    // Closing while a packet is read in part takes it first, as if it had been cut: its
+    // buffer goes back to the device, the SHUTDOWN goes out.
+    model.deliver(&b.peer_sends(Op::Rw), &data).unwrap();
+    assert_eq!(vsock.recv(conn_b, &mut buf), Ok(3000));
+    vsock.close(conn_b).unwrap();
+    vsock.poll(ms(8));
+    assert_eq!(model.available(0), rx_shown);
+    let sent = control(&mut model);
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].op, Op::Shutdown as u16);
+
+    // A device that rewrites the packet while it is read in part (here its source port):
+    // the reader has bytes of a packet that is gone, so the connection is reset when the
+    // packet is taken (its header is checked then, not at each piece).
+    let header = Header {
+        len: 10_000,
+        ..a.peer_sends(Op::Rw)
+    };
+    let mut bytes = vec![0u8; HEADER_LEN + data.len()];
+    header.emit(&mut bytes).unwrap();
+    bytes[HEADER_LEN..].copy_from_slice(&data);
+    let id = model.deliver_raw(&bytes, bytes.len() as u32).unwrap();
+    assert_eq!(vsock.recv(conn_a, &mut buf), Ok(3000));
+    let rewritten = Header {
+        src_port: HOST_PORT + 7,
+        ..header
+    };
+    rewritten.emit(&mut bytes).unwrap();
+    model.overwrite_rx_buffer(id, &bytes).unwrap();
+    let mut pieces = 1;
+    let error = loop {
+        match vsock.recv(conn_a, &mut buf) {
+            Ok(_) => pieces += 1,
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error, Error::ConnectionReset);
+    assert!(pieces <= 4, "{pieces} pieces of a 10,000-byte packet");
+    vsock.poll(ms(9));
+    let sent = control(&mut model);
+    assert!(
+        sent.iter()
+            .any(|h| h.op == Op::Rst as u16 && h.src_port == GUEST_PORT && h.dst_port == HOST_PORT),
+        "{sent:?}"
+    );
+    assert_eq!(model.available(0), rx_shown);
 }
 
 #[test]

@@ -322,6 +322,20 @@ impl DeviceModel {
         Ok(id)
     }
 
+    /// Writes `bytes` into rx buffer `id` again, after it was returned to the driver: a
+    /// device that breaks the virtio contract by writing a buffer the driver owns.
+    pub fn overwrite_rx_buffer(&mut self, id: u16, bytes: &[u8]) -> Result<(), ModelError> {
+        let regs = self.regs(RX)?;
+        if u32::from(id) >= regs.size {
+            return Err(ModelError::BadDescriptor);
+        }
+        let addr = read_u64(regs.desc + 16 * PhysAddr::from(id));
+        if !write_bytes(addr, bytes) {
+            return Err(ModelError::BadDescriptor);
+        }
+        Ok(())
+    }
+
     /// Delivers one packet to the driver; `header.len` is set from `payload`.
     pub fn deliver(&mut self, header: &Header, payload: &[u8]) -> Result<(), ModelError> {
         let mut bytes = std::vec![0u8; HEADER_LEN + payload.len()];

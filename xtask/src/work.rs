@@ -26,7 +26,7 @@ struct Workload {
 }
 
 /// The workloads: enough operations that bring-up and the first connection are noise.
-const WORKLOADS: [Workload; 7] = [
+const WORKLOADS: [Workload; 8] = [
     Workload {
         name: "pingpong",
         args: &["pingpong", "1000"],
@@ -68,6 +68,12 @@ const WORKLOADS: [Workload; 7] = [
         args: &["bulk-in-woken", "16"],
         operations: 16,
         unit: "MiB host->guest, polled first after each delivery, then read with recv into 64 KiB",
+    },
+    Workload {
+        name: "bulk-in-4k",
+        args: &["bulk-in-4k", "16"],
+        operations: 16,
+        unit: "MiB host->guest read with recv into 4 KiB",
     },
 ];
 
