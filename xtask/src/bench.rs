@@ -79,7 +79,8 @@ pub struct QemuOptions {
 /// `--pin`: whether the benchmark's threads are pinned ([`pin_threads`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Pin {
-    /// Pinned when the host has 2 CPUs or more (the default).
+    /// Pinned when the host has 2 CPUs or more and the guest one vCPU (x86-64; the
+    /// aarch64 `virt` guest has two, which pinning would put on one CPU). The default.
     Auto,
     /// Pinned; an error on a host with one CPU.
     On,
@@ -88,11 +89,11 @@ pub enum Pin {
 }
 
 impl Pin {
-    /// Whether to pin on this host.
-    fn resolve(self) -> Result<bool> {
+    /// Whether to pin on this host, for a guest of `arch`.
+    fn resolve(self, arch: Arch) -> Result<bool> {
         let cpus = host_cpus();
         match self {
-            Pin::Auto => Ok(cpus >= 2),
+            Pin::Auto => Ok(cpus >= 2 && arch == Arch::X86_64),
             Pin::On => {
                 anyhow::ensure!(
                     cpus >= 2,
@@ -1470,7 +1471,7 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
             _ => 240,
         })
     };
-    let pin = options.pin.resolve()?;
+    let pin = options.pin.resolve(arch)?;
     println!("bench: guest {} on {machine}", kernel.display());
     for driver in DRIVERS {
         println!("bench: {:<12} {}", driver.label, driver.settings);
@@ -1691,7 +1692,7 @@ fn render_table(
         if plan.pin {
             "pinned: QEMU's vCPU thread on CPU 0, its other threads, the backend and this program on the others"
         } else {
-            "not pinned (--pin off, or one CPU): the host's scheduler places every thread"
+            "not pinned (--pin off, one CPU, or a guest of two vCPUs): the host's scheduler places every thread"
         }
     );
     if let Some(r) = reference {

@@ -182,7 +182,8 @@ enum Command {
         /// first CPU to itself, and QEMU's other threads, vhost-device-vsock and this
         /// program the other CPUs, so that the host's scheduler cannot make a guest that
         /// halted share a core with the backend (`auto` only on a host with 2 CPUs or
-        /// more); `off` leaves them to the scheduler. `--pin` alone is `on`.
+        /// more, for the one-vCPU x86-64 guest); `off` leaves them to the scheduler.
+        /// `--pin` alone is `on`.
         #[arg(long, value_enum, default_value_t = bench::Pin::Auto, num_args = 0..=1, default_missing_value = "on")]
         pin: bench::Pin,
         /// `work` only: also count the driver of this git revision (checked out in a
