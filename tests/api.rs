@@ -1740,22 +1740,58 @@ fn recv_takes_arrived_packets_itself_and_copies_its_data_straight_to_the_caller(
     assert_eq!(vsock.recv(conn_a, &mut buf), Ok(0));
 }
 
-#[test]
-fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
-    let (transport, mut model) = new_transport();
-    let mut storage = storage(3);
-    // Receive buffers of 16 KiB: poll leaves a lone packet only with 4 KiB of data or more.
+/// A device with 16 KiB receive buffers and interrupts, listening on `GUEST_PORT` (a
+/// backlog of every slot but its own), with connections A (from `Tuple::host()`) and B
+/// (from the next host port) accepted.
+struct Readers<'a> {
+    vsock: Device<'a>,
+    listener: SocketHandle,
+    a: Tuple,
+    b: Tuple,
+    conn_a: SocketHandle,
+    conn_b: SocketHandle,
+}
+
+fn two_readers<'a>(
+    transport: &FakeTransport,
+    model: &mut DeviceModel,
+    storage: &'a mut Storage,
+) -> Readers<'a> {
     let config = Config {
         interrupts: true,
         rx_buffer_size: 16 * 1024,
         ..test_config()
     };
-    let mut vsock = bring_up(&transport, config, &mut storage);
-    let listener = listen_on(&mut vsock, GUEST_PORT, 2);
+    let backlog = storage.slots.len() - 1;
+    let mut vsock = bring_up(transport, config, storage);
+    let listener = listen_on(&mut vsock, GUEST_PORT, backlog);
     let a = Tuple::host();
     let b = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 1);
-    let conn_a = accept_from(&mut vsock, &mut model, listener, a, ms(1));
-    let conn_b = accept_from(&mut vsock, &mut model, listener, b, ms(1));
+    let conn_a = accept_from(&mut vsock, model, listener, a, ms(1));
+    let conn_b = accept_from(&mut vsock, model, listener, b, ms(1));
+    Readers {
+        vsock,
+        listener,
+        a,
+        b,
+        conn_a,
+        conn_b,
+    }
+}
+
+#[test]
+fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
+    let (transport, mut model) = new_transport();
+    let mut storage = storage(3);
+    // Receive buffers of 16 KiB: poll leaves a lone packet only with 4 KiB of data or more.
+    let Readers {
+        mut vsock,
+        a,
+        b,
+        conn_a,
+        conn_b,
+        ..
+    } = two_readers(&transport, &mut model, &mut storage);
     let rx_shown = model.available(0);
     let data = pattern(16_000);
     let buffered = |vsock: &Device<'_>| vsock.stats().rx_buffered_bytes;
@@ -1887,17 +1923,14 @@ fn poll_leaves_data_for_a_reader_with_nothing_buffered_once() {
 fn recv_reads_a_packet_larger_than_its_buffer_in_part_where_it_lies() {
     let (transport, mut model) = new_transport();
     let mut storage = storage(5);
-    let config = Config {
-        interrupts: true,
-        rx_buffer_size: 16 * 1024,
-        ..test_config()
-    };
-    let mut vsock = bring_up(&transport, config, &mut storage);
-    let listener = listen_on(&mut vsock, GUEST_PORT, 4);
-    let a = Tuple::host();
-    let b = Tuple::new(GUEST_PORT, HOST_CID, HOST_PORT + 1);
-    let conn_a = accept_from(&mut vsock, &mut model, listener, a, ms(1));
-    let conn_b = accept_from(&mut vsock, &mut model, listener, b, ms(1));
+    let Readers {
+        mut vsock,
+        listener,
+        a,
+        b,
+        conn_a,
+        conn_b,
+    } = two_readers(&transport, &mut model, &mut storage);
     let rx_shown = model.available(0);
     let data = pattern(10_000);
     let buffered = |vsock: &Device<'_>| vsock.stats().rx_buffered_bytes;
