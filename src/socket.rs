@@ -489,17 +489,39 @@ fn same_stream_and_credit(first: &Header, next: &Header) -> bool {
 /// would pay it for nothing.
 const LEAVE_MIN_PAYLOAD: usize = 4096;
 
-/// Received packets `poll` left where the device put them, data (and credit packets) for
-/// one connection, for its `recv` to take with one copy (or `recv_with` with none).
+/// Where unread data in the device's used ring stands and whose it is ([`LeftData`],
+/// [`PartlyRead`]).
 #[derive(Clone, Copy, Debug)]
-struct LeftData {
+struct InUsedRing {
     /// The receive buffers taken back so far then ([`VirtioVsock::rx_taken`]): while that
-    /// has not moved, the packets are still there, and the next `poll` takes them.
+    /// has not moved, the packets are still there.
     at: u16,
     /// The slot of their connection, and its generation then (a handle of a socket that
     /// took the slot later does not match).
     index: usize,
     generation: u16,
+}
+
+impl InUsedRing {
+    /// Whether the data is still there, `rx_taken` being [`VirtioVsock::rx_taken`] now.
+    fn still_there(&self, rx_taken: u16) -> bool {
+        self.at == rx_taken
+    }
+
+    /// Whether the data is still there and `handle`'s.
+    fn is_for(&self, handle: SocketHandle, rx_taken: u16) -> bool {
+        self.still_there(rx_taken)
+            && self.index == usize::from(handle.index)
+            && self.generation == handle.generation
+    }
+}
+
+/// Received packets `poll` left where the device put them, data (and credit packets) for
+/// one connection, for its `recv` to take with one copy (or `recv_with` with none); the
+/// next `poll` that finds them there takes them.
+#[derive(Clone, Copy, Debug)]
+struct LeftData {
+    place: InUsedRing,
     /// Their payload's length (of a packet read in part, what its reader has not read).
     len: usize,
 }
@@ -512,11 +534,8 @@ struct LeftData {
 /// packet's would.
 #[derive(Clone, Copy, Debug)]
 struct PartlyRead {
-    /// [`VirtioVsock::rx_taken`] then: while that has not moved, the packet is first.
-    at: u16,
-    /// The slot of its connection, and the slot's generation then.
-    index: usize,
-    generation: u16,
+    /// While it is still there, the packet is first in the used ring.
+    place: InUsedRing,
     /// Its header as read then: when it is taken, the packet must still have it.
     header: Header,
     /// Payload bytes its reader took.
@@ -772,15 +791,19 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
         // Data the last poll left and nobody took is taken now.
         let left_before = self.left.take();
+        let rx_taken = self.device.rx_taken();
         let first_look =
-            for_poll && left_before.is_none_or(|left| left.at != self.device.rx_taken());
+            for_poll && left_before.is_none_or(|left| !left.place.still_there(rx_taken));
         // A packet read in part is first in the used ring: its reader reads on, the first
         // look of a `poll` may leave it with what came after it, anything else takes it.
-        let at = self.device.rx_taken();
-        if let Some(part) = self.partly_read.filter(|part| part.at == at) {
+        if let Some(part) = self
+            .partly_read
+            .filter(|part| part.place.still_there(rx_taken))
+        {
+            let place = part.place;
             let sockets = &self.sockets;
             let reader = direct.as_deref_mut().filter(|direct| {
-                direct.index == part.index && sockets.generation_is(part.index, part.generation)
+                direct.index == place.index && sockets.generation_is(place.index, place.generation)
             });
             match reader {
                 Some(reader) => {
@@ -810,10 +833,7 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         self.sockets.send_replies(&mut self.device);
         if first_look {
             self.left = self.data_for_one_reader();
-            if let Some(left) = &mut self.left {
-                // A packet read in part is the first of them.
-                let read = self.partly_read.map_or(0, |part| part.offset);
-                left.len = left.len.saturating_sub(read);
+            if self.left.is_some() {
                 return;
             }
         }
@@ -869,11 +889,15 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
         // The receive buffer is empty, so the credit is all of it.
         let generation = self.sockets.slots.get(index)?.generation;
+        // A packet read in part is the first of them; what its reader took is not left.
+        let read = self.partly_read.map_or(0, |part| part.offset);
         (len > 0 && len <= self.sockets.rx_per_socket).then(|| LeftData {
-            at: self.device.rx_taken(),
-            index,
-            generation,
-            len,
+            place: InUsedRing {
+                at: self.device.rx_taken(),
+                index,
+                generation,
+            },
+            len: len.saturating_sub(read),
         })
     }
 
@@ -904,9 +928,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         }
         let offset = payload.len() - direct.take(payload).len();
         self.partly_read = Some(PartlyRead {
-            at,
-            index: direct.index,
-            generation,
+            place: InUsedRing {
+                at,
+                index: direct.index,
+                generation,
+            },
             header,
             offset,
         });
@@ -948,8 +974,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
         let Some(part) = self.partly_read.take() else {
             return;
         };
-        let same_socket = self.sockets.generation_is(part.index, part.generation);
-        let mut consumed = DirectRead::new(part.index, DirectSink::Consumed(part.offset));
+        let InUsedRing {
+            index, generation, ..
+        } = part.place;
+        let same_socket = self.sockets.generation_is(index, generation);
+        let mut consumed = DirectRead::new(index, DirectSink::Consumed(part.offset));
         let mut as_read = false;
         let sockets = &mut self.sockets;
         self.device.receive(|arrival| match arrival {
@@ -966,9 +995,8 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
                 part.offset,
                 part.header.len
             );
-            self.sockets.owe(part.index, Owed::RST);
-            self.sockets
-                .reset_connection(part.index, Error::ConnectionReset);
+            self.sockets.owe(index, Owed::RST);
+            self.sockets.reset_connection(index, Error::ConnectionReset);
         }
         self.sockets.send_replies(&mut self.device);
     }
@@ -976,13 +1004,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// Takes the packet `handle`'s reader read in part, if there is one, before a call
     /// changes what the connection receives: as if it had been cut at the first `recv`.
     fn finish_partly_read_of(&mut self, handle: SocketHandle) {
-        let at = self.device.rx_taken();
-        let ours = self.partly_read.is_some_and(|part| {
-            part.at == at
-                && part.index == usize::from(handle.index)
-                && part.generation == handle.generation
-        });
-        if ours {
+        let rx_taken = self.device.rx_taken();
+        if self
+            .partly_read
+            .is_some_and(|part| part.place.is_for(handle, rx_taken))
+        {
             self.finish_partly_read();
         }
     }
@@ -1364,14 +1390,11 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
     /// they are there: what the last `poll` left for its reader, or the rest of a packet
     /// `recv` read in part.
     fn unread_in_device(&self, handle: SocketHandle) -> Option<usize> {
-        let at = self.device.rx_taken();
-        let index = usize::from(handle.index);
-        let left = self.left.filter(|left| {
-            left.index == index && left.generation == handle.generation && left.at == at
-        });
-        let part = self.partly_read.filter(|part| {
-            part.index == index && part.generation == handle.generation && part.at == at
-        });
+        let rx_taken = self.device.rx_taken();
+        let left = self.left.filter(|left| left.place.is_for(handle, rx_taken));
+        let part = self
+            .partly_read
+            .filter(|part| part.place.is_for(handle, rx_taken));
         left.map(|left| left.len)
             .or_else(|| part.map(|part| (part.header.len as usize).saturating_sub(part.offset)))
     }
