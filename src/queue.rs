@@ -214,8 +214,8 @@ impl<H: Hal> SplitRing<H> {
 
     fn write_descriptor(&mut self, id: u16, addr: PhysAddr, len: u32, flags: u16) {
         debug_assert!(id < self.size && !self.is_posted(id));
-        let base = usize::from(id % self.size) * DESC_SIZE;
-        // SAFETY: `id % size < size`, so the 16-byte descriptor lies in the descriptor table
+        let base = self.slot(id) * DESC_SIZE;
+        // SAFETY: `slot(id) < size`, so the 16-byte descriptor lies in the descriptor table
         // at the start of `ring`, which is live DMA memory of at least `16 * size` bytes; the
         // device only reads descriptors, and only of posted ids (callers pass unposted ones).
         unsafe {
@@ -224,6 +224,13 @@ impl<H: Hal> SplitRing<H> {
             self.ring.at::<u16>(base + 12).write_volatile(flags.to_le());
             self.ring.at::<u16>(base + 14).write_volatile(0);
         }
+    }
+
+    /// Where a free-running ring index (or a descriptor id) falls in the rings:
+    /// `index % size`, with a mask, since `size` is a power of two (a division is a
+    /// helper call under QEMU's TCG, and a slow instruction on real CPUs too).
+    fn slot(&self, index: u16) -> usize {
+        usize::from(index & (self.size - 1))
     }
 
     fn write_ring_u16(&mut self, offset: usize, value: u16) {
@@ -268,7 +275,7 @@ impl<H: Hal> SplitRing<H> {
     fn post(&mut self, id: u16) {
         debug_assert!(id < self.size && !self.is_posted(id));
         self.set_posted(id, true);
-        let slot = usize::from(self.avail_idx % self.size);
+        let slot = self.slot(self.avail_idx);
         self.write_ring_u16(self.avail_offset + 4 + 2 * slot, id);
         self.avail_idx = self.avail_idx.wrapping_add(1);
     }
@@ -410,8 +417,7 @@ impl<H: Hal> SplitRing<H> {
     /// The offset in the ring of the used entry `ahead` places after the one `pop_used`
     /// takes next.
     fn used_entry(&self, ahead: u16) -> usize {
-        let slot = self.last_used_idx.wrapping_add(ahead) % self.size;
-        self.used_offset + 4 + 8 * usize::from(slot)
+        self.used_offset + 4 + 8 * self.slot(self.last_used_idx.wrapping_add(ahead))
     }
 
     /// Buffers posted since the last notification decision.
