@@ -349,6 +349,9 @@ struct Run {
     partial: Option<String>,
     /// How many runs this one is the median of.
     repetitions: usize,
+    /// The first metric of every run this one is the median of, in the order they ran
+    /// (round by round; filled by [`median_run`]): the spread the median hides.
+    first_metric_by_round: Vec<f64>,
     /// Per metric, a lower bound of what a driver whose own work (notifications aside)
     /// cost nothing would have measured in the same run ([`quantile_floor`]); empty where
     /// the workload has none.
@@ -800,6 +803,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                first_metric_by_round: Vec::new(),
                 floors: Vec::new(),
                 vcpu_queued_us: None,
             })
@@ -857,6 +861,7 @@ fn run_workload(
                     guest,
                     partial: Some(note),
                     repetitions: 1,
+                    first_metric_by_round: Vec::new(),
                     floors: Vec::new(),
                     vcpu_queued_us: None,
                 });
@@ -875,6 +880,7 @@ fn run_workload(
                 guest,
                 partial: None,
                 repetitions: 1,
+                first_metric_by_round: Vec::new(),
                 floors: Vec::new(),
                 vcpu_queued_us: None,
             })
@@ -930,6 +936,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                first_metric_by_round: Vec::new(),
                 vcpu_queued_us: None,
             })
         }
@@ -971,6 +978,7 @@ fn run_workload(
                 guest,
                 partial,
                 repetitions: 1,
+                first_metric_by_round: Vec::new(),
                 floors: Vec::new(),
                 vcpu_queued_us: None,
             })
@@ -1332,6 +1340,10 @@ fn quantile_floor(sorted: &[f64], q: f64, guest: &GuestReport) -> Option<f64> {
 /// medians: a ping-pong's p99 is the median of the runs' p99s, not the p99 of the run
 /// whose median was the median. The counters (kicks, busy time, ...) stay that run's.
 fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
+    let first_metric_by_round: Vec<f64> = runs
+        .iter()
+        .filter_map(|run| run.values.first().copied())
+        .collect();
     let better_first = workload.metrics()[0].higher_is_better;
     runs.sort_by(|a, b| {
         let order = a.values[0].total_cmp(&b.values[0]);
@@ -1372,6 +1384,7 @@ fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
     }
     median.floors = floor_medians;
     median.repetitions = count;
+    median.first_metric_by_round = first_metric_by_round;
     Ok(median)
 }
 
@@ -1615,6 +1628,17 @@ pub fn qemu(options: &QemuOptions) -> Result<()> {
     Ok(())
 }
 
+/// `lowest–highest` of `values` (one value alone; `-` for none).
+fn spread(values: &[f64]) -> String {
+    let lowest = values.iter().copied().min_by(f64::total_cmp);
+    let highest = values.iter().copied().max_by(f64::total_cmp);
+    match (lowest, highest) {
+        (Some(lowest), Some(highest)) if lowest == highest => number(lowest),
+        (Some(lowest), Some(highest)) => format!("{}–{}", number(lowest), number(highest)),
+        _ => "-".to_string(),
+    }
+}
+
 /// Three significant digits at least, one decimal at most above 100.
 fn number(value: f64) -> String {
     match value.abs() {
@@ -1746,6 +1770,19 @@ fn render_table(
         out,
         "x, tp x = how many times better ours, ours tp is than the better of theirs and theirs best: ours/theirs for rates, theirs/ours for times"
     );
+    if plan.repetitions > 1 {
+        let _ = writeln!(
+            out,
+            "\nthe spread the medians hide: the first metric's lowest and highest of the runs (their values round by round are in the JSON)"
+        );
+        rows(
+            &mut out,
+            workloads,
+            outcomes,
+            |workload| format!("{} ({})", workload.name(), workload.metrics()[0].unit),
+            |run| spread(&run.first_metric_by_round),
+        );
+    }
     let _ = writeln!(
         out,
         "\nkicks (guest->device notifications, counted on the guest), rx/tx per unit"
@@ -1972,6 +2009,23 @@ fn per_unit_rows(
     outcomes: &[Vec<Outcome>],
     cell: impl Fn(&Run) -> String,
 ) {
+    rows(
+        out,
+        workloads,
+        outcomes,
+        |workload| format!("{} (per {})", workload.name(), workload.kick_unit()),
+        cell,
+    );
+}
+
+/// One line per workload, `label` first, then each driver's `cell` (or why it has none).
+fn rows(
+    out: &mut String,
+    workloads: &[Workload],
+    outcomes: &[Vec<Outcome>],
+    label: impl Fn(Workload) -> String,
+    cell: impl Fn(&Run) -> String,
+) {
     for (w, &workload) in workloads.iter().enumerate() {
         let cells: Vec<String> = outcomes
             .iter()
@@ -1984,7 +2038,7 @@ fn per_unit_rows(
         let _ = writeln!(
             out,
             "{:<56} {:>16} {:>16} {:>16} {:>16}",
-            format!("{} (per {})", workload.name(), workload.kick_unit()),
+            label(workload),
             cells[0],
             cells[1],
             cells[2],
@@ -2027,6 +2081,7 @@ fn json_run(
                             "guest": run.guest.fields,
                             "partial": run.partial,
                             "median_of": run.repetitions,
+                            "first_metric_by_round": run.first_metric_by_round,
                         }),
                         Err(e) => serde_json::json!({ "error": e }),
                     };
@@ -2250,6 +2305,7 @@ mod tests {
             guest,
             partial: None,
             repetitions: 1,
+            first_metric_by_round: Vec::new(),
             floors: floors.to_vec(),
             vcpu_queued_us: None,
         }
@@ -2267,6 +2323,10 @@ mod tests {
         assert_eq!(median.floors, [40.0, 60.0]);
         assert_eq!(median.guest.number("busy_us"), Some(3));
         assert_eq!(median.repetitions, 3);
+        assert_eq!(median.first_metric_by_round, [46.2, 47.8, 47.4]);
+        assert_eq!(spread(&median.first_metric_by_round), "46.20–47.80");
+        assert_eq!(spread(&[1033.14]), "1033.1");
+        assert_eq!(spread(&[]), "-");
     }
 
     #[test]
