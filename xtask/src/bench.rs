@@ -347,10 +347,9 @@ struct Run {
     guest: GuestReport,
     /// Why the run is partial (stopped at the time limit), if it is.
     partial: Option<String>,
-    /// How many runs this one is the median of.
-    repetitions: usize,
     /// The first metric of every run this one is the median of, in the order they ran
-    /// (round by round; filled by [`median_run`]): the spread the median hides.
+    /// (round by round; filled by [`median_run`]): the spread the median hides, and by
+    /// its length how many runs there were.
     first_metric_by_round: Vec<f64>,
     /// Per metric, a lower bound of what a driver whose own work (notifications aside)
     /// cost nothing would have measured in the same run ([`quantile_floor`]); empty where
@@ -802,7 +801,6 @@ fn run_workload(
                 units: mib(got),
                 guest,
                 partial,
-                repetitions: 1,
                 first_metric_by_round: Vec::new(),
                 floors: Vec::new(),
                 vcpu_queued_us: None,
@@ -860,7 +858,6 @@ fn run_workload(
                     units: mib(moved),
                     guest,
                     partial: Some(note),
-                    repetitions: 1,
                     first_metric_by_round: Vec::new(),
                     floors: Vec::new(),
                     vcpu_queued_us: None,
@@ -879,7 +876,6 @@ fn run_workload(
                 units: mib(total),
                 guest,
                 partial: None,
-                repetitions: 1,
                 first_metric_by_round: Vec::new(),
                 floors: Vec::new(),
                 vcpu_queued_us: None,
@@ -935,7 +931,6 @@ fn run_workload(
                 units: done as f64,
                 guest,
                 partial,
-                repetitions: 1,
                 first_metric_by_round: Vec::new(),
                 vcpu_queued_us: None,
             })
@@ -977,7 +972,6 @@ fn run_workload(
                 units: done as f64,
                 guest,
                 partial,
-                repetitions: 1,
                 first_metric_by_round: Vec::new(),
                 floors: Vec::new(),
                 vcpu_queued_us: None,
@@ -1383,7 +1377,6 @@ fn median_run(workload: Workload, mut runs: Vec<Run>) -> Outcome {
         *value = metric_median;
     }
     median.floors = floor_medians;
-    median.repetitions = count;
     median.first_metric_by_round = first_metric_by_round;
     Ok(median)
 }
@@ -2080,7 +2073,7 @@ fn json_run(
                             "rx_buffered_bytes_per_unit": run.per_unit("rx_buffered_bytes"),
                             "guest": run.guest.fields,
                             "partial": run.partial,
-                            "median_of": run.repetitions,
+                            "median_of": run.first_metric_by_round.len(),
                             "first_metric_by_round": run.first_metric_by_round,
                         }),
                         Err(e) => serde_json::json!({ "error": e }),
@@ -2304,7 +2297,6 @@ mod tests {
             units: 1.0,
             guest,
             partial: None,
-            repetitions: 1,
             first_metric_by_round: Vec::new(),
             floors: floors.to_vec(),
             vcpu_queued_us: None,
@@ -2322,7 +2314,6 @@ mod tests {
         assert_eq!(median.values, [47.4, 81.2]);
         assert_eq!(median.floors, [40.0, 60.0]);
         assert_eq!(median.guest.number("busy_us"), Some(3));
-        assert_eq!(median.repetitions, 3);
         assert_eq!(median.first_metric_by_round, [46.2, 47.8, 47.4]);
         assert_eq!(spread(&median.first_metric_by_round), "46.20–47.80");
         assert_eq!(spread(&[1033.14]), "1033.1");
