@@ -920,10 +920,10 @@ impl<'a, H: Hal, T: Transport> VsockDevice<'a, H, T> {
             return false;
         };
         // The receive buffer is empty, so the credit is all of it.
-        let readers = header.op == Op::Rw as u16
+        let its_readers_data = header.op == Op::Rw as u16
             && header.len as usize <= self.sockets.rx_per_socket
             && self.sockets.reader_would_take(&header) == Some(direct.index);
-        if !readers {
+        if !its_readers_data {
             return false;
         }
         let offset = payload.len() - direct.take(payload).len();
